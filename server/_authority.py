@@ -1,0 +1,342 @@
+"""The authority process: lease table, store, scheduler and gRPC server wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import pathlib
+import threading
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from ._auth import Authenticator
+from ._clock import Clock, SystemClock
+from ._policy import Policy
+from ._scheduler import ExpiryScheduler
+from ._servicer import AuthorityServicer
+from ._store import LeaseStore, SqliteLeaseStore, StoredLease
+from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseTable, SessionEnd
+from ._watch import WatchHub
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
+HOUSEKEEPING_INTERVAL_SECONDS = 0.5
+
+
+@dataclasses.dataclass
+class AuthorityConfig:
+    """Settings of one authority process.
+
+    Attributes:
+        listen: ``HOST:PORT`` to bind; port 0 picks a free port.
+        data_dir: Directory of the lease store; None keeps nothing on disk
+            (tests and benchmarks only: a restart loses every lease).
+        policy: Tiers, method rules, exempt methods and admins.
+        authenticator: Decides who is asking, for grants and admin calls.
+        admin_everyone: Treat every caller as admin (insecure development mode).
+        server_credentials: TLS credentials; None serves plaintext.
+        heartbeat_interval_seconds: Longest silence on a watch stream.
+        ended_retention_seconds: How long ended leases are reported as ended
+            rather than not found.
+        clock: Time source; tests pass a ``ManualClock``.
+    """
+
+    authenticator: Authenticator
+    listen: str = "127.0.0.1:0"
+    data_dir: pathlib.Path | None = None
+    policy: Policy = dataclasses.field(default_factory=Policy.default)
+    admin_everyone: bool = False
+    server_credentials: grpc.ServerCredentials | None = None
+    heartbeat_interval_seconds: float = 1.0
+    ended_retention_seconds: float = 3600.0
+    clock: Clock = dataclasses.field(default_factory=SystemClock)
+
+
+class Persistence:
+    """Writes grants, ends and activity of the lease table to its store.
+
+    Store rows use authority time: the table's monotonic reading plus an
+    offset chosen at start-up so that it never runs behind any time persisted
+    before (see ``_store``). Without a store every write completes at once.
+    """
+
+    def __init__(self, table: LeaseTable, store: LeaseStore | None, high_water: float) -> None:
+        self._table = table
+        self._store = store
+        clock = table.clock
+        anchor = max(clock.wall(), high_water)
+        self.offset = anchor - clock.monotonic()
+        self._end_futures: dict[bytes, concurrent.futures.Future[None]] = {}
+        self._lock = threading.Lock()
+
+    def to_authority_time(self, monotonic: float) -> float:
+        return monotonic + self.offset
+
+    def from_authority_time(self, authority_time: float) -> float:
+        return authority_time - self.offset
+
+    def save_grant(self, lease: LeaseSnapshot) -> concurrent.futures.Future[None]:
+        if self._store is None:
+            return _done()
+        return self._store.save_grant(
+            StoredLease(
+                digest=lease.digest,
+                principal=lease.principal,
+                tier=lease.tier,
+                idle_timeout=lease.idle_timeout,
+                max_duration=lease.max_duration,
+                granted_at=self.to_authority_time(lease.granted_at),
+                granted_wall=lease.granted_wall,
+                last_activity=self.to_authority_time(lease.last_activity),
+            )
+        )
+
+    def record_activity(self, leases: Iterable[LeaseSnapshot]) -> None:
+        if self._store is None:
+            return
+        for lease in leases:
+            if lease.alive:
+                self._store.save_activity(lease.digest, self.to_authority_time(lease.last_activity))
+
+    def end_written(self, digest: bytes) -> concurrent.futures.Future[None]:
+        """Return the future of the store write for a lease's end."""
+        with self._lock:
+            future = self._end_futures.pop(digest, None)
+        return future if future is not None else _done()
+
+    def housekeeping(self) -> None:
+        """Advance the clock high-water mark and drop ended rows past retention."""
+        if self._store is None:
+            return
+        now = self.to_authority_time(self._table.clock.monotonic())
+        self._store.set_high_water(now)
+
+    def purge(self) -> None:
+        if self._store is not None:
+            now = self.to_authority_time(self._table.clock.monotonic())
+            self._store.purge_ended_before(now - self._table.ended_retention_seconds)
+
+    # Table listener interface.
+
+    def on_grant(self, lease: LeaseSnapshot) -> None:
+        """Grants are written by the servicer, which waits for the write."""
+
+    def on_end(self, end: SessionEnd) -> None:
+        if self._store is None:
+            return
+        lease = end.lease
+        future = self._store.save_end(
+            lease.digest,
+            self.to_authority_time(end.ended_at),
+            lease.ended_wall if lease.ended_wall is not None else self._table.clock.wall(),
+            int(lease.end_reason) if lease.end_reason is not None else 0,
+            lease.revoked_by,
+        )
+        if lease.end_reason in (EndReason.REVOKED, EndReason.RELEASED):
+            # Only revokes and releases wait for the write; keep the future
+            # until the servicer picks it up.
+            with self._lock:
+                self._end_futures[lease.digest] = future
+
+    def restore_into_table(self, rows: Iterable[StoredLease]) -> tuple[int, int]:
+        """Load stored rows into the table; return (live, ended) counts."""
+        live = ended = 0
+        for row in rows:
+            record = LeaseRecord(
+                digest=row.digest,
+                principal=row.principal,
+                tier=row.tier,
+                idle_timeout=row.idle_timeout,
+                max_duration=row.max_duration,
+                granted_at=self.from_authority_time(row.granted_at),
+                granted_wall=row.granted_wall,
+                last_activity=self.from_authority_time(row.last_activity),
+            )
+            if row.ended_at is not None:
+                record.end_reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
+                record.ended_at = self.from_authority_time(row.ended_at)
+                record.ended_wall = row.ended_wall
+                record.revoked_by = row.revoked_by
+                ended += 1
+            else:
+                live += 1
+            self._table.restore(record)
+        return live, ended
+
+
+def _done() -> concurrent.futures.Future[None]:
+    future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    future.set_result(None)
+    return future
+
+
+class Authority:
+    """One authority: call ``start`` on the event loop that will serve it.
+
+    Args:
+        config: The settings.
+    """
+
+    def __init__(self, config: AuthorityConfig) -> None:
+        self.config = config
+        self.table = LeaseTable(config.clock, ended_retention_seconds=config.ended_retention_seconds)
+        self.store: LeaseStore | None = None
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._scheduler: ExpiryScheduler | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.persistence: Persistence | None = None
+        self.hub: WatchHub | None = None
+        self.servicer: AuthorityServicer | None = None
+
+    @property
+    def target(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Load the store, start expiry and serve; return the bound port.
+
+        Raises:
+            StoreError: The data directory cannot be opened or read.
+            RuntimeError: The listen address cannot be bound.
+        """
+        config = self.config
+        high_water = 0.0
+        rows: list[StoredLease] = []
+        if config.data_dir is not None:
+            self.store = SqliteLeaseStore(config.data_dir)
+            state = self.store.load()
+            rows, high_water = state.leases, state.high_water
+        self.persistence = Persistence(self.table, self.store, high_water)
+        live, ended = self.persistence.restore_into_table(rows)
+
+        loop = asyncio.get_running_loop()
+        self.hub = WatchHub(loop)
+        self.table.add_listener(self.persistence)
+        self.table.add_listener(self.hub)
+        # Leases whose deadline passed while the authority was down end now,
+        # once, with their deadline as end time and their true reason.
+        ended_while_down = self.table.expire_due()
+        logger.info(
+            "restored %d live and %d ended leases; %d ended while the authority was down",
+            live - ended_while_down,
+            ended,
+            ended_while_down,
+        )
+        self._scheduler = ExpiryScheduler(self.table)
+        self._scheduler.start()
+
+        self.servicer = AuthorityServicer(
+            self.table,
+            config.policy,
+            config.authenticator,
+            self.persistence,
+            self.hub,
+            heartbeat_interval_seconds=config.heartbeat_interval_seconds,
+            admin_everyone=config.admin_everyone,
+        )
+        server = grpc.aio.server()
+        pb_grpc.add_SessionAuthorityServicer_to_server(self.servicer, server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        if config.server_credentials is not None:
+            port = server.add_secure_port(config.listen, config.server_credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {config.listen}: the address is in use or invalid")
+        await server.start()
+        self._server = server
+        self.port = port
+        self._housekeeping = asyncio.create_task(self._run_housekeeping())
+        logger.info(
+            "session authority serving on %s (store: %s, policy tiers: %s, authenticator: %s)",
+            self.target,
+            self.store.description if self.store else "memory only",
+            ", ".join(sorted(config.policy.tiers)),
+            config.authenticator.name,
+        )
+        return port
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace_seconds: float = 1.0) -> None:
+        """Stop serving, stop expiry and flush the store."""
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self._server is not None:
+            await self._server.stop(grace_seconds)
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self.persistence is not None:
+            self.persistence.housekeeping()
+        if self.store is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        logger.info("session authority on %s stopped", self.target)
+
+    async def _run_housekeeping(self) -> None:
+        assert self.persistence is not None
+        rounds = 0
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_SECONDS)
+            self.persistence.housekeeping()
+            rounds += 1
+            if rounds % 120 == 0:
+                self.persistence.purge()
+
+
+class AuthorityThread:
+    """Runs an ``Authority`` on its own event loop in a background thread.
+
+    For embedding in synchronous programs and for tests.
+
+    Args:
+        config: The settings.
+    """
+
+    def __init__(self, config: AuthorityConfig) -> None:
+        self.authority = Authority(config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="session-authority", daemon=True)
+
+    @property
+    def target(self) -> str:
+        return self.authority.target
+
+    def start(self) -> AuthorityThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.authority.start(), self._loop).result(timeout=30)
+        return self
+
+    def stop(self, grace_seconds: float = 0.5) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.authority.stop(grace_seconds), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> AuthorityThread:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+

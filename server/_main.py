@@ -1,0 +1,175 @@
+"""``session-authority serve``: flags, logging and signal handling around ``Authority``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from ._auth import ApiKeyAuthenticator, Authenticator, InsecureDevAuthenticator, is_loopback_address
+from ._authority import Authority, AuthorityConfig
+from ._policy import Policy, PolicyError, load_policy
+from ._store import StoreError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = "session-authority-data"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="session-authority serve",
+        description="Run the session authority: grants, renews, revokes and expires session leases.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=env("SESSION_AUTHORITY_LISTEN", DEFAULT_LISTEN),
+        help=f"HOST:PORT to serve on; port 0 picks a free one (env SESSION_AUTHORITY_LISTEN, default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(env("SESSION_AUTHORITY_DATA_DIR", DEFAULT_DATA_DIR)),
+        help=f"directory of the lease store (env SESSION_AUTHORITY_DATA_DIR, default ./{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--policy",
+        type=pathlib.Path,
+        default=env("SESSION_AUTHORITY_POLICY") or None,
+        help="TOML policy file (env SESSION_AUTHORITY_POLICY; default: the built-in policy)",
+    )
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--api-keys",
+        type=pathlib.Path,
+        default=env("SESSION_AUTHORITY_API_KEYS") or None,
+        help='file of "SHA256HEX PRINCIPAL" lines (env SESSION_AUTHORITY_API_KEYS); create keys with'
+        " `session-authority keys add`",
+    )
+    auth.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="take the principal from the request, with no authentication; loopback addresses only",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="longest silence on a watch stream before a heartbeat (default 1.0)",
+    )
+    parser.add_argument(
+        "--ended-retention",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long ended leases are reported as ended rather than not found (default 3600)",
+    )
+    parser.add_argument(
+        "--port-file",
+        type=pathlib.Path,
+        help="write the bound port to this file once serving (useful with port 0)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("SESSION_AUTHORITY_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (env SESSION_AUTHORITY_LOG_LEVEL, default INFO)",
+    )
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> AuthorityConfig:
+    """Turn parsed flags into a config.
+
+    Raises:
+        SystemExit: With a one-line message when a flag or file is invalid.
+    """
+    policy = Policy.default()
+    if args.policy is not None:
+        try:
+            policy = load_policy(args.policy)
+        except PolicyError as exc:
+            raise SystemExit(f"session-authority serve: invalid policy:\n{exc}") from exc
+
+    authenticator: Authenticator
+    if args.insecure_dev:
+        if not is_loopback_address(args.listen):
+            raise SystemExit(
+                f"session-authority serve: --insecure-dev refuses to listen on {args.listen}:"
+                " it accepts any principal without authentication; use a loopback address"
+                " such as 127.0.0.1:50051, or --api-keys"
+            )
+        authenticator = InsecureDevAuthenticator()
+    elif args.api_keys is not None:
+        try:
+            authenticator = ApiKeyAuthenticator.from_file(args.api_keys)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"session-authority serve: cannot load --api-keys: {exc}") from exc
+    else:
+        raise SystemExit(
+            "session-authority serve: no authentication configured; pass --api-keys FILE"
+            " (see `session-authority keys add`) or --insecure-dev on a loopback address"
+        )
+    return AuthorityConfig(
+        authenticator=authenticator,
+        listen=args.listen,
+        data_dir=args.data_dir,
+        policy=policy,
+        admin_everyone=args.insecure_dev,
+        heartbeat_interval_seconds=args.heartbeat_interval,
+        ended_retention_seconds=args.ended_retention,
+    )
+
+
+async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly and flush the store."""
+    authority = Authority(config)
+    await authority.start()
+    if isinstance(config.authenticator, InsecureDevAuthenticator):
+        logger.warning(
+            "insecure development mode: any caller may claim any principal; never use this in production"
+        )
+    if port_file is not None:
+        temporary = port_file.with_suffix(port_file.suffix + ".tmp")
+        temporary.write_text(f"{authority.port}\n")
+        temporary.replace(port_file)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    logger.info("stop requested; finishing calls in flight")
+    await authority.stop(grace_seconds=1.0)
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``session-authority serve`` with ``argv`` (without the ``serve`` word)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = build_config(args)
+    try:
+        asyncio.run(run(config, args.port_file))
+    except StoreError as exc:
+        print(f"session-authority serve: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"session-authority serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

@@ -1,0 +1,481 @@
+"""The ``SessionAuthority`` gRPC servicer (``grpc.aio``)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from ._auth import AuthenticationError, Authenticator, caller_info_from_context
+from ._errors import (
+    AuthorityError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from ._policy import MethodRule, Policy, UnknownTierError
+from ._table import (
+    MAX_LEASE_ID_LENGTH,
+    EndReason,
+    LeaseSnapshot,
+    LeaseState,
+    LeaseTable,
+    lease_digest,
+)
+from ._watch import WatchHub
+
+if TYPE_CHECKING:
+    from ._authority import Persistence
+
+logger = logging.getLogger(__name__)
+
+MAX_RENEW_ENTRIES = 10_000
+"""Most entries in one Renew request or KeepAlive message."""
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_METHOD_LENGTH = 1024
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The largest value google.protobuf.Duration allows (10,000 years)."""
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+# -- conversions -------------------------------------------------------------
+
+
+def seconds_to_duration(seconds: float) -> duration_pb2.Duration:
+    whole = math.floor(seconds)
+    return duration_pb2.Duration(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+
+
+def wall_to_timestamp(wall: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(wall * 1e9))
+    return stamp
+
+
+def lease_to_proto(lease: LeaseSnapshot) -> pb.Lease:
+    """Convert a snapshot to the wire ``Lease`` (an empty one for not found)."""
+    if lease.state is LeaseState.NOT_FOUND:
+        return pb.Lease(state=pb.LEASE_STATE_NOT_FOUND)
+    message = pb.Lease(
+        fingerprint=lease.fingerprint,
+        digest=lease.digest.hex(),
+        principal=lease.principal,
+        tier=lease.tier,
+        state=int(lease.state),
+        end_reason=int(lease.end_reason) if lease.end_reason is not None else 0,
+        idle_timeout=seconds_to_duration(lease.idle_timeout),
+        max_duration=seconds_to_duration(lease.max_duration),
+        ttl=seconds_to_duration(lease.ttl),
+        max_remaining=seconds_to_duration(lease.max_remaining),
+        age=seconds_to_duration(lease.age),
+        idle_for=seconds_to_duration(lease.idle_for),
+        granted_at=wall_to_timestamp(lease.granted_wall),
+    )
+    if lease.ended_wall is not None:
+        message.ended_at.CopyFrom(wall_to_timestamp(lease.ended_wall))
+    return message
+
+
+def rule_to_proto(rule: MethodRule) -> pb.MethodRule:
+    message = pb.MethodRule(pattern=rule.pattern, tiers=list(rule.tiers), exempt=rule.exempt)
+    if rule.max_session_age_seconds is not None:
+        message.max_session_age.CopyFrom(seconds_to_duration(rule.max_session_age_seconds))
+    return message
+
+
+# -- request validation ------------------------------------------------------
+
+
+def check_duration(value: duration_pb2.Duration, field: str) -> float:
+    """Return a request duration in seconds, rejecting malformed or negative values."""
+    if not -MAX_DURATION_SECONDS <= value.seconds <= MAX_DURATION_SECONDS or not (
+        -999_999_999 <= value.nanos <= 999_999_999
+    ):
+        raise InvalidArgument(
+            f"{field} is out of the range of google.protobuf.Duration"
+            f" (seconds={value.seconds}, nanos={value.nanos})"
+        )
+    if (value.seconds > 0 and value.nanos < 0) or (value.seconds < 0 and value.nanos > 0):
+        raise InvalidArgument(
+            f"{field} has seconds={value.seconds} and nanos={value.nanos} of opposite signs;"
+            " both must have the same sign"
+        )
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds < 0:
+        raise InvalidArgument(f"{field} must not be negative, got {seconds:g} s")
+    return seconds
+
+
+def check_lease_id(lease_id: str, field: str) -> bytes:
+    """Return the digest of a well-formed lease ID from a request."""
+    if not lease_id:
+        raise InvalidArgument(f"{field} is empty; pass the lease_id returned by Grant")
+    if len(lease_id) > MAX_LEASE_ID_LENGTH:
+        raise InvalidArgument(
+            f"{field} is {len(lease_id)} characters long, over the maximum {MAX_LEASE_ID_LENGTH};"
+            " pass the lease_id returned by Grant"
+        )
+    return lease_digest(lease_id)
+
+
+def check_method(method: str) -> str:
+    if not method:
+        raise InvalidArgument('method is empty; pass the full method name, "/package.Service/Method"')
+    if len(method) > MAX_METHOD_LENGTH or not method.startswith("/") or method.count("/") != 2:
+        shown = method if len(method) <= 80 else method[:80] + "..."
+        raise InvalidArgument(
+            f'method {shown!r} is not a full method name; expected "/package.Service/Method"'
+        )
+    return method
+
+
+# -- the servicer -------------------------------------------------------------
+
+
+def _rpc(handler: _Handler) -> _Handler:
+    """Turn ``AuthorityError`` into a status and log unexpected errors, in one place."""
+
+    @functools.wraps(handler)
+    async def unary(self: AuthorityServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except AuthorityError as exc:
+            await _abort(context, handler.__name__, exc)
+
+    return unary  # type: ignore[return-value]
+
+
+def _stream_rpc(handler: _Handler) -> _Handler:
+    """Like ``_rpc`` for handlers that are async generators."""
+
+    @functools.wraps(handler)
+    async def streaming(self: AuthorityServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in handler(self, request, context):
+                yield response
+        except AuthorityError as exc:
+            await _abort(context, handler.__name__, exc)
+
+    return streaming  # type: ignore[return-value]
+
+
+async def _abort(context: grpc.aio.ServicerContext, rpc: str, exc: AuthorityError) -> None:
+    logger.debug("%s refused: %s: %s", rpc, exc.code.name, exc.details)
+    if exc.trailing_metadata:
+        context.set_trailing_metadata(exc.trailing_metadata)
+    await context.abort(exc.code, exc.details)
+
+
+class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
+    """Serves the wire contract over a lease table.
+
+    Every handler runs on the server's event loop; table calls take
+    microseconds and do not block. Store writes are awaited through futures.
+
+    Args:
+        table: The lease table.
+        policy: Tiers, method rules and admins.
+        authenticator: Decides who a caller is, for grants and admin calls.
+        persistence: Store writes for grants, ends and activity.
+        hub: Fan-out of ends to watchers.
+        heartbeat_interval_seconds: Longest silence on a watch stream.
+        admin_everyone: Treat every authenticated caller as admin
+            (insecure development mode only).
+    """
+
+    def __init__(
+        self,
+        table: LeaseTable,
+        policy: Policy,
+        authenticator: Authenticator,
+        persistence: Persistence,
+        hub: WatchHub,
+        *,
+        heartbeat_interval_seconds: float = 1.0,
+        admin_everyone: bool = False,
+    ) -> None:
+        self._table = table
+        self._policy = policy
+        self._authenticator = authenticator
+        self._persistence = persistence
+        self._hub = hub
+        self._heartbeat_interval = heartbeat_interval_seconds
+        self._admin_everyone = admin_everyone
+        self.grant_gate: Callable[[], str | None] = lambda: None
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, requested_principal: str = "") -> str:
+        try:
+            return self._authenticator.authenticate(caller_info_from_context(context), requested_principal)
+        except AuthenticationError as exc:
+            raise Unauthenticated(str(exc)) from exc
+
+    def _is_admin(self, principal: str) -> bool:
+        return self._admin_everyone or self._policy.is_admin(principal)
+
+    def _renew_entries(self, entries: Sequence[pb.RenewEntry], field: str) -> list[LeaseSnapshot]:
+        if len(entries) > MAX_RENEW_ENTRIES:
+            raise InvalidArgument(
+                f"{field} has {len(entries)} entries, over the maximum {MAX_RENEW_ENTRIES};"
+                " split the renewals over several messages"
+            )
+        checked = [
+            (
+                check_lease_id(entry.lease_id, f"{field}[{index}].lease_id"),
+                check_duration(entry.idle_for, f"{field}[{index}].idle_for"),
+            )
+            for index, entry in enumerate(entries)
+        ]
+        answers = self._table.renew_many(checked)
+        self._persistence.record_activity(answers)
+        return answers
+
+    # -- RPCs --------------------------------------------------------------
+
+    @_rpc
+    async def Grant(self, request: pb.GrantRequest, context: grpc.aio.ServicerContext) -> pb.GrantResponse:
+        principal = self._authenticate(context, request.principal)
+        try:
+            tier = self._policy.tier(request.tier)
+        except UnknownTierError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        idle_timeout = tier.idle_timeout_seconds
+        if request.HasField("idle_timeout"):
+            requested = check_duration(request.idle_timeout, "idle_timeout")
+            minimum = self._policy.bounds.min_idle_timeout_seconds
+            if requested < minimum:
+                raise InvalidArgument(
+                    f"idle_timeout {requested:g} s is below the minimum {minimum:g} s;"
+                    f" ask for at least {minimum:g} s or leave it unset for the tier's"
+                    f" {idle_timeout:g} s"
+                )
+            idle_timeout = min(idle_timeout, requested)
+        refusal = self.grant_gate()
+        if refusal is not None:
+            raise Unavailable(refusal)
+
+        lease_id, lease = self._table.grant(principal, tier.name, idle_timeout, tier.max_duration_seconds)
+        try:
+            await asyncio.wrap_future(self._persistence.save_grant(lease))
+        except Exception as exc:
+            self._table.discard(lease.digest)
+            logger.error("grant for %s in tier %s not stored: %s", principal, tier.name, exc)
+            raise Unavailable(f"the lease could not be stored: {exc}; retry later") from exc
+        logger.info("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
+        return pb.GrantResponse(lease_id=lease_id, lease=lease_to_proto(lease))
+
+    @_rpc
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
+        answers = self._renew_entries(request.entries, "entries")
+        return pb.RenewResponse(leases=[lease_to_proto(a) for a in answers])
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.KeepAliveResponse]:
+        try:
+            async for request in request_iterator:
+                answers = self._renew_entries(request.entries, f"message {request.sequence}: entries")
+                yield pb.KeepAliveResponse(
+                    sequence=request.sequence, leases=[lease_to_proto(a) for a in answers]
+                )
+        except AuthorityError as exc:
+            await _abort(context, "KeepAlive", exc)
+
+    @_rpc
+    async def Revoke(self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext) -> pb.RevokeResponse:
+        target = request.WhichOneof("target")
+        reason = EndReason.RELEASED if request.release else EndReason.REVOKED
+        if target == "lease_id":
+            digest = check_lease_id(request.lease_id, "lease_id")
+            current = self._table.lookup_digest(digest)
+            try:
+                revoked_by = self._authenticate(context)
+            except Unauthenticated:
+                # Holding the lease ID is proof enough to end that lease.
+                revoked_by = current.principal
+        elif target == "fingerprint":
+            revoked_by = self._authenticate(context)
+            digest = self._resolve_fingerprint(request.fingerprint)
+            current = self._table.lookup_digest(digest)
+            if current.principal != revoked_by and not self._is_admin(revoked_by):
+                raise PermissionDenied(
+                    f'principal "{revoked_by}" may not revoke a lease of "{current.principal}":'
+                    " revoking another principal's lease needs the admin permission"
+                    " (list the principal under admins in the policy)"
+                )
+        else:
+            raise InvalidArgument("set exactly one of lease_id or fingerprint to name the lease to revoke")
+
+        lease, already_ended = self._table.end(digest, reason, revoked_by=revoked_by)
+        if lease.state is LeaseState.NOT_FOUND:
+            return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=False)
+        if not already_ended:
+            try:
+                await asyncio.wrap_future(self._persistence.end_written(digest))
+            except Exception as exc:
+                logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
+                raise Unavailable(
+                    f"the lease ended but the end could not be stored: {exc}; it stays ended"
+                ) from exc
+            logger.info(
+                "lease %s %s by %s", lease.fingerprint, "released" if request.release else "revoked", revoked_by
+            )
+        return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=already_ended)
+
+    def _resolve_fingerprint(self, fingerprint: str) -> bytes:
+        if len(fingerprint) != 12 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise InvalidArgument(
+                f"fingerprint {fingerprint[:40]!r} is not 12 lower-case hex characters;"
+                " copy it from ListLeases or the audit log"
+            )
+        matches = self._table.find_by_fingerprint(fingerprint)
+        if not matches:
+            raise FailedPrecondition(f"no lease has fingerprint {fingerprint}")
+        if len(matches) > 1:
+            raise FailedPrecondition(
+                f"{len(matches)} leases share fingerprint {fingerprint}; revoke by lease_id instead"
+            )
+        return matches[0]
+
+    @_rpc
+    async def TimeToLive(
+        self, request: pb.TimeToLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TimeToLiveResponse:
+        digest = check_lease_id(request.lease_id, "lease_id")
+        return pb.TimeToLiveResponse(lease=lease_to_proto(self._table.lookup_digest(digest)))
+
+    @_rpc
+    async def ListLeases(
+        self, request: pb.ListLeasesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLeasesResponse:
+        caller = self._authenticate(context)
+        if request.principal != caller and not self._is_admin(caller):
+            raise PermissionDenied(
+                f'principal "{caller}" may only list its own leases (set principal to "{caller}");'
+                " listing all leases needs the admin permission (list the principal under admins"
+                " in the policy)"
+            )
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size {page_size} is over the maximum {MAX_PAGE_SIZE}")
+        after = b""
+        if request.page_token:
+            try:
+                after = bytes.fromhex(request.page_token)
+            except ValueError:
+                after = b""
+            if len(after) != 32:
+                raise InvalidArgument("page_token is not a token returned by ListLeases; start over with an empty one")
+        leases, next_key = self._table.list_live(
+            principal=request.principal, tier=request.tier, after_digest=after, limit=page_size
+        )
+        return pb.ListLeasesResponse(leases=[lease_to_proto(a) for a in leases], next_page_token=next_key.hex())
+
+    @_rpc
+    async def Validate(self, request: pb.ValidateRequest, context: grpc.aio.ServicerContext) -> pb.ValidateResponse:
+        digest = check_lease_id(request.lease_id, "lease_id")
+        method = check_method(request.method)
+        rule = self._policy.rule_for(method)
+        lease = self._table.lookup_digest(digest)
+        verdict, details = decide(lease, rule, request.caller_principal)
+        response = pb.ValidateResponse(verdict=verdict, rule=rule_to_proto(rule), details=details)
+        if lease.state is not LeaseState.NOT_FOUND:
+            response.lease.CopyFrom(lease_to_proto(lease))
+        return response
+
+    @_stream_rpc
+    async def WatchSessionEnds(
+        self, request: pb.WatchSessionEndsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchSessionEndsResponse]:
+        watcher = self._authenticate(context)
+        subscription, replay, reset = self._hub.subscribe(request.after_sequence, request.instance_id)
+        logger.info("watch stream opened by %s (%d watching)", watcher, self._hub.subscriber_count)
+        try:
+            yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(), reset=reset)
+            for end in replay:
+                yield self._end_message(end)
+            while True:
+                try:
+                    end = await asyncio.wait_for(subscription.queue.get(), self._heartbeat_interval)
+                except asyncio.TimeoutError:
+                    if subscription.overflowed:
+                        raise Unavailable(
+                            "this watcher fell too far behind; reconnect with after_sequence to resume"
+                        ) from None
+                    yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat())
+                    continue
+                yield self._end_message(end)
+        finally:
+            self._hub.unsubscribe(subscription)
+            logger.info("watch stream closed by %s", watcher)
+
+    def _heartbeat(self) -> pb.Heartbeat:
+        return pb.Heartbeat(
+            now=wall_to_timestamp(self._table.clock.wall()),
+            sequence=self._hub.latest_sequence,
+            interval=seconds_to_duration(self._heartbeat_interval),
+            instance_id=self._hub.instance_id,
+        )
+
+    @staticmethod
+    def _end_message(end: Any) -> pb.WatchSessionEndsResponse:
+        return pb.WatchSessionEndsResponse(
+            end=pb.SessionEnd(sequence=end.sequence, lease=lease_to_proto(end.lease), revoked_by=end.lease.revoked_by)
+        )
+
+    @_rpc
+    async def Now(self, request: pb.NowRequest, context: grpc.aio.ServicerContext) -> pb.NowResponse:
+        return pb.NowResponse(now=wall_to_timestamp(self._table.clock.wall()), instance_id=self._hub.instance_id)
+
+    @_rpc
+    async def GetPolicy(self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext) -> pb.GetPolicyResponse:
+        tiers = [
+            pb.Tier(
+                name=t.name,
+                idle_timeout=seconds_to_duration(t.idle_timeout_seconds),
+                max_duration=seconds_to_duration(t.max_duration_seconds),
+            )
+            for t in self._policy.tiers.values()
+        ]
+        return pb.GetPolicyResponse(tiers=tiers, rules=[rule_to_proto(r) for r in self._policy.rules])
+
+
+def decide(lease: LeaseSnapshot, rule: MethodRule, caller_principal: str) -> tuple[int, str]:
+    """Return the verdict and details for a call under ``lease`` to a method with ``rule``."""
+    if lease.state is LeaseState.NOT_FOUND:
+        return pb.VERDICT_NOT_FOUND, "the lease is not known to the authority; grant a new lease"
+    if lease.state is LeaseState.ENDED:
+        reason = lease.end_reason.name.lower() if lease.end_reason is not None else "unknown"
+        return pb.VERDICT_ENDED, f"the lease ended ({reason}); grant a new lease"
+    if caller_principal and caller_principal != lease.principal:
+        return (
+            pb.VERDICT_PRINCIPAL_MISMATCH,
+            f'the lease belongs to "{lease.principal}", not to the caller "{caller_principal}"',
+        )
+    if rule.tiers and lease.tier not in rule.tiers:
+        return (
+            pb.VERDICT_POLICY_DENIED,
+            f'the method requires a lease in tier {", ".join(rule.tiers)}; this lease is in tier "{lease.tier}"',
+        )
+    if rule.max_session_age_seconds is not None and lease.age > rule.max_session_age_seconds:
+        return (
+            pb.VERDICT_POLICY_DENIED,
+            f"the method requires a session younger than {rule.max_session_age_seconds:g} s;"
+            f" this lease is {lease.age:.1f} s old; grant a new lease",
+        )
+    return pb.VERDICT_ALLOW, ""

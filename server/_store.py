@@ -1,0 +1,333 @@
+"""Lease stores: the interface behind the lease table, and its SQLite default.
+
+Persisted times are on the *authority time* scale: seconds since the Unix
+epoch as measured by the authority's monotonic clock from an anchor taken at
+start-up. The anchor is ``max(wall clock, highest time ever persisted)``, so
+authority time never runs backwards across restarts, and a restart can only
+shorten a lease, never lengthen it, whatever the wall clock did meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import pathlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version written in every lease row and in the meta table."""
+
+FLUSH_INTERVAL_SECONDS = 0.1
+"""How often write-behind activity and the clock high-water mark are flushed."""
+
+MAX_BATCH = 2048
+"""Most operations grouped into one transaction."""
+
+
+class StoreError(Exception):
+    """The store could not read or write; the message names the path."""
+
+
+@dataclasses.dataclass(slots=True)
+class StoredLease:
+    """One lease row. Times are in authority time (see the module docstring)."""
+
+    digest: bytes
+    principal: str
+    tier: str
+    idle_timeout: float
+    max_duration: float
+    granted_at: float
+    granted_wall: float
+    last_activity: float
+    ended_at: float | None = None
+    ended_wall: float | None = None
+    end_reason: int | None = None
+    revoked_by: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class StoredState:
+    """Everything a store returns at start-up."""
+
+    leases: list[StoredLease]
+    high_water: float
+
+
+class LeaseStore(Protocol):
+    """Durable home of the lease table.
+
+    ``save_grant`` and ``save_end`` return futures that complete once the
+    write is durable; the authority answers a grant or a revoke only after
+    that. ``save_activity`` is write-behind: losing it in a crash makes a
+    lease end earlier than it would have, never later. Methods may be called
+    from any thread and must not block on I/O.
+    """
+
+    description: str
+
+    def load(self) -> StoredState: ...
+
+    def save_grant(self, lease: StoredLease) -> concurrent.futures.Future[None]: ...
+
+    def save_activity(self, digest: bytes, last_activity: float) -> None: ...
+
+    def save_end(
+        self,
+        digest: bytes,
+        ended_at: float,
+        ended_wall: float,
+        end_reason: int,
+        revoked_by: str,
+    ) -> concurrent.futures.Future[None]: ...
+
+    def set_high_water(self, authority_time: float) -> None: ...
+
+    def purge_ended_before(self, authority_time: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    digest BLOB PRIMARY KEY,
+    version INTEGER NOT NULL,
+    principal TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    idle_timeout REAL NOT NULL,
+    max_duration REAL NOT NULL,
+    granted_at REAL NOT NULL,
+    granted_wall REAL NOT NULL,
+    last_activity REAL NOT NULL,
+    ended_at REAL,
+    ended_wall REAL,
+    end_reason INTEGER,
+    revoked_by TEXT NOT NULL DEFAULT ''
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+_Operation = Callable[[sqlite3.Connection], None]
+_NOTHING: object = object()
+
+
+class SqliteLeaseStore:
+    """Leases in an SQLite database in WAL mode, written by one thread.
+
+    Writes are queued and the writer thread commits whatever has queued up in
+    one transaction, so a burst of grants shares one fsync (group commit).
+    With ``synchronous=FULL`` a committed transaction survives a power loss;
+    grants and ends are answered only after their commit.
+
+    Args:
+        data_dir: Directory for ``leases.db`` (created if missing).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = pathlib.Path(data_dir)
+        self.path = self.data_dir / "leases.db"
+        self.description = f"sqlite:{self.path}"
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=FULL")
+            self._connection.executescript(_SCHEMA)
+            self._check_version()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open lease store {self.path}: {exc}") from exc
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_lock = threading.Lock()
+        self._pending_activity: dict[bytes, float] = {}
+        self._high_water: float | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="lease-store", daemon=True)
+        self._thread.start()
+        logger.info("lease store opened at %s", self.path)
+
+    # -- reads (start-up only) -----------------------------------------------
+
+    def load(self) -> StoredState:
+        """Read every stored lease and the clock high-water mark."""
+        try:
+            rows = self._connection.execute(
+                "SELECT digest, principal, tier, idle_timeout, max_duration, granted_at,"
+                " granted_wall, last_activity, ended_at, ended_wall, end_reason, revoked_by"
+                " FROM leases"
+            ).fetchall()
+            high_water_row = self._connection.execute(
+                "SELECT value FROM meta WHERE key = 'high_water'"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read lease store {self.path}: {exc}") from exc
+        leases = [StoredLease(*row) for row in rows]
+        high_water = float(high_water_row[0]) if high_water_row else 0.0
+        return StoredState(leases=leases, high_water=high_water)
+
+    # -- writes --------------------------------------------------------------
+
+    def save_grant(self, lease: StoredLease) -> concurrent.futures.Future[None]:
+        def write(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT OR REPLACE INTO leases (digest, version, principal, tier, idle_timeout,"
+                " max_duration, granted_at, granted_wall, last_activity) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    lease.digest,
+                    FORMAT_VERSION,
+                    lease.principal,
+                    lease.tier,
+                    lease.idle_timeout,
+                    lease.max_duration,
+                    lease.granted_at,
+                    lease.granted_wall,
+                    lease.last_activity,
+                ),
+            )
+
+        return self._submit(write)
+
+    def save_activity(self, digest: bytes, last_activity: float) -> None:
+        with self._pending_lock:
+            if last_activity > self._pending_activity.get(digest, 0.0):
+                self._pending_activity[digest] = last_activity
+
+    def save_end(
+        self,
+        digest: bytes,
+        ended_at: float,
+        ended_wall: float,
+        end_reason: int,
+        revoked_by: str,
+    ) -> concurrent.futures.Future[None]:
+        def write(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "UPDATE leases SET ended_at = ?, ended_wall = ?, end_reason = ?, revoked_by = ?"
+                " WHERE digest = ? AND ended_at IS NULL",
+                (ended_at, ended_wall, end_reason, revoked_by, digest),
+            )
+
+        return self._submit(write)
+
+    def set_high_water(self, authority_time: float) -> None:
+        with self._pending_lock:
+            if self._high_water is None or authority_time > self._high_water:
+                self._high_water = authority_time
+
+    def purge_ended_before(self, authority_time: float) -> None:
+        def write(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "DELETE FROM leases WHERE ended_at IS NOT NULL AND ended_at < ?", (authority_time,)
+            )
+
+        self._submit(write)
+
+    def close(self) -> None:
+        """Flush everything queued, stop the writer thread and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._connection.close()
+        except sqlite3.Error:
+            logger.exception("closing lease store %s failed", self.path)
+        logger.info("lease store closed at %s", self.path)
+
+    # -- writer thread -------------------------------------------------------
+
+    def _check_version(self) -> None:
+        row = self._connection.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if row is None:
+            self._connection.execute(
+                "INSERT INTO meta (key, value) VALUES ('version', ?)", (str(FORMAT_VERSION),)
+            )
+        elif int(row[0]) != FORMAT_VERSION:
+            raise StoreError(
+                f"lease store {self.path} has format version {row[0]}, this authority reads"
+                f" version {FORMAT_VERSION}; upgrade the authority or point --data-dir elsewhere"
+            )
+
+    def _submit(self, operation: _Operation) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(StoreError(f"lease store {self.path} is closed"))
+            return future
+        self._queue.put((operation, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch: list[tuple[_Operation, concurrent.futures.Future[None]]] = []
+            stopping = False
+            try:
+                item = self._queue.get(timeout=FLUSH_INTERVAL_SECONDS)
+            except queue.Empty:
+                item = _NOTHING
+            while item is not _NOTHING:
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = _NOTHING
+            self._commit(batch)
+            if stopping:
+                return
+
+    def _commit(self, batch: list[tuple[_Operation, concurrent.futures.Future[None]]]) -> None:
+        with self._pending_lock:
+            activity, self._pending_activity = self._pending_activity, {}
+            high_water, self._high_water = self._high_water, None
+        if not batch and not activity and high_water is None:
+            return
+        connection = self._connection
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for operation, _ in batch:
+                operation(connection)
+            if activity:
+                connection.executemany(
+                    "UPDATE leases SET last_activity = ? WHERE digest = ? AND last_activity < ?",
+                    [(at, digest, at) for digest, at in activity.items()],
+                )
+            if high_water is not None:
+                connection.execute(
+                    "INSERT INTO meta (key, value) VALUES ('high_water', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+                    " WHERE CAST(excluded.value AS REAL) > CAST(meta.value AS REAL)",
+                    (repr(high_water),),
+                )
+            connection.execute("COMMIT")
+        except (OSError, sqlite3.Error) as exc:
+            logger.error("lease store write to %s failed: %s", self.path, exc)
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.debug("rollback after failed write found no transaction", exc_info=True)
+            error = StoreError(f"writing lease store {self.path} failed: {exc}")
+            for _, future in batch:
+                future.set_exception(error)
+            # Activity is retried with the next batch; losing it only shortens leases.
+            with self._pending_lock:
+                for digest, at in activity.items():
+                    if at > self._pending_activity.get(digest, 0.0):
+                        self._pending_activity[digest] = at
+            return
+        for _, future in batch:
+            future.set_result(None)

@@ -1,0 +1,116 @@
+"""Fan-out of session ends to watch streams, with a replay buffer for resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+
+from ._table import SessionEnd
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPLAY_SIZE = 65536
+"""Ends kept for watchers that reconnect with ``after_sequence``."""
+
+DEFAULT_SUBSCRIBER_BACKLOG = 100_000
+"""Ends queued for one slow watcher before its stream is closed."""
+
+
+class SubscriberOverflow(Exception):
+    """A watcher fell further behind than its backlog allows."""
+
+
+class Subscription:
+    """One watch stream's queue. Owned by the event loop thread."""
+
+    def __init__(self, backlog: int) -> None:
+        self.queue: asyncio.Queue[SessionEnd] = asyncio.Queue()
+        self.backlog = backlog
+        self.overflowed = False
+
+    def put(self, end: SessionEnd) -> None:
+        if self.queue.qsize() >= self.backlog:
+            self.overflowed = True
+            return
+        self.queue.put_nowait(end)
+
+
+class WatchHub:
+    """Receives ends from any thread and hands them to every subscriber.
+
+    ``on_end`` is a lease table listener and may be called from any thread;
+    it forwards to the event loop. Everything else runs on the loop.
+
+    Args:
+        loop: The event loop of the authority's gRPC server.
+        replay_size: Number of recent ends kept for resuming watchers.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        replay_size: int = DEFAULT_REPLAY_SIZE,
+        subscriber_backlog: int = DEFAULT_SUBSCRIBER_BACKLOG,
+    ) -> None:
+        self.instance_id = secrets.token_hex(8)
+        self._loop = loop
+        self._recent: collections.deque[SessionEnd] = collections.deque(maxlen=replay_size)
+        self._subscribers: set[Subscription] = set()
+        self._backlog = subscriber_backlog
+        self.latest_sequence = 0
+
+    # Table listener interface.
+
+    def on_grant(self, lease: object) -> None:
+        """Ignore grants: watchers only hear of ends."""
+
+    def on_end(self, end: SessionEnd) -> None:
+        """Forward an end to the event loop (any thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._publish, end)
+        except RuntimeError:
+            logger.debug("watch hub dropped end %d: event loop closed", end.sequence)
+
+    # Event loop side.
+
+    def _publish(self, end: SessionEnd) -> None:
+        # Ends can arrive slightly out of order when two threads end leases at
+        # once, so keep the replay buffer sorted by sequence.
+        recent = self._recent
+        if recent and recent[-1].sequence > end.sequence:
+            ordered = sorted([*recent, end], key=lambda e: e.sequence)
+            recent.clear()
+            recent.extend(ordered)
+        else:
+            recent.append(end)
+        self.latest_sequence = max(self.latest_sequence, end.sequence)
+        for subscription in self._subscribers:
+            subscription.put(end)
+
+    def subscribe(self, after_sequence: int, instance_id: str) -> tuple[Subscription, list[SessionEnd], bool]:
+        """Register a watcher.
+
+        Returns:
+            The subscription, the ends to replay first, and whether the watcher
+            must reset its cache because the ends it missed cannot be replayed.
+        """
+        subscription = Subscription(self._backlog)
+        self._subscribers.add(subscription)
+        if after_sequence == 0:
+            return subscription, [], False
+        if instance_id != self.instance_id or after_sequence > self.latest_sequence:
+            return subscription, [], True
+        replay = [end for end in self._recent if end.sequence > after_sequence]
+        oldest = self._recent[0].sequence if self._recent else self.latest_sequence + 1
+        complete = after_sequence + 1 >= oldest or after_sequence == self.latest_sequence
+        return subscription, replay, not complete
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
