@@ -152,6 +152,8 @@ class SqliteLeaseStore:
         self._pending_activity: dict[bytes, float] = {}
         self._high_water: float | None = None
         self._closed = False
+        self.commits = 0
+        """Transactions committed so far; grouping keeps this far below the write count."""
         self._thread = threading.Thread(target=self._run, name="lease-store", daemon=True)
         self._thread.start()
         logger.info("lease store opened at %s", self.path)
@@ -314,6 +316,7 @@ class SqliteLeaseStore:
                     (repr(high_water),),
                 )
             connection.execute("COMMIT")
+            self.commits += 1
         except (OSError, sqlite3.Error) as exc:
             logger.error("lease store write to %s failed: %s", self.path, exc)
             try:

@@ -1,0 +1,192 @@
+"""Durability: leases survive restarts and crashes with no more time than they had."""
+
+from __future__ import annotations
+
+import pathlib
+import sqlite3
+import threading
+
+import grpc
+import pytest
+
+from session_authority.server import (
+    AuthorityConfig,
+    AuthorityThread,
+    InsecureDevAuthenticator,
+    ManualClock,
+    SqliteLeaseStore,
+    parse_policy,
+)
+from session_authority.server._store import StoredLease
+from session_authority.v1 import session_authority_pb2 as pb
+from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+POLICY = parse_policy(
+    """
+version = 1
+default_tier = "standard"
+[tiers.standard]
+idle_timeout = "10s"
+max_duration = "100s"
+"""
+)
+
+
+def start(data_dir: pathlib.Path, clock: ManualClock) -> AuthorityThread:
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=POLICY,
+        data_dir=data_dir,
+        clock=clock,
+        admin_everyone=True,
+    )
+    return AuthorityThread(config).start()
+
+
+def stub_for(target: str) -> tuple[grpc.Channel, pb_grpc.SessionAuthorityStub]:
+    channel = grpc.insecure_channel(target)
+    return channel, pb_grpc.SessionAuthorityStub(channel)
+
+
+def ttl_seconds(lease: pb.Lease) -> float:
+    return lease.ttl.seconds + lease.ttl.nanos / 1e9
+
+
+def test_restart_keeps_lease_without_extra_time(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    clock.advance(3)
+    before = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    first.stop()
+
+    second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert after.state == pb.LEASE_STATE_ALIVE
+    assert ttl_seconds(after) <= ttl_seconds(before)
+    assert ttl_seconds(after) == pytest.approx(7, abs=0.01)
+
+
+def test_wall_clock_stepped_back_while_down_adds_no_time(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    clock.advance(2)
+    channel.close()
+    first.stop()
+
+    clock.step_wall(-3600)
+    second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert after.state == pb.LEASE_STATE_ALIVE
+    assert ttl_seconds(after) <= 8.0
+
+
+def test_lease_past_deadline_ends_once_at_startup(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    granted_at = granted.lease.granted_at.ToNanoseconds() / 1e9
+    channel.close()
+    first.stop()
+
+    # The authority is down for a minute, by the wall clock only.
+    clock.step_wall(60)
+    second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    renewed = stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=granted.lease_id)])).leases[0]
+    channel.close()
+    second.stop()
+
+    assert after.state == pb.LEASE_STATE_ENDED
+    assert after.end_reason == pb.END_REASON_IDLE_TIMEOUT
+    assert after.ended_at.ToNanoseconds() / 1e9 == pytest.approx(granted_at + 10, abs=0.01)
+    assert renewed.state == pb.LEASE_STATE_ENDED
+    assert ttl_seconds(renewed) == 0
+
+
+def test_revoked_lease_stays_revoked_after_restart(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    stub.Revoke(pb.RevokeRequest(lease_id=granted.lease_id))
+    channel.close()
+    first.stop()
+
+    second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert after.state == pb.LEASE_STATE_ENDED
+    assert after.end_reason == pb.END_REASON_REVOKED
+
+
+def test_store_keeps_no_lease_id(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    authority = start(tmp_path, clock)
+    channel, stub = stub_for(authority.target)
+    lease_id = stub.Grant(pb.GrantRequest(principal="svc-a")).lease_id
+    channel.close()
+    authority.stop()
+
+    raw = b"".join(path.read_bytes() for path in tmp_path.glob("leases.db*"))
+
+    assert lease_id.encode() not in raw
+
+
+def test_store_groups_burst_into_few_commits(tmp_path: pathlib.Path) -> None:
+    store = SqliteLeaseStore(tmp_path)
+    rows = [
+        StoredLease(
+            digest=index.to_bytes(32, "big"),
+            principal="svc-a",
+            tier="standard",
+            idle_timeout=10,
+            max_duration=100,
+            granted_at=1.0,
+            granted_wall=1.0,
+            last_activity=1.0,
+        )
+        for index in range(2000)
+    ]
+    futures = []
+    threads = [
+        threading.Thread(target=lambda part=part: futures.extend(store.save_grant(r) for r in part))
+        for part in (rows[:1000], rows[1000:])
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for future in futures:
+        future.result(timeout=30)
+    commits = store.commits
+    store.close()
+
+    assert len(SqliteLeaseStore(tmp_path).load().leases) == 2000
+    assert commits < 2000
+
+
+def test_store_refuses_newer_format(tmp_path: pathlib.Path) -> None:
+    SqliteLeaseStore(tmp_path).close()
+    with sqlite3.connect(tmp_path / "leases.db") as connection:
+        connection.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
+
+    with pytest.raises(Exception, match=r"format version 99, this authority reads version 1"):
+        SqliteLeaseStore(tmp_path)

@@ -1,0 +1,68 @@
+"""Packaging: committed generated code, the wheel's layout and the public surface."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GENERATED = ROOT / "protos" / "session_authority" / "v1"
+
+
+def test_regenerating_protos_changes_nothing(tmp_path: pathlib.Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "generate_protos.py"), "--out", str(tmp_path)],
+        check=True,
+        timeout=120,
+    )
+
+    fresh = tmp_path / "session_authority" / "v1"
+    generated = sorted(p.name for p in fresh.iterdir())
+    assert generated == ["session_authority_pb2.py", "session_authority_pb2.pyi", "session_authority_pb2_grpc.py"]
+    for name in generated:
+        assert filecmp.cmp(fresh / name, GENERATED / name, shallow=False), f"{name} differs: rerun tools/generate_protos.py"
+
+
+def test_wheel_installs_nothing_top_level_but_the_namespace(tmp_path: pathlib.Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+
+    assert top_level == {"session_authority"}
+    for expected in (
+        "session_authority/v1/session_authority_pb2.py",
+        "session_authority/v1/session_authority.proto",
+        "session_authority/server/_table.py",
+        "session_authority/server/py.typed",
+        "session_authority/clients/py.typed",
+        "session_authority/interceptors/py.typed",
+    ):
+        assert expected in names
+    assert not any(name.startswith(("server/", "clients/", "interceptors/", "tests/")) for name in names)
+
+
+@pytest.mark.parametrize(
+    "package",
+    ["session_authority.server", "session_authority.clients", "session_authority.interceptors"],
+)
+def test_public_names_match_all(package: str) -> None:
+    module = importlib.import_module(package)
+
+    exported = sorted(name for name in vars(module) if not name.startswith("_") and name != "annotations")
+    public = [name for name in exported if not isinstance(getattr(module, name), type(sys))]
+
+    assert module.__all__ == sorted(module.__all__)
+    assert sorted(public) == module.__all__
