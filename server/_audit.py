@@ -1,0 +1,1474 @@
+"""Tamper-evident audit log: hash-chained JSON Lines files, a background sink, verify, tail and CLI.
+
+Each record is one JSON object on one line, with sorted keys and compact
+separators, so its bytes are reproducible. Every record carries ``prev``, the
+SHA-256 of the previous record's line bytes (without the newline). Editing,
+deleting, inserting or reordering a record therefore breaks the chain at that
+record or at the one after it, and :func:`verify` reports the first break.
+
+Files live in one directory: ``audit.jsonl`` is written, and rotated files are
+named ``audit-<first seq, 12 digits>.jsonl`` so that they sort in chain order.
+A rotated file is never written again, and the first record of every newer
+file is a ``rotate`` record that names the file before it and continues the
+chain from that file's last record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl, so the directory lock is skipped there.
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Value of the ``v`` field written by this module; :func:`verify` accepts only this version."""
+
+ZERO_HASH = "0" * 64
+"""``prev`` of the first record of the first file."""
+
+CURRENT_FILE_NAME = "audit.jsonl"
+"""Name of the file that records are appended to."""
+
+LOCK_FILE_NAME = "audit.lock"
+"""File in the audit directory on which the writing process takes an exclusive ``flock``."""
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""Default size at which ``audit.jsonl`` is rotated (64 MiB)."""
+
+MIN_MAX_BYTES = 1024
+"""Smallest accepted ``max_bytes``, so a file has room for its rotate record and a few records."""
+
+MAX_EVENT_ID_LENGTH = 256
+"""Longest accepted ``event_id``, in characters."""
+
+EVENT_TYPES = frozenset({"grant", "revoke", "end"})
+"""Record types that callers append."""
+
+ROTATE_TYPE = "rotate"
+"""Record type that the log writes itself as the first record of every file after the first."""
+
+RECORD_FIELDS = ("v", "seq", "event_id", "type", "time", "prev")
+"""Fields that the log sets on every record; callers' fields must not use these names."""
+
+_ROTATED_FILE_NAME = re.compile(r"audit-(\d{12})\.jsonl")
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------
+# Encoding
+
+
+def utc_isoformat(epoch_seconds: float) -> str:
+    """Format seconds since the Unix epoch as UTC ISO 8601 with microseconds and offset.
+
+    Example: ``2026-12-04T21:09:57.123456+00:00``. Use it for ``granted_at``
+    and ``ended_at`` so that every timestamp in the log has the same form.
+    """
+    moment = datetime.datetime.fromtimestamp(epoch_seconds, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="microseconds")
+
+
+def record_hash(line: bytes) -> str:
+    """Return the SHA-256 (lower-case hex) of a record's line bytes, without the newline."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def rotated_file_name(first_seq: int) -> str:
+    """Return the name of a rotated file whose first record has ``first_seq``."""
+    return f"audit-{first_seq:012d}.jsonl"
+
+
+def _encode(record: Mapping[str, object]) -> bytes:
+    """Encode a record in the canonical form: sorted keys, compact separators, UTF-8."""
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """Return the JSON object on a line, or None if the line is not one.
+
+    ``NaN`` and ``Infinity`` are rejected because the writer never emits them.
+    """
+    try:
+        value = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors.
+        return None
+    if not isinstance(value, dict):
+        return None
+    return value
+
+
+def _is_seq(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_event(event_id: str, type: str, fields: Mapping[str, object]) -> dict[str, object]:
+    """Validate a caller's event and return a copy of its fields.
+
+    Raises:
+        ValueError: Invalid event_id or type, a reserved or forbidden field
+            name, a fingerprint that is not 12 hex characters, or a value
+            that JSON cannot represent exactly (NaN, infinity).
+        TypeError: A field name that is not a string, or a value that is not
+            JSON-serializable.
+    """
+    if not isinstance(event_id, str) or not event_id:
+        raise ValueError(f"event_id must be a non-empty string such as 'end:<digest>', got {event_id!r}")
+    if len(event_id) > MAX_EVENT_ID_LENGTH:
+        raise ValueError(
+            f"event_id must be at most {MAX_EVENT_ID_LENGTH} characters, got {len(event_id)}; "
+            "use a digest rather than the full payload"
+        )
+    if type not in EVENT_TYPES:
+        hint = "; rotate records are written by the log itself" if type == ROTATE_TYPE else ""
+        raise ValueError(f"type must be one of {sorted(EVENT_TYPES)}, got {type!r}{hint}")
+
+    copied = dict(fields)
+    for name in copied:
+        if not isinstance(name, str):
+            raise TypeError(f"field names must be strings, got {name!r}")
+        if name in RECORD_FIELDS:
+            raise ValueError(f"field {name!r} is set by the audit log itself; pass it under another name")
+    if "lease_id" in copied:
+        raise ValueError(
+            "field 'lease_id' is not allowed: a lease ID is a bearer credential, so record its 'fingerprint'"
+        )
+    fingerprint = copied.get("fingerprint")
+    if fingerprint is not None and not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        # The value is not echoed: a caller who passes the raw lease ID here
+        # would otherwise leak it into whatever logs this error.
+        length = len(fingerprint) if isinstance(fingerprint, str) else None
+        raise ValueError(
+            "field 'fingerprint' must be the 12 lower-case hex characters of the lease fingerprint, "
+            f"got a {fingerprint.__class__.__name__}" + (f" of {length} characters" if length is not None else "")
+        )
+
+    try:
+        _encode(copied)
+    except TypeError as exc:
+        raise TypeError(
+            f"audit fields must be JSON-serializable (str, int, float, bool, None, list, dict): {exc}"
+        ) from exc
+    except ValueError as exc:
+        raise ValueError(f"audit fields must be finite numbers and valid text: {exc}") from exc
+    return copied
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReceipt:
+    """Proof that a record is in the log.
+
+    Attributes:
+        seq: Sequence number of the record.
+        hash: SHA-256 (hex) of the record's line; the next record's ``prev``.
+        duplicate: True when the event ID was already in the log, so nothing
+            was written and ``seq`` and ``hash`` are those of the original.
+    """
+
+    seq: int
+    hash: str
+    duplicate: bool = False
+
+
+class AuditWriteError(OSError):
+    """The audit log could not be opened, recovered or appended to.
+
+    ``filename`` names the file; ``errno`` is that of the underlying error
+    when there is one. When raised by :meth:`AuditLog.append`, nothing of the
+    record stays in the file, so the caller may retry with the same event ID.
+    """
+
+
+@dataclasses.dataclass
+class _ScannedFile:
+    """Chain state and event IDs read from one file when the log is opened."""
+
+    event_ids: dict[str, tuple[int, str]]
+    first_seq: int = 0
+    last_seq: int = 0
+    last_hash: str = ZERO_HASH
+    last_version: object = FORMAT_VERSION
+    starts_with_rotate: bool = False
+    records: int = 0
+
+
+def _scan_records(path: Path, data: bytes) -> _ScannedFile:
+    """Index the complete lines of one file; lines that do not parse are logged and skipped."""
+    scanned = _ScannedFile(event_ids={})
+    lines = data.split(b"\n")[:-1]
+    for line_number, line in enumerate(lines, start=1):
+        record = _parse_line(line)
+        if record is None or not _is_seq(record.get("seq")):
+            logger.warning(
+                "audit file %s line %d is not a valid record; run 'session-authority audit verify' on %s",
+                path,
+                line_number,
+                path.parent,
+            )
+            continue
+        digest = record_hash(line)
+        seq = record["seq"]
+        if scanned.records == 0:
+            scanned.first_seq = seq
+            scanned.starts_with_rotate = record.get("type") == ROTATE_TYPE
+        scanned.records += 1
+        scanned.last_seq = seq
+        scanned.last_hash = digest
+        scanned.last_version = record.get("v")
+        event_id = record.get("event_id")
+        if record.get("type") != ROTATE_TYPE and isinstance(event_id, str):
+            scanned.event_ids[event_id] = (seq, digest)
+    return scanned
+
+
+def _list_rotated_files(directory: Path) -> list[tuple[int, Path]]:
+    """Return ``(first seq, path)`` of the rotated files in a directory, oldest first."""
+    found = []
+    for entry in directory.iterdir():
+        match = _ROTATED_FILE_NAME.fullmatch(entry.name)
+        if match and entry.is_file():
+            found.append((int(match.group(1)), entry))
+    found.sort()
+    return found
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a directory's entries (a created or renamed file) durable."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON Lines audit log in one directory.
+
+    Opening the log recovers ``seq`` and the last hash from ``audit.jsonl``,
+    or from the newest rotated file when ``audit.jsonl`` is missing or empty.
+    It removes a torn last line left by a crash. It loads the event IDs of the
+    current and the previous file, so that :meth:`append` writes each event
+    once. The event IDs of older files are not kept, so a retry that arrives
+    after two rotations is written again.
+
+    Only one ``AuditLog`` may write a directory at a time: the log holds an
+    exclusive ``flock`` on ``audit.lock`` there (on POSIX systems) until
+    :meth:`close`.
+
+    Threading: all methods may be called from any thread; one lock serializes
+    them, and :meth:`append` blocks on disk I/O (including ``fsync``) while
+    holding it. Use :class:`AuditSink` where a caller must not block.
+
+    Memory: the event ID index holds one entry per record of the current and
+    the previous file, roughly 250 bytes each.
+
+    Args:
+        directory: Directory of the audit files; created if missing.
+        max_bytes: ``audit.jsonl`` is rotated before a record would make it
+            larger than this. A single record larger than this is still
+            written, alone in its file after the rotate record.
+        fsync: Flush each record to disk before :meth:`append` returns. With
+            False, a power loss can lose records that were acknowledged.
+        wall_clock: Source of the ``time`` field, seconds since the Unix epoch.
+        before_write: Fault injection for tests: called under the lock before
+            each record line (including rotate records) is written. An
+            ``OSError`` it raises is handled exactly like a failed write.
+
+    Raises:
+        ValueError: ``max_bytes`` is smaller than :data:`MIN_MAX_BYTES`.
+        AuditWriteError: The directory or files cannot be created, read or
+            locked, or the current file's last record cannot be resumed from.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        fsync: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+        before_write: Callable[[], None] | None = None,
+    ) -> None:
+        if not isinstance(max_bytes, int) or max_bytes < MIN_MAX_BYTES:
+            raise ValueError(f"max_bytes must be an integer of at least {MIN_MAX_BYTES}, got {max_bytes!r}")
+
+        self._directory = Path(directory)
+        self._path = self._directory / CURRENT_FILE_NAME
+        self._max_bytes = max_bytes
+        self._fsync = fsync
+        self._wall_clock = wall_clock
+        self._before_write = before_write
+
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        # Length of audit.jsonl up to the end of its last acknowledged record.
+        self._size = 0
+        self._last_seq = 0
+        self._last_hash = ZERO_HASH
+        # Seq of the first record in audit.jsonl; 0 while the file is empty.
+        self._first_seq_in_file = 0
+        # Records in audit.jsonl other than its rotate record. Rotating a file
+        # that contains only its rotate record would gain nothing.
+        self._events_in_file = 0
+        # Set when audit.jsonl follows a rotated file but has no rotate record yet.
+        self._needs_rotate_record = False
+        self._previous_file_name: str | None = None
+        self._event_ids: dict[str, tuple[int, str]] = {}
+        self._previous_event_ids: dict[str, tuple[int, str]] = {}
+
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._acquire_directory_lock()
+            self._recover()
+            self._open_current()
+        except OSError as exc:
+            self._release_files()
+            if isinstance(exc, AuditWriteError):
+                raise
+            raise AuditWriteError(
+                exc.errno, f"failed to open the audit log: {exc.strerror or exc}", str(exc.filename or self._path)
+            ) from exc
+        except BaseException:
+            self._release_files()
+            raise
+
+    # Public surface ------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        """Directory of the audit files."""
+        return self._directory
+
+    @property
+    def path(self) -> Path:
+        """Path of the file that records are appended to (``audit.jsonl``)."""
+        return self._path
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last record written, 0 for an empty log."""
+        with self._lock:
+            return self._last_seq
+
+    @property
+    def last_hash(self) -> str:
+        """Hash of the last record written, :data:`ZERO_HASH` for an empty log."""
+        with self._lock:
+            return self._last_hash
+
+    def contains(self, event_id: str) -> bool:
+        """Return whether ``event_id`` is in the current or the previous file."""
+        with self._lock:
+            return event_id in self._event_ids or event_id in self._previous_event_ids
+
+    def append(self, event_id: str, type: str, fields: Mapping[str, object]) -> AuditReceipt:
+        """Append one record and return once it is written (and fsynced when enabled).
+
+        Rotates ``audit.jsonl`` first when the record would make it larger
+        than ``max_bytes``. Blocks on disk I/O.
+
+        Args:
+            event_id: Unique ID of the event, such as ``end:<digest>``. If it
+                is already in the current or previous file, nothing is written.
+            type: ``grant``, ``revoke`` or ``end``.
+            fields: The event's fields, such as ``fingerprint``, ``principal``,
+                ``tier``, ``reason``; never a raw lease ID.
+
+        Returns:
+            The record's receipt, or the original's with ``duplicate=True``.
+
+        Raises:
+            ValueError, TypeError: Invalid arguments (see the field rules in
+                the module documentation); nothing is written.
+            AuditWriteError: The write failed; the file contains no part of
+                the record, so the same event may be appended again.
+            RuntimeError: The log is closed.
+        """
+        checked = _check_event(event_id, type, fields)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"audit log {self._path} is closed; open a new AuditLog to append")
+
+            known = self._event_ids.get(event_id) or self._previous_event_ids.get(event_id)
+            if known is not None:
+                return AuditReceipt(seq=known[0], hash=known[1], duplicate=True)
+
+            if self._needs_rotate_record:
+                self._write_rotate_record_locked()
+            line = self._encode_record_locked(event_id, type, checked)
+            if self._events_in_file > 0 and self._size + len(line) + 1 > self._max_bytes:
+                self._rotate_locked()
+                self._write_rotate_record_locked()
+                line = self._encode_record_locked(event_id, type, checked)
+            return self._write_record_locked(event_id, type, line)
+
+    def close(self) -> None:
+        """Close the file and release the directory lock; later appends raise. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release_files()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # Opening -------------------------------------------------------------
+
+    def _acquire_directory_lock(self) -> None:
+        if fcntl is None:
+            return
+        lock_path = self._directory / LOCK_FILE_NAME
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise AuditWriteError(
+                errno.EWOULDBLOCK,
+                "the audit directory is already open for writing by another AuditLog or process; "
+                "close it or give this one another data directory",
+                str(lock_path),
+            ) from exc
+
+    def _recover(self) -> None:
+        """Load the chain state and event IDs, and remove a torn last line of ``audit.jsonl``."""
+        rotated = _list_rotated_files(self._directory)
+        previous: _ScannedFile | None = None
+        if rotated:
+            previous_path = rotated[-1][1]
+            previous = _scan_records(previous_path, previous_path.read_bytes())
+            self._previous_file_name = previous_path.name
+            self._previous_event_ids = previous.event_ids
+
+        data = self._path.read_bytes() if self._path.exists() else b""
+        data = self._remove_torn_tail(data)
+        current = _scan_records(self._path, data)
+
+        if current.records > 0:
+            self._resume_from(current)
+            self._first_seq_in_file = current.first_seq
+            self._events_in_file = current.records - (1 if current.starts_with_rotate else 0)
+            self._event_ids = current.event_ids
+            self._size = len(data)
+        elif previous is not None and previous.records > 0:
+            # A crash between rotating and writing the new rotate record
+            # leaves audit.jsonl missing or empty; the next append writes it.
+            self._resume_from(previous)
+            self._needs_rotate_record = True
+            self._size = len(data)
+        else:
+            self._size = len(data)
+
+    def _resume_from(self, scanned: _ScannedFile) -> None:
+        if scanned.last_version != FORMAT_VERSION:
+            raise AuditWriteError(
+                errno.EINVAL,
+                f"cannot continue the audit chain: its last record has format version {scanned.last_version!r}, "
+                f"this writer writes version {FORMAT_VERSION}; upgrade, or start a new data directory",
+                str(self._path),
+            )
+        self._last_seq = scanned.last_seq
+        self._last_hash = scanned.last_hash
+
+    def _remove_torn_tail(self, data: bytes) -> bytes:
+        """Truncate a torn last line of ``audit.jsonl`` and return the remaining bytes.
+
+        A line without its newline, or a last line that is not a JSON object,
+        is what a crash in the middle of a write leaves behind (some file
+        systems also extend the file with zero bytes). Removing it is safe
+        because that record was never acknowledged: :meth:`append` returns,
+        and the sink reports a record as written, only after the whole line
+        and its newline are written (and fsynced when enabled). Its writer
+        therefore still holds the event and retries it under the same ID.
+        """
+        keep = data.rfind(b"\n") + 1
+        if keep > 0:
+            last_start = data.rfind(b"\n", 0, keep - 1) + 1
+            if _parse_line(data[last_start : keep - 1]) is None:
+                keep = last_start
+        if keep == len(data):
+            return data
+
+        logger.warning(
+            "audit file %s: removed a torn last record (%d bytes) left by an interrupted write; "
+            "it was never acknowledged, so its writer retries it",
+            self._path,
+            len(data) - keep,
+        )
+        fd = os.open(self._path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.ftruncate(fd, keep)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return data[:keep]
+
+    def _open_current(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        existed = self._path.exists()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self._path, flags, 0o600)
+        if not existed and self._fsync:
+            _fsync_directory(self._directory)
+        return self._fd
+
+    def _release_files(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    logger.debug("closing an audit file descriptor failed", exc_info=True)
+        self._fd = None
+        self._lock_fd = None
+
+    # Writing -------------------------------------------------------------
+
+    def _encode_record_locked(self, event_id: str, type: str, fields: Mapping[str, object]) -> bytes:
+        record = dict(fields)
+        record["v"] = FORMAT_VERSION
+        record["seq"] = self._last_seq + 1
+        record["event_id"] = event_id
+        record["type"] = type
+        record["time"] = utc_isoformat(self._wall_clock())
+        record["prev"] = self._last_hash
+        return _encode(record)
+
+    def _write_rotate_record_locked(self) -> None:
+        seq = self._last_seq + 1
+        event_id = f"rotate:{seq}"
+        fields = {"previous_file": self._previous_file_name, "previous_last_seq": self._last_seq}
+        line = self._encode_record_locked(event_id, ROTATE_TYPE, fields)
+        self._write_record_locked(event_id, ROTATE_TYPE, line)
+        self._needs_rotate_record = False
+
+    def _write_record_locked(self, event_id: str, type: str, line: bytes) -> AuditReceipt:
+        """Write one encoded line; on failure, cut the file back so no part of it stays."""
+        start = self._size
+        try:
+            fd = self._open_current()
+            self._discard_unacknowledged_bytes_locked(fd)
+        except AuditWriteError:
+            raise
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno, f"failed to open the audit file for appending: {exc.strerror or exc}", str(self._path)
+            ) from exc
+
+        try:
+            if self._before_write is not None:
+                self._before_write()
+            _write_all(fd, line + b"\n")
+            if self._fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            self._truncate_after_failure_locked(fd, start)
+            raise AuditWriteError(
+                exc.errno, f"failed to append to the audit log: {exc.strerror or exc}", str(self._path)
+            ) from exc
+
+        digest = record_hash(line)
+        seq = self._last_seq + 1
+        self._size = start + len(line) + 1
+        self._last_seq = seq
+        self._last_hash = digest
+        if self._first_seq_in_file == 0:
+            self._first_seq_in_file = seq
+        if type != ROTATE_TYPE:
+            self._events_in_file += 1
+            self._event_ids[event_id] = (seq, digest)
+        return AuditReceipt(seq=seq, hash=digest)
+
+    def _discard_unacknowledged_bytes_locked(self, fd: int) -> None:
+        """Remove bytes that a failed write left behind when cutting them off failed too."""
+        actual = os.fstat(fd).st_size
+        if actual == self._size:
+            return
+        if actual < self._size:
+            raise AuditWriteError(
+                errno.EIO,
+                f"the audit file shrank from {self._size} to {actual} bytes while open; "
+                "something else modified it, so run 'session-authority audit verify' and restart",
+                str(self._path),
+            )
+        logger.warning(
+            "audit file %s: removing %d bytes left by an earlier failed write", self._path, actual - self._size
+        )
+        os.ftruncate(fd, self._size)
+
+    def _truncate_after_failure_locked(self, fd: int, length: int) -> None:
+        try:
+            os.ftruncate(fd, length)
+        except OSError:
+            # The next write retries the cut (see _discard_unacknowledged_bytes_locked).
+            logger.warning("audit file %s: failed to remove a partly written record", self._path, exc_info=True)
+
+    def _rotate_locked(self) -> None:
+        """Rename ``audit.jsonl`` to its rotated name and open a new, empty one.
+
+        The caller writes the rotate record next. If anything after the rename
+        fails, the state stays "rotated, rotate record pending", so the next
+        append finishes the job.
+        """
+        rotated_name = rotated_file_name(self._first_seq_in_file)
+        target = self._directory / rotated_name
+        if target.exists():
+            raise AuditWriteError(
+                errno.EEXIST,
+                f"cannot rotate {self._path}: the rotated file already exists; move it out of the audit directory",
+                str(target),
+            )
+        try:
+            os.rename(self._path, target)
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno, f"failed to rotate the audit log: {exc.strerror or exc}", str(self._path)
+            ) from exc
+
+        old_fd = self._fd
+        self._fd = None
+        if old_fd is not None:
+            try:
+                os.close(old_fd)
+            except OSError:
+                logger.debug("closing the rotated audit file %s failed", target, exc_info=True)
+        self._size = 0
+        self._first_seq_in_file = 0
+        self._events_in_file = 0
+        self._previous_event_ids = self._event_ids
+        self._event_ids = {}
+        self._previous_file_name = rotated_name
+        self._needs_rotate_record = True
+        logger.info("rotated audit file %s to %s", self._path, target)
+
+        try:
+            if self._fsync:
+                _fsync_directory(self._directory)
+            self._open_current()
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno, f"failed to start a new audit file after rotation: {exc.strerror or exc}", str(self._path)
+            ) from exc
+
+
+# --------------------------------------------------------------------------
+# Background sink
+
+
+@dataclasses.dataclass
+class _QueuedEvent:
+    event_id: str
+    type: str
+    fields: dict[str, object]
+    on_written: Callable[[AuditReceipt], None] | None
+
+
+class AuditSink:
+    """Writes audit events on one background thread, so submitting never waits for the disk.
+
+    Events are written in the order submitted. A write that fails is retried,
+    after exponential backoff with jitter, until it lands; events behind it
+    wait, so order is kept. Because the log skips an event ID that it already
+    holds, a retry never writes an event twice.
+
+    Events are lost only if the process exits, or :meth:`close` times out,
+    before they are written; and an event that fails with an error other than
+    :class:`AuditWriteError` (a bug, since :meth:`submit` validates events) is
+    logged and dropped, because retrying cannot help it.
+
+    The sink does not own the log: close the sink first, then the log.
+
+    Threading: :meth:`submit`, :meth:`flush`, :meth:`close` and the properties
+    may be called from any thread. ``on_written`` callbacks run on the sink's
+    thread, one at a time, and must not block for long.
+
+    Args:
+        log: The log to write.
+        initial_backoff_seconds: Delay before the first retry; doubles per
+            failed attempt.
+        max_backoff_seconds: Cap of the retry delay. Each delay is drawn
+            uniformly between half the computed delay and the whole of it.
+        random_source: Source of the jitter; tests pass a seeded one.
+
+    Raises:
+        ValueError: A backoff is not positive, or the cap is below the start.
+    """
+
+    def __init__(
+        self,
+        log: AuditLog,
+        *,
+        initial_backoff_seconds: float = 0.05,
+        max_backoff_seconds: float = 2.0,
+        random_source: random.Random | None = None,
+    ) -> None:
+        if not initial_backoff_seconds > 0:
+            raise ValueError(f"initial_backoff_seconds must be positive, got {initial_backoff_seconds!r}")
+        if not max_backoff_seconds >= initial_backoff_seconds:
+            raise ValueError(
+                f"max_backoff_seconds must be at least initial_backoff_seconds ({initial_backoff_seconds}), "
+                f"got {max_backoff_seconds!r}"
+            )
+        self._log = log
+        self._initial_backoff_seconds = initial_backoff_seconds
+        self._max_backoff_seconds = max_backoff_seconds
+        self._random = random_source if random_source is not None else random.Random()
+
+        self._condition = threading.Condition()
+        # An event stays at the head of the queue until it is written and its
+        # callback has run, so `pending` and `flush` count it until then.
+        self._queue: collections.deque[_QueuedEvent] = collections.deque()
+        self._closed = False
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._healthy = True
+        self._consecutive_failures = 0
+
+        self._thread = threading.Thread(target=self._run, name="audit-sink", daemon=True)
+        self._thread.start()
+
+    @property
+    def log(self) -> AuditLog:
+        """The log this sink writes."""
+        return self._log
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last write attempt failed; True before the first attempt and after a success.
+
+        In fail-closed mode the authority rejects grants while this is False.
+        """
+        with self._condition:
+            return self._healthy
+
+    @property
+    def pending(self) -> int:
+        """Events submitted but not yet written (including the one being written)."""
+        with self._condition:
+            return len(self._queue)
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failed write attempts since the last successful one."""
+        with self._condition:
+            return self._consecutive_failures
+
+    def submit(
+        self,
+        event_id: str,
+        type: str,
+        fields: Mapping[str, object],
+        on_written: Callable[[AuditReceipt], None] | None = None,
+    ) -> None:
+        """Queue one event for writing; never waits for the disk.
+
+        Args:
+            event_id: Unique ID of the event; see :meth:`AuditLog.append`.
+            type: ``grant``, ``revoke`` or ``end``.
+            fields: The event's fields; copied, so the caller may reuse the mapping.
+            on_written: Called on the sink's thread with the receipt once the
+                record is written, or with ``duplicate=True`` if the event ID
+                was already in the log. Exceptions it raises are logged.
+
+        Raises:
+            RuntimeError: The sink is closed.
+            ValueError, TypeError: The event is invalid (a programming error);
+                disk trouble never raises here.
+        """
+        checked = _check_event(event_id, type, fields)
+        with self._condition:
+            if self._closed:
+                raise RuntimeError("audit sink is closed; submit events before calling close()")
+            self._queue.append(_QueuedEvent(event_id, type, checked, on_written))
+            self._condition.notify_all()
+
+    def flush(self, timeout_seconds: float) -> bool:
+        """Wait until every submitted event is written; return False if the timeout passed first."""
+        deadline = time.monotonic() + timeout_seconds
+        with self._condition:
+            while self._queue:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            return True
+
+    def close(self, timeout_seconds: float = 5.0) -> bool:
+        """Reject new events, wait for queued ones to be written, and stop the thread.
+
+        Returns:
+            True if every event was written and the thread stopped within
+            ``timeout_seconds``. False leaves the unwritten events in memory
+            only; they are lost when the process exits.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        with self._condition:
+            self._closed = True
+        flushed = self.flush(timeout_seconds)
+
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._stop_event.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+        if not flushed:
+            logger.error(
+                "audit sink closed with %d events not written to %s after %.1f s",
+                self.pending,
+                self._log.path,
+                timeout_seconds,
+            )
+        return flushed and not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                event = self._queue[0]
+
+            try:
+                receipt = self._log.append(event.event_id, event.type, event.fields)
+            except AuditWriteError as exc:
+                delay_seconds = self._note_failure(exc)
+                if self._stop_event.wait(delay_seconds):
+                    return
+                continue
+            except Exception:
+                logger.exception("dropping audit event %s: writing it failed with an unexpected error", event.event_id)
+                self._finish_head()
+                continue
+
+            self._note_success()
+            if event.on_written is not None:
+                try:
+                    event.on_written(receipt)
+                except Exception:
+                    logger.exception("audit on_written callback for event %s failed", event.event_id)
+            self._finish_head()
+
+    def _finish_head(self) -> None:
+        with self._condition:
+            self._queue.popleft()
+            self._condition.notify_all()
+
+    def _note_success(self) -> None:
+        with self._condition:
+            failures = self._consecutive_failures
+            self._consecutive_failures = 0
+            self._healthy = True
+        if failures:
+            logger.info("audit write to %s succeeded after %d failed attempts", self._log.path, failures)
+
+    def _note_failure(self, exc: AuditWriteError) -> float:
+        """Record a failed attempt, log it (rate-limited) and return the delay before the retry."""
+        with self._condition:
+            self._consecutive_failures += 1
+            self._healthy = False
+            attempts = self._consecutive_failures
+            pending = len(self._queue)
+
+        exponent = min(attempts - 1, 32)
+        delay_seconds = min(self._max_backoff_seconds, self._initial_backoff_seconds * 2.0**exponent)
+        delay_seconds *= 0.5 + 0.5 * self._random.random()
+        # Log the first failure, then every 10th, so a full disk does not flood the log.
+        if attempts == 1 or attempts % 10 == 0:
+            logger.warning(
+                "audit write to %s failed (attempt %d, %d events pending), retrying in %.3f s: %s",
+                exc.filename or self._log.path,
+                attempts,
+                pending,
+                delay_seconds,
+                exc,
+            )
+        return delay_seconds
+
+
+# --------------------------------------------------------------------------
+# Verification
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyError:
+    """The first record that breaks the chain.
+
+    Attributes:
+        path: File holding the record.
+        line: 1-based line number in that file; 0 for a problem with the
+            file or the set of files rather than with one record.
+        message: What is wrong, such as ``prev does not match the hash of
+            line 6 (record edited, deleted or inserted)``.
+    """
+
+    path: Path
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        if self.line == 0:
+            return f"{self.path}: {self.message}"
+        return f"{self.path} line {self.line}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`.
+
+    Attributes:
+        ok: True if the whole chain verified.
+        records: Records verified (before the error, when there is one).
+        files: Files opened.
+        error: The first break, or None.
+        last_seq: Seq of the last verified record, 0 if none.
+        last_hash: Hash of the last verified record, :data:`ZERO_HASH` if none.
+    """
+
+    ok: bool
+    records: int
+    files: int
+    error: VerifyError | None = None
+    last_seq: int = 0
+    last_hash: str = ZERO_HASH
+
+
+@dataclasses.dataclass
+class _ChainState:
+    records: int = 0
+    last_seq: int = 0
+    last_hash: str = ZERO_HASH
+    last_path: Path | None = None
+    last_line: int = 0
+
+
+def _first_seq_or_name_order(path: Path) -> tuple[float, str]:
+    """Sort key of a file in chain order: its first record's seq, else the seq in its name."""
+    try:
+        with path.open("rb") as file:
+            record = _parse_line(file.readline().rstrip(b"\n"))
+    except OSError:
+        record = None
+    if record is not None and _is_seq(record.get("seq")):
+        return (float(record["seq"]), path.name)
+    match = _ROTATED_FILE_NAME.fullmatch(path.name)
+    if match:
+        return (float(int(match.group(1))), path.name)
+    return (math.inf, path.name)
+
+
+def list_audit_files(directory: Path) -> list[Path]:
+    """Return the audit files of a directory in chain order (rotated files, then ``audit.jsonl``)."""
+    files = [path for _, path in _list_rotated_files(directory)]
+    current = directory / CURRENT_FILE_NAME
+    if current.is_file():
+        files.append(current)
+    return files
+
+
+def _check_record_fields(record: Mapping[str, Any]) -> str | None:
+    """Return what is wrong with a record's own fields, or None."""
+    if "v" not in record:
+        return "missing field 'v' (format version)"
+    if record["v"] != FORMAT_VERSION:
+        return f"unknown format version {record['v']!r}; this verifier reads version {FORMAT_VERSION}"
+    for name in RECORD_FIELDS:
+        if name not in record:
+            return f"missing field {name!r}"
+    if not _is_seq(record["seq"]):
+        return f"seq must be a positive integer, got {record['seq']!r}"
+    if not (isinstance(record["prev"], str) and _SHA256_HEX.fullmatch(record["prev"])):
+        return f"prev must be 64 lower-case hex characters, got {record['prev']!r}"
+    if record["type"] not in EVENT_TYPES and record["type"] != ROTATE_TYPE:
+        return f"unknown record type {record['type']!r}"
+    if not (isinstance(record["event_id"], str) and record["event_id"]):
+        return f"event_id must be a non-empty string, got {record['event_id']!r}"
+    try:
+        written_at = datetime.datetime.fromisoformat(record["time"])
+    except (TypeError, ValueError):
+        return f"time must be an ISO 8601 timestamp, got {record['time']!r}"
+    if written_at.utcoffset() is None:
+        return f"time must carry a UTC offset, got {record['time']!r}"
+    return None
+
+
+def _check_chain_link(
+    record: Mapping[str, Any], path: Path, line_number: int, first_file: bool, state: _ChainState
+) -> str | None:
+    """Return how a record fails to follow the previous one, or None."""
+    seq = record["seq"]
+    if state.last_seq == 0:
+        if seq != 1:
+            return f"the chain starts at seq {seq}, expected 1 (records or files deleted from the start)"
+        if record["prev"] != ZERO_HASH:
+            return "the first record's prev must be 64 zeros (records or files deleted from the start)"
+    elif seq <= state.last_seq:
+        return f"seq {seq} follows seq {state.last_seq} (record inserted, duplicated or reordered)"
+    elif seq != state.last_seq + 1:
+        return f"seq {seq} follows seq {state.last_seq} (record deleted or reordered)"
+    elif record["prev"] != state.last_hash:
+        where = f"line {state.last_line}"
+        if state.last_path is not None and state.last_path != path:
+            where += f" of {state.last_path.name}"
+        return f"prev does not match the hash of {where} (record edited, deleted or inserted)"
+
+    is_rotate = record["type"] == ROTATE_TYPE
+    if line_number == 1 and not first_file and not is_rotate:
+        return "the file does not start with a rotate record (files joined or records moved)"
+    if is_rotate and (line_number != 1 or first_file):
+        return "rotate record where none belongs: only the first record of a later file is one"
+    return None
+
+
+def _is_canonical(record: Mapping[str, Any], line: bytes) -> bool:
+    try:
+        return _encode(record) == line
+    except ValueError:  # A lone surrogate escape cannot be encoded as UTF-8.
+        return False
+
+
+def _verify_file(path: Path, first_file: bool, state: _ChainState) -> VerifyError | None:
+    try:
+        file = path.open("rb")
+    except OSError as exc:
+        return VerifyError(path, 0, f"cannot read the file: {exc.strerror or exc}")
+    with file:
+        for line_number, raw in enumerate(file, start=1):
+            if not raw.endswith(b"\n"):
+                return VerifyError(path, line_number, "record is truncated (no newline at the end of the file)")
+            line = raw[:-1]
+            record = _parse_line(line)
+            if record is None:
+                return VerifyError(path, line_number, "not a JSON object (record edited or corrupted)")
+
+            problem = _check_record_fields(record)
+            if problem is None and not _is_canonical(record, line):
+                problem = "record is not in canonical form (sorted keys, compact separators), so it was edited"
+            if problem is None:
+                problem = _check_chain_link(record, path, line_number, first_file, state)
+            if problem is not None:
+                return VerifyError(path, line_number, problem)
+
+            state.records += 1
+            state.last_seq = record["seq"]
+            state.last_hash = record_hash(line)
+            state.last_path = path
+            state.last_line = line_number
+    return None
+
+
+def verify(paths: Sequence[Path] | Path, *, expected_last_hash: str | None = None) -> VerifyResult:
+    """Check the hash chain of an audit directory or of audit files, and report the first break.
+
+    An edited record shows as invalid JSON, as a line not in canonical form,
+    or as a ``prev`` mismatch in the next record. Deleted, inserted,
+    duplicated or reordered records show as a seq gap or repeat, or as a
+    ``prev`` mismatch. It also detects a truncated last line, an unknown
+    format version, missing fields, and missing or misplaced rotated files.
+
+    Limit: an edit of the *last* record, or the removal of whole records from
+    the end, leaves no later record to disagree with it. Pass
+    ``expected_last_hash`` (the authority stores the hash of the last record
+    it wrote) to catch those; without it they are not detected. The chain must
+    start at seq 1, so rotated files can be archived elsewhere but must be
+    passed back in for a check.
+
+    Args:
+        paths: A directory (all of its audit files, in chain order), one
+            file, or several files; files are put in order of their first seq.
+        expected_last_hash: SHA-256 hex that the last record must hash to.
+
+    Returns:
+        The result; ``error`` names the file and line of the first break.
+
+    Raises:
+        ValueError: ``expected_last_hash`` is not 64 lower-case hex characters.
+    """
+    if expected_last_hash is not None and not _SHA256_HEX.fullmatch(expected_last_hash):
+        raise ValueError(
+            f"expected_last_hash must be 64 lower-case hex characters (a SHA-256), got {expected_last_hash!r}"
+        )
+
+    if isinstance(paths, (str, os.PathLike)):
+        target = Path(paths)
+        if target.is_dir():
+            files = list_audit_files(target)
+            if not files:
+                message = f"no audit files ({CURRENT_FILE_NAME} or audit-<seq>.jsonl) in this directory"
+                return VerifyResult(ok=False, records=0, files=0, error=VerifyError(target, 0, message))
+        else:
+            files = [target]
+    else:
+        files = sorted((Path(path) for path in paths), key=_first_seq_or_name_order)
+        if not files:
+            raise ValueError("paths must name at least one audit file or directory, got an empty list")
+        directories = [path for path in files if path.is_dir()]
+        if directories:
+            raise ValueError(f"{directories[0]} is a directory; pass a directory alone, or a list of audit files")
+
+    state = _ChainState()
+    for index, path in enumerate(files):
+        error = _verify_file(path, index == 0, state)
+        if error is not None:
+            return VerifyResult(False, state.records, index + 1, error, state.last_seq, state.last_hash)
+
+    if expected_last_hash is not None and state.last_hash != expected_last_hash:
+        where = state.last_path if state.last_path is not None else files[-1]
+        message = "the last record's hash does not match the expected last hash (records edited or deleted at the end)"
+        error = VerifyError(where, state.last_line, message)
+        return VerifyResult(False, state.records, len(files), error, state.last_seq, state.last_hash)
+    return VerifyResult(True, state.records, len(files), None, state.last_seq, state.last_hash)
+
+
+# --------------------------------------------------------------------------
+# Tail
+
+
+def _read_lines(path: Path, follow: bool, poll_seconds: float, stop: threading.Event | None) -> Iterator[bytes | None]:
+    """Yield complete lines of a file, and None each time the end of the file is reached.
+
+    With ``follow``, keeps polling for new lines; when the path is replaced by
+    a new file (rotation), drains the old file and reopens the path.
+    """
+    file = None
+    inode = 0
+    buffered = b""
+    try:
+        while stop is None or not stop.is_set():
+            if file is None:
+                try:
+                    file = path.open("rb")
+                except FileNotFoundError:
+                    if not follow:
+                        return
+                    yield None
+                    if _wait(stop, poll_seconds):
+                        return
+                    continue
+                inode = os.fstat(file.fileno()).st_ino
+                buffered = b""
+
+            chunk = file.read(65536)
+            if chunk:
+                buffered += chunk
+                *lines, buffered = buffered.split(b"\n")
+                yield from lines
+                continue
+
+            yield None
+            if not follow:
+                return
+            try:
+                status: os.stat_result | None = os.stat(path)
+            except FileNotFoundError:
+                status = None
+            if status is None or status.st_ino != inode:
+                # Rotated: the writer finished the old file before renaming it.
+                buffered += file.read()
+                *lines, _torn = buffered.split(b"\n")
+                yield from lines
+                file.close()
+                file = None
+                if status is not None:
+                    continue
+            elif status.st_size < file.tell():
+                # A torn last line was cut off when the writer reopened the file.
+                file.seek(status.st_size)
+                buffered = b""
+            if _wait(stop, poll_seconds):
+                return
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _wait(stop: threading.Event | None, seconds: float) -> bool:
+    """Wait for the next poll; return True if ``stop`` was set."""
+    if stop is None:
+        time.sleep(seconds)
+        return False
+    return stop.wait(seconds)
+
+
+def _parse_tail_line(path: Path, line: bytes) -> dict[str, Any] | None:
+    record = _parse_line(line)
+    if record is None:
+        logger.warning("skipping a line of %s that is not a JSON object", path)
+    return record
+
+
+def _records_in_rotated_files(directory: Path, after_seq: int, before_seq: float) -> Iterator[dict[str, Any]]:
+    """Yield records with ``after_seq < seq < before_seq`` from rotated files, in order."""
+    rotated = _list_rotated_files(directory)
+    for index, (first_seq, path) in enumerate(rotated):
+        next_first_seq = rotated[index + 1][0] if index + 1 < len(rotated) else math.inf
+        if next_first_seq <= after_seq + 1 or first_seq >= before_seq:
+            continue
+        for line in _read_lines(path, follow=False, poll_seconds=0, stop=None):
+            record = None if line is None else _parse_tail_line(path, line)
+            if record is not None and _is_seq(record.get("seq")) and after_seq < record["seq"] < before_seq:
+                yield record
+
+
+def tail(
+    path: Path,
+    *,
+    follow: bool,
+    poll_seconds: float = 0.25,
+    stop: threading.Event | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield audit records, oldest first, optionally waiting for new ones.
+
+    For a directory, yields the records of its rotated files and then of
+    ``audit.jsonl``. With ``follow``, keeps reading ``audit.jsonl`` as records
+    are appended and reopens it when it is rotated. Records missed during a
+    rotation are read from the rotated file, and records are matched by seq,
+    so none is skipped or repeated. For a single file, yields its records
+    and, with ``follow``, those appended later.
+
+    A torn last line is not yielded until its newline arrives. Lines that
+    are not JSON objects are logged and skipped: use :func:`verify` to check
+    the log, not this.
+
+    Args:
+        path: Audit directory or file.
+        follow: Keep waiting for new records until ``stop`` is set.
+        poll_seconds: How often to look for new records while following.
+        stop: Ends the iteration at the next poll when set. Without it a
+            following iteration ends only when the caller stops consuming it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        for line in _read_lines(path, follow, poll_seconds, stop):
+            record = None if line is None else _parse_tail_line(path, line)
+            if record is not None:
+                yield record
+        return
+
+    last_seq = 0
+    caught_up = False
+    current = path / CURRENT_FILE_NAME
+    for line in _read_lines(current, follow, poll_seconds, stop):
+        if line is None:
+            # End of audit.jsonl, or it is missing. Read the rotated files
+            # now in case audit.jsonl has no record yet.
+            if not caught_up:
+                for record in _records_in_rotated_files(path, last_seq, math.inf):
+                    last_seq = record["seq"]
+                    yield record
+                caught_up = True
+            continue
+        record = _parse_tail_line(current, line)
+        if record is None or not _is_seq(record.get("seq")):
+            continue
+        seq = record["seq"]
+        if seq <= last_seq:
+            continue
+        if seq > last_seq + 1:
+            for earlier in _records_in_rotated_files(path, last_seq, seq):
+                yield earlier
+        last_seq = seq
+        caught_up = True
+        yield record
+    if not follow and not caught_up:
+        yield from _records_in_rotated_files(path, last_seq, math.inf)
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+_TABLE_FIELDS = ("principal", "tier", "reason", "revoked_by", "duration_seconds", "granted_at", "ended_at")
+_TABLE_HIDDEN = frozenset({"v", "prev", "event_id", "seq", "time", "type", "fingerprint"})
+
+
+def format_record_line(record: Mapping[str, Any]) -> str:
+    """Format a record as one table line: seq, time, type, fingerprint, then ``name=value`` pairs."""
+    names = [name for name in _TABLE_FIELDS if name in record]
+    names += sorted(name for name in record if name not in _TABLE_HIDDEN and name not in _TABLE_FIELDS)
+    details = " ".join(f"{name}={_format_value(record[name])}" for name in names)
+    return (
+        f"{record.get('seq', '?')!s:>8}  {record.get('time', '-')!s:<32}  {record.get('type', '-')!s:<6}  "
+        f"{record.get('fingerprint', '-')!s:<12}  {details}"
+    ).rstrip()
+
+
+_TABLE_HEADER = f"{'SEQ':>8}  {'TIME':<32}  {'TYPE':<6}  {'FINGERPRINT':<12}  DETAILS"
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, str) and value and not any(character.isspace() or character in "\"=" for character in value):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-authority audit",
+        description="Verify or read the tamper-evident audit log of a session authority.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    verify_parser = commands.add_parser(
+        "verify",
+        help="check the hash chain; exit 0 if unbroken, 1 at the first broken record",
+        description="Check the hash chain of an audit directory or of audit files.",
+    )
+    verify_parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="audit directory (checks all its audit files in order) or one or more audit files",
+    )
+    verify_parser.add_argument(
+        "--expected-last-hash",
+        metavar="HEX",
+        help="SHA-256 (64 hex characters) that the last record must hash to, as stored by the authority; "
+        "without it, an edit of the last record or records cut from the end go undetected",
+    )
+    verify_parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    tail_parser = commands.add_parser(
+        "tail",
+        help="print audit records",
+        description="Print the records of an audit directory or file, oldest first.",
+    )
+    tail_parser.add_argument("path", type=Path, metavar="PATH", help="audit directory or audit file")
+    tail_parser.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new records, across rotations, until interrupted"
+    )
+    tail_parser.add_argument("--json", action="store_true", help="print each record as its JSON line")
+    return parser
+
+
+def _run_verify(arguments: argparse.Namespace) -> int:
+    paths: list[Path] = arguments.paths
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        print(f"session-authority audit verify: error: {missing[0]}: no such file or directory", file=sys.stderr)
+        return 2
+    target: Path | list[Path] = paths[0] if len(paths) == 1 else paths
+    try:
+        result = verify(target, expected_last_hash=arguments.expected_last_hash)
+    except ValueError as exc:
+        print(f"session-authority audit verify: error: {exc}", file=sys.stderr)
+        return 2
+
+    if arguments.json:
+        summary: dict[str, object] = {
+            "ok": result.ok,
+            "records": result.records,
+            "files": result.files,
+            "last_seq": result.last_seq,
+            "last_hash": result.last_hash,
+            "error": None,
+        }
+        if result.error is not None:
+            summary["error"] = {
+                "path": str(result.error.path),
+                "line": result.error.line,
+                "message": result.error.message,
+            }
+        print(json.dumps(summary, sort_keys=True))
+    elif result.ok:
+        records = "record" if result.records == 1 else "records"
+        files = "file" if result.files == 1 else "files"
+        print(f"OK: {result.records} {records} in {result.files} {files}, chain verified")
+    else:
+        print(f"FAIL: {result.error}")
+    return 0 if result.ok else 1
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    try:
+        return _encode(record).decode("utf-8")
+    except ValueError:  # A lone surrogate escape: print it escaped rather than fail.
+        return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def _run_tail(arguments: argparse.Namespace) -> int:
+    path: Path = arguments.path
+    if not path.exists() and not arguments.follow:
+        print(f"session-authority audit tail: error: {path}: no such file or directory", file=sys.stderr)
+        return 2
+    if not arguments.json:
+        print(_TABLE_HEADER, flush=True)
+    try:
+        for record in tail(path, follow=arguments.follow):
+            line = _json_line(record) if arguments.json else format_record_line(record)
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def audit_main(argv: Sequence[str]) -> int:
+    """Run ``session-authority audit verify|tail`` with the arguments after ``audit``.
+
+    ``verify`` exits 0 and prints ``OK: N records in M files, chain verified``,
+    or exits 1 and prints ``FAIL: PATH line N: message``. Usage errors and
+    missing paths exit 2 with one line on stderr.
+
+    Returns:
+        The exit code.
+    """
+    parser = _build_parser()
+    try:
+        arguments = parser.parse_args(list(argv))
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2).
+        return exc.code if isinstance(exc.code, int) else 2
+    if arguments.command == "verify":
+        return _run_verify(arguments)
+    return _run_tail(arguments)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    raise SystemExit(audit_main(sys.argv[1:]))
