@@ -1,21 +1,35 @@
 """The session authority: lease table, expiry, stores, policy and the gRPC servicer."""
 
+from ._audit import AuditLog
+from ._audit import AuditReceipt
+from ._audit import AuditSink
+from ._audit import AuditWriteError
+from ._audit import VerifyError as AuditVerifyError
+from ._audit import VerifyResult as AuditVerifyResult
+from ._audit import tail as tail_audit_log
+from ._audit import verify as verify_audit_log
 from ._auth import ApiKeyAuthenticator
 from ._auth import AuthenticationError
 from ._auth import Authenticator
 from ._auth import CallerInfo
 from ._auth import InsecureDevAuthenticator
+from ._auth import append_api_key
+from ._auth import hash_api_key
 from ._authority import Authority
 from ._authority import AuthorityConfig
 from ._authority import AuthorityThread
 from ._clock import Clock
 from ._clock import ManualClock
 from ._clock import SystemClock
+from ._policy import Bounds
+from ._policy import Limits
 from ._policy import MethodRule
 from ._policy import Policy
 from ._policy import PolicyError
 from ._policy import Tier
+from ._policy import UnknownTierError
 from ._policy import load_policy
+from ._policy import parse_duration
 from ._policy import parse_policy
 from ._store import LeaseStore
 from ._store import SqliteLeaseStore
@@ -27,11 +41,18 @@ from ._table import LeaseTable
 
 __all__ = [
     "ApiKeyAuthenticator",
+    "AuditLog",
+    "AuditReceipt",
+    "AuditSink",
+    "AuditVerifyError",
+    "AuditVerifyResult",
+    "AuditWriteError",
     "AuthenticationError",
     "Authenticator",
     "Authority",
     "AuthorityConfig",
     "AuthorityThread",
+    "Bounds",
     "CallerInfo",
     "Clock",
     "EndReason",
@@ -40,6 +61,7 @@ __all__ = [
     "LeaseState",
     "LeaseStore",
     "LeaseTable",
+    "Limits",
     "ManualClock",
     "MethodRule",
     "Policy",
@@ -48,6 +70,12 @@ __all__ = [
     "StoreError",
     "SystemClock",
     "Tier",
+    "UnknownTierError",
+    "append_api_key",
+    "hash_api_key",
     "load_policy",
+    "parse_duration",
     "parse_policy",
+    "tail_audit_log",
+    "verify_audit_log",
 ]

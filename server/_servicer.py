@@ -228,19 +228,35 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     def _is_admin(self, principal: str) -> bool:
         return self._admin_everyone or self._policy.is_admin(principal)
 
-    def _renew_entries(self, entries: Sequence[pb.RenewEntry], field: str) -> list[LeaseSnapshot]:
+    def _renew_entries(
+        self, entries: Sequence[pb.RenewEntry], field: str, *, strict: bool
+    ) -> list[LeaseSnapshot]:
+        """Renew a batch, answers in order.
+
+        With ``strict`` a malformed entry fails the whole request. Without it
+        (the shared KeepAlive stream, which carries many holders' leases) a
+        malformed entry is answered as not found and the others go through.
+        """
         if len(entries) > MAX_RENEW_ENTRIES:
             raise InvalidArgument(
                 f"{field} has {len(entries)} entries, over the maximum {MAX_RENEW_ENTRIES};"
                 " split the renewals over several messages"
             )
-        checked = [
-            (
-                check_lease_id(entry.lease_id, f"{field}[{index}].lease_id"),
-                check_duration(entry.idle_for, f"{field}[{index}].idle_for"),
-            )
-            for index, entry in enumerate(entries)
-        ]
+        checked: list[tuple[bytes, float]] = []
+        for index, entry in enumerate(entries):
+            try:
+                checked.append(
+                    (
+                        check_lease_id(entry.lease_id, f"{field}[{index}].lease_id"),
+                        check_duration(entry.idle_for, f"{field}[{index}].idle_for"),
+                    )
+                )
+            except InvalidArgument as exc:
+                if strict:
+                    raise
+                logger.debug("keep-alive entry answered as not found: %s", exc.details)
+                # An empty digest matches no lease.
+                checked.append((b"", 0.0))
         answers = self._table.renew_many(checked)
         self._persistence.record_activity(answers)
         return answers
@@ -281,7 +297,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
     @_rpc
     async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
-        answers = self._renew_entries(request.entries, "entries")
+        answers = self._renew_entries(request.entries, "entries", strict=True)
         return pb.RenewResponse(leases=[lease_to_proto(a) for a in answers])
 
     async def KeepAlive(
@@ -289,7 +305,9 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     ) -> AsyncIterator[pb.KeepAliveResponse]:
         try:
             async for request in request_iterator:
-                answers = self._renew_entries(request.entries, f"message {request.sequence}: entries")
+                answers = self._renew_entries(
+                    request.entries, f"message {request.sequence}: entries", strict=False
+                )
                 yield pb.KeepAliveResponse(
                     sequence=request.sequence, leases=[lease_to_proto(a) for a in answers]
                 )

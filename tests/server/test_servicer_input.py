@@ -299,3 +299,39 @@ def test_revoke_other_principal_by_fingerprint_needs_admin(keyed_authority: Auth
 
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert holder.lease.end_reason == pb.END_REASON_REVOKED
+
+
+def test_keep_alive_answers_malformed_entry_not_found(stub: pb_grpc.SessionAuthorityStub) -> None:
+    lease_id = stub.Grant(pb.GrantRequest(principal="svc-a")).lease_id
+    message = pb.KeepAliveRequest(
+        sequence=7,
+        entries=[
+            pb.RenewEntry(lease_id=""),
+            pb.RenewEntry(lease_id=lease_id, idle_for=duration_pb2.Duration(seconds=-5)),
+            pb.RenewEntry(lease_id=lease_id),
+        ],
+    )
+
+    stream = stub.KeepAlive(iter([message]), timeout=5)
+    (answer,) = list(stream)
+
+    assert answer.sequence == 7
+    assert [lease.state for lease in answer.leases] == [
+        pb.LEASE_STATE_NOT_FOUND,
+        pb.LEASE_STATE_NOT_FOUND,
+        pb.LEASE_STATE_ALIVE,
+    ]
+    assert stream.code() == grpc.StatusCode.OK
+
+
+def test_keep_alive_stream_matches_sequences(stub: pb_grpc.SessionAuthorityStub) -> None:
+    lease_ids = [stub.Grant(pb.GrantRequest(principal="svc-a")).lease_id for _ in range(5)]
+    messages = [
+        pb.KeepAliveRequest(sequence=n, entries=[pb.RenewEntry(lease_id=i) for i in lease_ids[:n]])
+        for n in range(1, 6)
+    ]
+
+    answers = list(stub.KeepAlive(iter(messages), timeout=5))
+
+    assert [a.sequence for a in answers] == [1, 2, 3, 4, 5]
+    assert [len(a.leases) for a in answers] == [1, 2, 3, 4, 5]
