@@ -20,7 +20,7 @@ from session_authority.server._auth import hash_api_key
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from conftest import TEST_POLICY
+from policies import TEST_POLICY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

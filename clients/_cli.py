@@ -1,0 +1,768 @@
+"""The ``session-authority`` command: runs the authority and operates on its leases.
+
+Exit status: 0 on success, 1 when the authority rejected the request, 2 for
+invalid usage, 3 when the authority could not be reached, 130 when
+interrupted. Errors print as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Callable, Sequence, TextIO
+
+from session_authority.clients._client import AuthorityClient
+from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
+from session_authority.clients._types import (
+    HeartbeatEvent,
+    LeaseInfo,
+    LeaseState,
+    MethodRuleInfo,
+    SessionEndEvent,
+    TierInfo,
+)
+
+logger = logging.getLogger(__name__)
+
+PROG = "session-authority"
+
+EXIT_OK = 0
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "SESSION_AUTHORITY_TARGET"
+API_KEY_ENV = "SESSION_AUTHORITY_API_KEY"
+PRINCIPAL_ENV = "SESSION_AUTHORITY_PRINCIPAL"
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
+_FORWARDED_COMMANDS = ("serve", "audit")
+
+# Global options that take a value, for finding a forwarded command in argv.
+_GLOBAL_OPTIONS_WITH_VALUE = ("--authority", "--api-key", "--api-key-file", "--principal", "--timeout")
+
+_LEASE_COLUMNS = (
+    "fingerprint",
+    "principal",
+    "tier",
+    "state",
+    "ttl",
+    "max remaining",
+    "age",
+    "end reason",
+)
+
+
+class UsageError(Exception):
+    """Invalid command-line input found after argparse accepted it (exit status 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status.
+
+    Args:
+        argv: Arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+
+    forwarded_index = _find_forwarded_command(arguments)
+    if forwarded_index is not None:
+        if forwarded_index > 0:
+            command = arguments[forwarded_index]
+            _print_error(f"{command} takes its own options; put them after '{command}'")
+            return EXIT_USAGE
+        return _run_forwarded(arguments[0], arguments[1:])
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", 0) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.handler(_Context(args))
+    except UsageError as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+    except ValueError as exc:
+        _print_error(str(exc))
+        return EXIT_USAGE
+    except AuthorityUnavailable as exc:
+        _print_error(str(exc))
+        return EXIT_UNREACHABLE
+    except AuthorityError as exc:
+        _print_error(str(exc))
+        return EXIT_REJECTED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand except the forwarded ``serve`` and ``audit``."""
+    global_options = _global_options_parser()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run the session authority, or grant, inspect and revoke session leases.",
+        parents=[global_options],
+        epilog=(
+            f"Exit status: {EXIT_OK} ok, {EXIT_REJECTED} rejected by the authority, "
+            f"{EXIT_USAGE} invalid usage, {EXIT_UNREACHABLE} authority unreachable."
+        ),
+    )
+    parser.add_argument(
+        "--principal",
+        dest="caller_principal",
+        metavar="PRINCIPAL",
+        default=argparse.SUPPRESS,
+        help=(
+            f"caller identity sent as x-session-principal, honoured only by an authority "
+            f"in insecure development mode; give it before the command (env: {PRINCIPAL_ENV})"
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser(
+        "serve",
+        add_help=False,
+        help="run the authority server (see 'session-authority serve --help')",
+    )
+    commands.add_parser(
+        "audit",
+        add_help=False,
+        help="inspect and verify the audit log (see 'session-authority audit --help')",
+    )
+    _add_keys_commands(commands, global_options)
+    _add_lease_commands(commands, global_options)
+
+    watch = commands.add_parser(
+        "watch",
+        parents=[global_options],
+        help="print each session end as it happens, until Ctrl-C or --count",
+    )
+    watch.add_argument(
+        "--after-sequence",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="replay the ends after this sequence number (default: 0, only new ends)",
+    )
+    watch.add_argument(
+        "--instance-id",
+        default="",
+        metavar="ID",
+        help="with --after-sequence: the instance ID the sequence came from (shown on heartbeats)",
+    )
+    watch.add_argument(
+        "--heartbeats", action="store_true", help="also print the authority's heartbeats"
+    )
+    watch.add_argument(
+        "--count",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after printing N events",
+    )
+    watch.set_defaults(handler=_watch)
+
+    now = commands.add_parser(
+        "now", parents=[global_options], help="print the authority's wall time (UTC)"
+    )
+    now.set_defaults(handler=_now)
+
+    policy = commands.add_parser(
+        "policy", parents=[global_options], help="print the tiers and method rules in force"
+    )
+    policy.set_defaults(handler=_policy)
+    return parser
+
+
+def _global_options_parser() -> argparse.ArgumentParser:
+    # SUPPRESS defaults let the same option appear before or after the
+    # command without the later parser resetting what the earlier one set.
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--authority",
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help=f"address of the authority (env: {TARGET_ENV}; default: {DEFAULT_TARGET})",
+    )
+    options.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help=(
+            f"API key sent as 'authorization: Bearer KEY' (env: {API_KEY_ENV}); other local "
+            "users can read it in the process list, so prefer --api-key-file or the variable"
+        ),
+    )
+    options.add_argument(
+        "--api-key-file",
+        type=pathlib.Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read the API key from the first line of FILE",
+    )
+    options.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        default=argparse.SUPPRESS,
+        help=f"deadline of each call in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON object per line instead of tables",
+    )
+    options.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log debug messages to stderr",
+    )
+    return options
+
+
+def _add_keys_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    global_options: argparse.ArgumentParser,
+) -> None:
+    keys = commands.add_parser("keys", help="manage the API keys file of the authority")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    add = key_commands.add_parser(
+        "add",
+        parents=[global_options],
+        help="create an API key for a principal and append its hash to the keys file",
+    )
+    add.add_argument("principal", metavar="PRINCIPAL", help="the identity the key authenticates")
+    add.add_argument(
+        "--file",
+        type=pathlib.Path,
+        required=True,
+        metavar="FILE",
+        help="the authority's API keys file (created if missing)",
+    )
+    add.set_defaults(handler=_keys_add)
+
+
+def _add_lease_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    global_options: argparse.ArgumentParser,
+) -> None:
+    lease = commands.add_parser("lease", help="grant, renew, inspect, list and revoke leases")
+    lease_commands = lease.add_subparsers(dest="lease_command", required=True, metavar="COMMAND")
+
+    grant = lease_commands.add_parser(
+        "grant", parents=[global_options], help="grant a lease and print its ID"
+    )
+    grant.add_argument("--tier", default="", help="tier named in the policy (default: the authority's)")
+    grant.add_argument(
+        "--principal",
+        default="",
+        help="principal to grant to (honoured only in insecure development mode)",
+    )
+    grant.add_argument(
+        "--idle-timeout",
+        type=_non_negative_float,
+        default=None,
+        metavar="SECONDS",
+        help="ask for a shorter idle timeout than the tier's",
+    )
+    grant.set_defaults(handler=_lease_grant)
+
+    renew = lease_commands.add_parser(
+        "renew", parents=[global_options], help="record activity on a lease"
+    )
+    renew.add_argument("lease_id", metavar="LEASE_ID")
+    renew.add_argument(
+        "--idle-for",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long ago the activity happened (default: 0, now)",
+    )
+    renew.set_defaults(handler=_lease_renew)
+
+    revoke = lease_commands.add_parser(
+        "revoke", parents=[global_options], help="end a lease now"
+    )
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("lease_id", metavar="LEASE_ID", nargs="?", default=None)
+    target.add_argument(
+        "--fingerprint",
+        metavar="FP",
+        default=None,
+        help="name the lease by the fingerprint shown by 'lease list' (admins)",
+    )
+    revoke.add_argument(
+        "--release",
+        action="store_true",
+        help="end it as released by its holder instead of revoked",
+    )
+    revoke.set_defaults(handler=_lease_revoke)
+
+    ttl = lease_commands.add_parser(
+        "ttl", parents=[global_options], help="describe a lease without renewing it"
+    )
+    ttl.add_argument("lease_id", metavar="LEASE_ID")
+    ttl.set_defaults(handler=_lease_ttl)
+
+    list_ = lease_commands.add_parser("list", parents=[global_options], help="list live leases")
+    list_.add_argument("--principal", default="", help="only leases of this principal")
+    list_.add_argument("--tier", default="", help="only leases in this tier")
+    list_.add_argument(
+        "--page-size",
+        type=_non_negative_int,
+        default=100,
+        metavar="N",
+        help="leases fetched per call (default: 100; 0 for the authority's default)",
+    )
+    list_.set_defaults(handler=_lease_list)
+
+
+class _Context:
+    """Resolved global options, the lazily opened client and the output format."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json: bool = getattr(args, "json", False)
+        self.out: TextIO = sys.stdout
+        self._client: AuthorityClient | None = None
+
+    def client(self) -> AuthorityClient:
+        if self._client is None:
+            self._client = AuthorityClient(
+                self.target(),
+                api_key=self.api_key(),
+                principal=self.caller_principal(),
+                timeout_seconds=getattr(self.args, "timeout", DEFAULT_TIMEOUT_SECONDS),
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def target(self) -> str:
+        target: str = getattr(self.args, "authority", None) or os.environ.get(TARGET_ENV) or ""
+        return target or DEFAULT_TARGET
+
+    def caller_principal(self) -> str | None:
+        principal = getattr(self.args, "caller_principal", None) or os.environ.get(PRINCIPAL_ENV)
+        return principal or None
+
+    def api_key(self) -> str | None:
+        flag_key: str | None = getattr(self.args, "api_key", None)
+        key_file: pathlib.Path | None = getattr(self.args, "api_key_file", None)
+        if flag_key is not None and key_file is not None:
+            raise UsageError("give either --api-key or --api-key-file, not both")
+        if key_file is not None:
+            return _read_api_key_file(key_file)
+        return flag_key or os.environ.get(API_KEY_ENV) or None
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Write one JSON object on one line (``--json`` mode)."""
+        self.out.write(json.dumps(_to_json(record), separators=(",", ":")) + "\n")
+        self.out.flush()
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def _read_api_key_file(path: pathlib.Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file {path}: {exc.strerror or exc}") from exc
+    lines = text.splitlines()
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise UsageError(f"--api-key-file {path} is empty; put the API key on its first line")
+    return key
+
+
+def _with_client(handler: Callable[[_Context], int]) -> Callable[[_Context], int]:
+    def run(context: _Context) -> int:
+        try:
+            return handler(context)
+        finally:
+            context.close()
+
+    return run
+
+
+@_with_client
+def _lease_grant(context: _Context) -> int:
+    args = context.args
+    granted = context.client().grant(
+        args.tier, principal=args.principal, idle_timeout_seconds=args.idle_timeout
+    )
+
+    if context.json:
+        context.emit({"lease_id": granted.lease_id, **_lease_record(granted.lease)})
+        return EXIT_OK
+    lease = granted.lease
+    _print_fields(
+        context,
+        [
+            ("lease ID", granted.lease_id),
+            ("fingerprint", lease.fingerprint),
+            ("principal", lease.principal),
+            ("tier", lease.tier),
+            ("idle timeout", format_seconds(lease.idle_timeout_seconds)),
+            ("max duration", format_seconds(lease.max_duration_seconds)),
+            ("ttl", format_seconds(lease.ttl_seconds)),
+        ],
+    )
+    return EXIT_OK
+
+
+@_with_client
+def _lease_renew(context: _Context) -> int:
+    args = context.args
+    result = context.client().renew([(args.lease_id, args.idle_for)])
+    _print_leases(context, result.leases)
+
+    lease = result.leases[0]
+    if lease.alive:
+        return EXIT_OK
+    if lease.state is LeaseState.NOT_FOUND:
+        _print_error("Renew failed: the authority has no record of this lease")
+    else:
+        reason = lease.end_reason.value if lease.end_reason else "unknown reason"
+        _print_error(f"Renew failed: lease {lease.fingerprint} has ended ({reason})")
+    return EXIT_REJECTED
+
+
+@_with_client
+def _lease_revoke(context: _Context) -> int:
+    args = context.args
+    result = context.client().revoke(
+        args.lease_id, fingerprint=args.fingerprint, release=args.release
+    )
+
+    if result.lease.state is LeaseState.NOT_FOUND:
+        _print_error("Revoke failed: the authority has no record of this lease")
+        return EXIT_REJECTED
+    if context.json:
+        context.emit({**_lease_record(result.lease), "already_ended": result.already_ended})
+        return EXIT_OK
+    _print_leases(context, [result.lease])
+    if result.already_ended:
+        reason = result.lease.end_reason.value if result.lease.end_reason else "unknown"
+        context.line(f"The lease had already ended ({reason}); nothing changed.")
+    return EXIT_OK
+
+
+@_with_client
+def _lease_ttl(context: _Context) -> int:
+    lease = context.client().time_to_live(context.args.lease_id)
+    _print_leases(context, [lease])
+    return EXIT_OK
+
+
+@_with_client
+def _lease_list(context: _Context) -> int:
+    args = context.args
+    leases = context.client().list_leases(
+        principal=args.principal, tier=args.tier, page_size=args.page_size
+    )
+
+    if context.json:
+        for lease in leases:
+            context.emit(_lease_record(lease))
+        return EXIT_OK
+    _print_leases(context, list(leases))
+    return EXIT_OK
+
+
+@_with_client
+def _watch(context: _Context) -> int:
+    args = context.args
+    stream = context.client().watch_session_ends(
+        after_sequence=args.after_sequence, instance_id=args.instance_id
+    )
+    printed = 0
+    try:
+        for event in stream:
+            if isinstance(event, HeartbeatEvent) and not args.heartbeats:
+                continue
+            _print_event(context, event)
+            printed += 1
+            if args.count is not None and printed >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stream.cancel()
+    return EXIT_OK
+
+
+@_with_client
+def _now(context: _Context) -> int:
+    now = context.client().now()
+    if context.json:
+        context.emit({"now": now})
+    else:
+        context.line(_format_time(now))
+    return EXIT_OK
+
+
+@_with_client
+def _policy(context: _Context) -> int:
+    policy = context.client().get_policy()
+
+    if context.json:
+        context.emit(
+            {
+                "tiers": [dataclasses.asdict(tier) for tier in policy.tiers],
+                "rules": [dataclasses.asdict(rule) for rule in policy.rules],
+            }
+        )
+        return EXIT_OK
+    context.line("Tiers")
+    _print_table(context, ("tier", "idle timeout", "max duration"), [_tier_row(t) for t in policy.tiers])
+    context.line()
+    context.line("Method rules")
+    _print_table(
+        context,
+        ("pattern", "tiers", "max session age", "exempt"),
+        [_rule_row(rule) for rule in policy.rules],
+    )
+    return EXIT_OK
+
+
+def _keys_add(context: _Context) -> int:
+    # Imported here so that the client library never loads server code.
+    from session_authority.server._auth import append_api_key
+
+    args = context.args
+    try:
+        api_key = append_api_key(args.file, args.principal)
+    except OSError as exc:
+        _print_error(f"cannot update API keys file {args.file}: {exc.strerror or exc}")
+        return EXIT_REJECTED
+
+    if context.json:
+        context.emit({"principal": args.principal, "api_key": api_key, "file": str(args.file)})
+    else:
+        context.line(api_key)
+    print(
+        f"{PROG}: API key for {args.principal!r} added to {args.file}. "
+        "Save it now: the file stores only its hash, so it cannot be shown again.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _run_forwarded(command: str, argv: list[str]) -> int:
+    # Imported here so that lease commands start fast and work without the
+    # server's dependencies.
+    if command == "serve":
+        from session_authority.server._main import serve_main
+
+        return serve_main(argv)
+    from session_authority.server._audit import audit_main
+
+    return audit_main(argv)
+
+
+def _find_forwarded_command(argv: Sequence[str]) -> int | None:
+    """Return the index of ``serve`` or ``audit`` if it is the command, else None."""
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in _FORWARDED_COMMANDS:
+            return index
+        if token == "--" or not token.startswith("-"):
+            return None
+        index += 2 if token in _GLOBAL_OPTIONS_WITH_VALUE else 1
+    return None
+
+
+def _print_leases(context: _Context, leases: Sequence[LeaseInfo]) -> None:
+    if context.json:
+        for lease in leases:
+            context.emit(_lease_record(lease))
+        return
+    _print_table(context, _LEASE_COLUMNS, [_lease_row(lease) for lease in leases])
+
+
+def _print_event(context: _Context, event: SessionEndEvent | HeartbeatEvent) -> None:
+    if context.json:
+        if isinstance(event, SessionEndEvent):
+            context.emit(
+                {
+                    "event": "end",
+                    "sequence": event.sequence,
+                    "reset": event.reset,
+                    "revoked_by": event.revoked_by,
+                    **_lease_record(event.lease),
+                }
+            )
+        else:
+            context.emit({"event": "heartbeat", **dataclasses.asdict(event)})
+        return
+
+    reset = " reset" if event.reset else ""
+    if isinstance(event, SessionEndEvent):
+        lease = event.lease
+        reason = lease.end_reason.value if lease.end_reason else "-"
+        revoked_by = f" revoked_by={event.revoked_by}" if event.revoked_by else ""
+        when = _format_time(lease.ended_at) if lease.ended_at else "-"
+        context.line(
+            f"{when} end sequence={event.sequence} fingerprint={lease.fingerprint} "
+            f"principal={lease.principal} tier={lease.tier} reason={reason}{revoked_by} "
+            f"age={format_seconds(lease.age_seconds)}{reset}"
+        )
+    else:
+        context.line(
+            f"{_format_time(event.now)} heartbeat sequence={event.sequence} "
+            f"instance={event.instance_id} interval={format_seconds(event.interval_seconds)}{reset}"
+        )
+
+
+def _print_fields(context: _Context, fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        context.line(f"{name.ljust(width)}  {value}")
+
+
+def _print_table(context: _Context, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [len(header) for header in headers]
+    for row in rows:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row)]
+    for row in [headers, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        context.line("  ".join(cells).rstrip())
+
+
+def _lease_row(lease: LeaseInfo) -> list[str]:
+    return [
+        lease.fingerprint,
+        lease.principal,
+        lease.tier,
+        lease.state.value,
+        format_seconds(lease.ttl_seconds),
+        format_seconds(lease.max_remaining_seconds),
+        format_seconds(lease.age_seconds),
+        lease.end_reason.value if lease.end_reason else "-",
+    ]
+
+
+def _tier_row(tier: TierInfo) -> list[str]:
+    return [
+        tier.name,
+        format_seconds(tier.idle_timeout_seconds),
+        format_seconds(tier.max_duration_seconds),
+    ]
+
+
+def _rule_row(rule: MethodRuleInfo) -> list[str]:
+    return [
+        rule.pattern or "(default)",
+        ",".join(rule.tiers) or "any",
+        "-" if rule.max_session_age_seconds is None else format_seconds(rule.max_session_age_seconds),
+        "yes" if rule.exempt else "no",
+    ]
+
+
+def _lease_record(lease: LeaseInfo) -> dict[str, Any]:
+    record: dict[str, Any] = dataclasses.asdict(lease)
+    return record
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime.datetime):
+        return _format_time(value)
+    if isinstance(value, dict):
+        return {key: _to_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item) for item in value]
+    return value
+
+
+def format_seconds(seconds: float) -> str:
+    """Format a duration for people: ``0.5s``, ``42.0s``, ``5m03s``, ``2h05m``."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _format_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _print_error(message: str) -> None:
+    one_line = " ".join(message.split())
+    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+
+
+def _positive_float(text: str) -> float:
+    value = _parse_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _parse_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

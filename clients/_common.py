@@ -1,0 +1,258 @@
+"""Request building, metadata and argument checks shared by the sync and aio authority clients."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import threading
+from typing import Generic, Sequence, TypeVar
+
+from session_authority.clients._types import LeaseInfo, RenewResult, seconds_to_duration
+from session_authority.v1 import session_authority_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+AUTHORIZATION_METADATA_KEY = "authorization"
+"""Request metadata key for the API key, sent as ``Bearer <key>``."""
+
+PRINCIPAL_METADATA_KEY = "x-session-principal"
+"""Request metadata key naming the caller when the authority runs in insecure development mode."""
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+"""Deadline of each unary call unless the client or the call sets another."""
+
+MAX_PAGE_SIZE = 2**32 - 1
+"""``ListLeasesRequest.page_size`` is a uint32."""
+
+Metadata = tuple[tuple[str, str], ...]
+
+_FutureT = TypeVar("_FutureT")
+
+
+def build_metadata(api_key: str | None, principal: str | None) -> Metadata:
+    """Return the request metadata every call of a client carries.
+
+    Raises:
+        ValueError: The API key or principal is empty or contains characters
+            that gRPC metadata cannot carry.
+    """
+    metadata: list[tuple[str, str]] = []
+    if api_key is not None:
+        _check_metadata_value(api_key, "api_key", secret=True)
+        metadata.append((AUTHORIZATION_METADATA_KEY, f"Bearer {api_key}"))
+    if principal is not None:
+        _check_metadata_value(principal, "principal", secret=False)
+        metadata.append((PRINCIPAL_METADATA_KEY, principal))
+    return tuple(metadata)
+
+
+def _check_metadata_value(value: str, field: str, *, secret: bool) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{field} must be a non-empty string, or None to send none")
+    if not value.isascii() or not value.isprintable():
+        value_text = "the value given" if secret else repr(value)
+        raise ValueError(
+            f"{field} must be printable ASCII to fit in gRPC metadata, and {value_text} is not"
+        )
+
+
+def is_loopback_target(target: str) -> bool:
+    """Return True when a gRPC target names this machine (loopback address or Unix socket)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_key_sent_in_clear(target: str, api_key: str | None, secure: bool) -> None:
+    """Log a warning when an API key is about to cross the network without TLS."""
+    if api_key is not None and not secure and not is_loopback_target(target):
+        logger.warning(
+            "sending an API key to %s over an insecure channel; pass credentials= to use TLS",
+            target,
+        )
+
+
+def check_timeout_seconds(value: float | None, field: str = "timeout_seconds") -> float | None:
+    """Validate a call deadline in seconds; None means no deadline.
+
+    Raises:
+        ValueError: The value is not a finite number greater than zero.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number of seconds or None, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def check_lease_id(lease_id: str, field: str = "lease_id") -> str:
+    """Validate a lease ID without ever putting it in the error message.
+
+    Raises:
+        ValueError: The lease ID is not a non-empty string.
+    """
+    if not isinstance(lease_id, str) or not lease_id:
+        raise ValueError(f"{field} must be a non-empty string (the ID returned by grant)")
+    return lease_id
+
+
+def grant_request(
+    tier: str, principal: str, idle_timeout_seconds: float | None
+) -> pb.GrantRequest:
+    """Build a ``GrantRequest``; an empty tier leaves the choice to the authority."""
+    request = pb.GrantRequest(tier=tier, principal=principal)
+    if idle_timeout_seconds is not None:
+        request.idle_timeout.CopyFrom(
+            seconds_to_duration(idle_timeout_seconds, field="idle_timeout_seconds")
+        )
+    return request
+
+
+def renew_entries(entries: Sequence[tuple[str, float]]) -> list[pb.RenewEntry]:
+    """Build ``RenewEntry`` messages from ``(lease_id, idle_for_seconds)`` pairs.
+
+    Raises:
+        ValueError: An entry is not a pair, has an empty lease ID or an
+            ``idle_for_seconds`` that is negative or not finite.
+    """
+    messages = []
+    for index, entry in enumerate(entries):
+        try:
+            lease_id, idle_for_seconds = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"entries[{index}] must be a (lease_id, idle_for_seconds) pair"
+            ) from None
+        check_lease_id(lease_id, f"entries[{index}] lease_id")
+        idle_for = seconds_to_duration(idle_for_seconds, field=f"entries[{index}] idle_for_seconds")
+        messages.append(pb.RenewEntry(lease_id=lease_id, idle_for=idle_for))
+    return messages
+
+
+def revoke_request(
+    lease_id: str | None, fingerprint: str | None, release: bool
+) -> pb.RevokeRequest:
+    """Build a ``RevokeRequest`` naming the lease by exactly one of ID or fingerprint.
+
+    Raises:
+        ValueError: Both or neither of ``lease_id`` and ``fingerprint`` are given,
+            or the one given is empty.
+    """
+    if (lease_id is None) == (fingerprint is None):
+        raise ValueError(
+            "revoke needs exactly one of lease_id or fingerprint= "
+            "(admins name other principals' leases by fingerprint)"
+        )
+    if lease_id is not None:
+        return pb.RevokeRequest(lease_id=check_lease_id(lease_id), release=release)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ValueError(
+            f"fingerprint must be the non-empty fingerprint shown by list_leases, got {fingerprint!r}"
+        )
+    return pb.RevokeRequest(fingerprint=fingerprint, release=release)
+
+
+def list_leases_request(
+    principal: str, tier: str, page_size: int, page_token: str
+) -> pb.ListLeasesRequest:
+    """Build a ``ListLeasesRequest``.
+
+    Raises:
+        ValueError: ``page_size`` is not an integer in [0, 2**32 - 1]. A
+            page size of 0 requests the authority's default.
+    """
+    if isinstance(page_size, bool) or not isinstance(page_size, int):
+        raise ValueError(f"page_size must be an integer, got {page_size!r}")
+    if not 0 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(
+            f"page_size must be between 0 (server default) and {MAX_PAGE_SIZE}, got {page_size}"
+        )
+    return pb.ListLeasesRequest(
+        principal=principal, tier=tier, page_size=page_size, page_token=page_token
+    )
+
+
+def validate_request(lease_id: str, method: str, caller_principal: str) -> pb.ValidateRequest:
+    """Build a ``ValidateRequest``.
+
+    Raises:
+        ValueError: The lease ID is empty or the method is not a full method
+            name such as ``/package.Service/Method``.
+    """
+    check_lease_id(lease_id)
+    if not isinstance(method, str) or not method.startswith("/") or method.count("/") != 2:
+        raise ValueError(
+            f"method must be a full method name like '/package.Service/Method', got {method!r}"
+        )
+    return pb.ValidateRequest(lease_id=lease_id, method=method, caller_principal=caller_principal)
+
+
+def watch_request(after_sequence: int, instance_id: str) -> pb.WatchSessionEndsRequest:
+    """Build a ``WatchSessionEndsRequest``.
+
+    Raises:
+        ValueError: ``after_sequence`` is not an integer >= 0.
+    """
+    if isinstance(after_sequence, bool) or not isinstance(after_sequence, int):
+        raise ValueError(f"after_sequence must be an integer, got {after_sequence!r}")
+    if after_sequence < 0:
+        raise ValueError(f"after_sequence must be >= 0, got {after_sequence}")
+    return pb.WatchSessionEndsRequest(after_sequence=after_sequence, instance_id=instance_id)
+
+
+def renew_result(leases: Sequence[pb.Lease], sent_at_monotonic: float) -> RenewResult:
+    """Convert the leases of a ``RenewResponse`` or ``KeepAliveResponse``."""
+    return RenewResult(
+        leases=[LeaseInfo.from_proto(lease) for lease in leases],
+        sent_at_monotonic=sent_at_monotonic,
+    )
+
+
+class PendingBatches(Generic[_FutureT]):
+    """Sequence numbers and waiting futures of a ``KeepAlive`` stream.
+
+    Thread-safe: the sync stream calls it from any sender thread and from its
+    reader thread; the aio stream calls it from the event loop only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next_sequence = 1
+        self._pending: dict[int, tuple[_FutureT, float]] = {}
+
+    def add(self, future: _FutureT, sent_at_monotonic: float) -> int:
+        """Register a future and return the sequence number to send with its batch."""
+        with self._lock:
+            sequence = self._next_sequence
+            self._next_sequence += 1
+            self._pending[sequence] = (future, sent_at_monotonic)
+        return sequence
+
+    def pop(self, sequence: int) -> tuple[_FutureT, float] | None:
+        """Remove and return the future and send time for a sequence, or None if unknown."""
+        with self._lock:
+            return self._pending.pop(sequence, None)
+
+    def drain(self) -> list[_FutureT]:
+        """Remove and return every waiting future."""
+        with self._lock:
+            futures = [future for future, _ in self._pending.values()]
+            self._pending.clear()
+        return futures
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)

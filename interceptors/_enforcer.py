@@ -1,0 +1,1020 @@
+"""The enforcement core shared by the sync and aio server interceptors.
+
+The core decides whether a call may run under its lease from a local cache,
+asks the authority (``Validate``) only on a miss, keeps the set of calls in
+flight per lease, and ends those calls when the lease ends. Only the waiting
+parts (blocking or awaiting, how a call is cut off) live in the sync and aio
+interceptor modules.
+
+Time model: every local deadline is ``local_monotonic_at_send + ttl -
+drift_margin``, so this server's view of a lease ends no later than the
+authority's. A cached entry whose deadline passed without a renewal answer is
+never trusted again without asking the authority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import dataclasses
+import logging
+import math
+import re
+import threading
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+import grpc
+
+from session_authority.clients._errors import AuthorityError
+from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason, fingerprint, lease_digest
+from session_authority.clients._types import (
+    LeaseInfo,
+    LeaseState,
+    MethodRuleInfo,
+    PolicyInfo,
+    RenewResult,
+    SessionEndEvent,
+    ValidateResult,
+)
+from session_authority.interceptors import _errors
+from session_authority.interceptors._authority_link import AuthorityLink
+from session_authority.interceptors._cache import ExpiringLru
+from session_authority.interceptors._errors import LeaseRefused
+from session_authority.interceptors._timer import Timer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXEMPT_PATTERNS: tuple[str, ...] = (
+    "/grpc.health.v1.Health/*",
+    "/grpc.reflection.v1.ServerReflection/*",
+    "/grpc.reflection.v1alpha.ServerReflection/*",
+)
+"""Methods that pass without a lease even when the authority's policy cannot be fetched."""
+
+MAX_LEASE_METADATA_LENGTH = 256
+"""Maximum length of a lease metadata value; the authority rejects longer lease IDs too."""
+
+DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 1.0
+"""Heartbeat interval assumed until the watch stream reports the authority's own."""
+
+STALENESS_HEARTBEATS = 3
+"""The default staleness bound, in heartbeat intervals."""
+
+_MIN_PROBE_INTERVAL_SECONDS = 0.02
+_MAX_VALIDATION_ROUNDS = 3
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnforcerConfig:
+    """Settings of a server interceptor's enforcer.
+
+    Attributes:
+        authority_target: ``host:port`` of the authority; the enforcer opens
+            and closes its own channel. Give this or ``authority_channel``.
+        authority_channel: An existing channel to the authority; the caller
+            keeps ownership.
+        authority_credentials: TLS credentials for the channel opened to
+            ``authority_target``.
+        api_key: Sent to the authority as ``authorization: Bearer <key>``.
+        metadata_key: Request metadata key that carries the lease. It is
+            normalised to lower case; a ``-bin`` or ``grpc-`` key, or one with
+            characters gRPC does not allow in keys, raises ``ValueError``.
+        staleness_bound_seconds: After this long without any message on the
+            watch stream (heartbeats included) cached leases are no longer
+            trusted. None means three heartbeat intervals as the authority
+            reports them (3 s until the first heartbeat).
+        fail_open: When the watch stream is stale, keep admitting calls on
+            cached leases until their max duration, instead of refusing and
+            cutting off calls with reason ``authority_unreachable``.
+        drift_margin_seconds: Subtracted from every local deadline to cover
+            clock rate differences between this host and the authority.
+        negative_cache_size: Unknown lease IDs remembered, so that repeated
+            garbage costs the authority nothing.
+        negative_cache_ttl_seconds: How long an unknown lease ID is remembered.
+        ended_cache_size: Ended lease IDs remembered with their end reason.
+        activity_batch_interval_seconds: Pause between two activity reports.
+        validate_timeout_seconds: Deadline of each ``Validate`` on a cache miss.
+        policy_timeout_seconds: Deadline of the ``GetPolicy`` call at start.
+        caller_identity: Returns the caller's principal from a servicer
+            context, or None to skip the principal check for that call. By
+            default it is the first TLS peer identity when the transport
+            authenticated one, else None.
+        exempt_patterns: Method patterns that need no lease in addition to
+            the exempt patterns of the authority's policy.
+        reconnect_backoff_initial_seconds: First delay before reconnecting a
+            broken watch stream; it doubles up to the maximum, with jitter.
+        reconnect_backoff_max_seconds: Largest reconnect delay.
+    """
+
+    authority_target: str | None = None
+    authority_channel: grpc.Channel | None = None
+    authority_credentials: grpc.ChannelCredentials | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    metadata_key: str = LEASE_METADATA_KEY
+    staleness_bound_seconds: float | None = None
+    fail_open: bool = False
+    drift_margin_seconds: float = 0.05
+    negative_cache_size: int = 10_000
+    negative_cache_ttl_seconds: float = 30.0
+    ended_cache_size: int = 10_000
+    activity_batch_interval_seconds: float = 0.1
+    validate_timeout_seconds: float = 2.0
+    policy_timeout_seconds: float = 5.0
+    caller_identity: Callable[[Any], str | None] | None = None
+    exempt_patterns: tuple[str, ...] = DEFAULT_EXEMPT_PATTERNS
+    reconnect_backoff_initial_seconds: float = 0.05
+    reconnect_backoff_max_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (self.authority_target is None) == (self.authority_channel is None):
+            raise ValueError(
+                "EnforcerConfig needs exactly one of authority_target='host:port' or authority_channel="
+            )
+        if self.authority_channel is not None and self.authority_credentials is not None:
+            raise ValueError("authority_credentials apply only to authority_target; configure your channel yourself")
+        object.__setattr__(self, "metadata_key", normalize_metadata_key(self.metadata_key))
+        _check_positive("drift_margin_seconds", self.drift_margin_seconds, allow_zero=True)
+        _check_positive("negative_cache_ttl_seconds", self.negative_cache_ttl_seconds)
+        _check_positive("activity_batch_interval_seconds", self.activity_batch_interval_seconds)
+        _check_positive("validate_timeout_seconds", self.validate_timeout_seconds)
+        _check_positive("policy_timeout_seconds", self.policy_timeout_seconds)
+        _check_positive("reconnect_backoff_initial_seconds", self.reconnect_backoff_initial_seconds)
+        _check_positive("reconnect_backoff_max_seconds", self.reconnect_backoff_max_seconds)
+        if self.staleness_bound_seconds is not None:
+            _check_positive("staleness_bound_seconds", self.staleness_bound_seconds)
+        for name in ("negative_cache_size", "ended_cache_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        object.__setattr__(self, "exempt_patterns", tuple(self.exempt_patterns))
+        for pattern in self.exempt_patterns:
+            if not _is_method_pattern(pattern):
+                raise ValueError(
+                    f"exempt pattern {pattern!r} is not '/package.Service/Method' or '/package.Service/*'"
+                )
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _is_method_pattern(pattern: str) -> bool:
+    return isinstance(pattern, str) and pattern.startswith("/") and pattern.count("/") == 2 and not pattern.endswith("/")
+
+
+def normalize_metadata_key(key: str) -> str:
+    """Return the lease metadata key in lower case.
+
+    Raises:
+        ValueError: The key is empty, ends in ``-bin`` (binary values cannot
+            carry a lease ID), starts with the reserved ``grpc-`` prefix, or
+            has characters other than ``0-9 a-z _ . -``.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"metadata_key must be a non-empty string, got {key!r}; the default is {LEASE_METADATA_KEY!r}")
+    normalized = key.lower()
+    if not _METADATA_KEY.fullmatch(normalized):
+        raise ValueError(
+            f"metadata_key {key!r} has characters gRPC does not allow in metadata keys;"
+            " use only letters, digits, '-', '_' and '.'"
+        )
+    if normalized.endswith("-bin"):
+        raise ValueError(f"metadata_key {key!r} ends in '-bin', which marks binary metadata; a lease ID is text")
+    if normalized.startswith("grpc-"):
+        raise ValueError(f"metadata_key {key!r} starts with 'grpc-', which gRPC reserves for itself")
+    return normalized
+
+
+def read_lease_id(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str:
+    """Return the lease ID of a call, checked without contacting anyone.
+
+    Args:
+        metadata: The call's invocation metadata.
+        key: The normalised lease metadata key.
+
+    Raises:
+        LeaseMissing: The key is absent.
+        LeaseMalformed: The key is repeated, sent as binary, or its value is
+            empty, longer than 256 characters or not printable ASCII.
+    """
+    values: list[str | bytes] = []
+    binary_key = key + "-bin"
+    binary_sent = False
+    for name, value in metadata or ():
+        if name == key:
+            values.append(value)
+        elif name == binary_key:
+            binary_sent = True
+    if binary_sent:
+        raise _errors.LeaseMalformed(
+            f"the lease was sent as binary metadata {binary_key!r}; send it as text under {key!r}"
+        )
+    if not values:
+        raise _errors.LeaseMissing(f"the call carries no session lease; send a lease from Grant in the {key!r} metadata key")
+    if len(values) > 1:
+        raise _errors.LeaseMalformed(f"the {key!r} metadata key is repeated {len(values)} times; send exactly one lease")
+    value = values[0]
+    if isinstance(value, bytes):
+        raise _errors.LeaseMalformed(f"the {key!r} metadata value is binary; send the lease ID as text")
+    if not value:
+        raise _errors.LeaseMalformed(f"the {key!r} metadata value is empty; send the lease ID from Grant")
+    if len(value) > MAX_LEASE_METADATA_LENGTH:
+        raise _errors.LeaseMalformed(
+            f"the {key!r} metadata value is {len(value)} characters long, over the maximum"
+            f" {MAX_LEASE_METADATA_LENGTH}; send the lease ID from Grant"
+        )
+    if not value.isascii() or not value.isprintable():
+        raise _errors.LeaseMalformed(
+            f"the {key!r} metadata value is not printable ASCII; send the lease ID from Grant"
+        )
+    return value
+
+
+def default_caller_identity(context: Any) -> str | None:
+    """Return the first TLS peer identity of a call, or None when the transport authenticated none."""
+    if context.peer_identity_key() is None:
+        return None
+    identities = context.peer_identities() or ()
+    if not identities:
+        return None
+    return identities[0].decode("utf-8", "replace")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionEndInfo:
+    """A lease that had calls on this server ended.
+
+    Attributes:
+        principal: The lease's principal.
+        tier: The lease's tier.
+        fingerprint: The loggable name of the lease.
+        reason: Why it ended.
+    """
+
+    principal: str
+    tier: str
+    fingerprint: str
+    reason: EndReason
+
+
+SessionEndCallback = Callable[[SessionEndInfo], None]
+
+
+class CallHandle(Protocol):
+    """A call in flight, as the core tracks it; the sync and aio interceptors implement it."""
+
+    def cut_off(self, refusal: LeaseRefused) -> None:
+        """End the call with the refusal's status, details and trailer.
+
+        Called from any thread, never under the enforcer's lock; must not block.
+        """
+
+
+class _Entry:
+    """A cached live lease. Fields change only under the enforcer's lock."""
+
+    __slots__ = (
+        "lease_id",
+        "digest",
+        "fingerprint",
+        "principal",
+        "tier",
+        "granted_at",
+        "deadline",
+        "max_deadline",
+        "last_activity",
+        "reported_activity",
+        "probe_requested",
+        "calls",
+        "had_calls",
+        "timer_armed",
+        "ended",
+    )
+
+    def __init__(self, lease_id: str, lease: LeaseInfo, sent_at: float, drift: float) -> None:
+        self.lease_id = lease_id
+        self.digest = lease.digest or lease_digest(lease_id)
+        self.fingerprint = lease.fingerprint or fingerprint(lease_id)
+        self.principal = lease.principal
+        self.tier = lease.tier
+        # The authority measured age no earlier than ``sent_at``, so this
+        # estimate of the grant time is never later than the true one.
+        self.granted_at = sent_at - lease.age_seconds
+        self.deadline = sent_at + lease.ttl_seconds - drift
+        self.max_deadline = sent_at + lease.max_remaining_seconds - drift
+        self.last_activity = sent_at - lease.idle_for_seconds
+        self.reported_activity = self.last_activity
+        self.probe_requested = False
+        self.calls: set[CallHandle] = set()
+        self.had_calls = False
+        self.timer_armed = False
+        self.ended = False
+
+    def refresh(self, lease: LeaseInfo, sent_at: float, drift: float) -> None:
+        # Answers may be applied out of order (a Validate racing a KeepAlive),
+        # and every estimate is conservative, so the latest deadline wins.
+        self.deadline = max(self.deadline, sent_at + lease.ttl_seconds - drift)
+        self.max_deadline = max(self.max_deadline, sent_at + lease.max_remaining_seconds - drift)
+        self.principal = lease.principal
+        self.tier = lease.tier
+
+
+class LeaseContext:
+    """The lease of the call being handled, as :func:`current_lease` returns it.
+
+    Attributes:
+        principal: The lease's principal.
+        tier: The lease's tier.
+        fingerprint: The loggable name of the lease.
+    """
+
+    __slots__ = ("_entry", "_clock")
+
+    def __init__(self, entry: _Entry, clock: Callable[[], float]) -> None:
+        self._entry = entry
+        self._clock = clock
+
+    @property
+    def principal(self) -> str:
+        return self._entry.principal
+
+    @property
+    def tier(self) -> str:
+        return self._entry.tier
+
+    @property
+    def fingerprint(self) -> str:
+        return self._entry.fingerprint
+
+    @property
+    def remaining_seconds(self) -> float:
+        """Seconds until this server treats the lease as ended unless activity renews it."""
+        entry = self._entry
+        return max(0.0, min(entry.deadline, entry.max_deadline) - self._clock())
+
+    @property
+    def max_remaining_seconds(self) -> float:
+        """Seconds until the lease's max duration, which no renewal extends."""
+        return max(0.0, self._entry.max_deadline - self._clock())
+
+    def __repr__(self) -> str:
+        return f"LeaseContext(fingerprint={self.fingerprint!r}, principal={self.principal!r}, tier={self.tier!r})"
+
+
+_current_lease: contextvars.ContextVar[LeaseContext | None] = contextvars.ContextVar(
+    "session_authority_current_lease", default=None
+)
+
+
+def current_lease() -> LeaseContext | None:
+    """Return the lease of the call the current handler serves, or None outside an enforced call."""
+    return _current_lease.get()
+
+
+def set_current_lease(context: LeaseContext | None) -> contextvars.Token[LeaseContext | None]:
+    """Set the value :func:`current_lease` returns; reset it with the returned token."""
+    return _current_lease.set(context)
+
+
+def reset_current_lease(token: contextvars.Token[LeaseContext | None]) -> None:
+    """Undo :func:`set_current_lease`."""
+    _current_lease.reset(token)
+
+
+class _RuleBook:
+    """Method rules: from the authority's policy when it could be fetched, else learned per method."""
+
+    def __init__(self, exempt_patterns: Sequence[str]) -> None:
+        self._local_exempt = tuple(MethodRuleInfo(p, (), None, True) for p in exempt_patterns)
+        self._exact: dict[str, MethodRuleInfo] = {}
+        self._service: dict[str, MethodRuleInfo] = {}
+        self._learned: dict[str, MethodRuleInfo] = {}
+        self.complete = False
+        self._load(self._local_exempt)
+
+    def load_policy(self, policy: PolicyInfo) -> None:
+        # Build new maps and swap them in: gRPC's polling thread reads them
+        # without the enforcer's lock.
+        exact: dict[str, MethodRuleInfo] = {}
+        service: dict[str, MethodRuleInfo] = {}
+        self._fill(exact, service, policy.rules)
+        self._fill(exact, service, self._local_exempt)
+        self._exact, self._service = exact, service
+        self.complete = True
+
+    def _load(self, rules: Sequence[MethodRuleInfo]) -> None:
+        self._fill(self._exact, self._service, rules)
+
+    @staticmethod
+    def _fill(
+        exact: dict[str, MethodRuleInfo], service: dict[str, MethodRuleInfo], rules: Sequence[MethodRuleInfo]
+    ) -> None:
+        for rule in rules:
+            if rule.pattern.endswith("/*"):
+                service[rule.pattern[:-2]] = rule
+            elif rule.pattern:
+                exact[rule.pattern] = rule
+
+    def learn(self, method: str, rule: MethodRuleInfo) -> None:
+        if len(self._learned) >= 10_000:
+            self._learned.clear()
+        self._learned[method] = rule
+
+    def rule_for(self, method: str) -> MethodRuleInfo | None:
+        # The same precedence as the authority: an exact pattern, then the
+        # service's wildcard, then the default rule that restricts nothing.
+        rule = self._exact.get(method)
+        if rule is not None:
+            return rule
+        rule = self._service.get(method.rpartition("/")[0])
+        if rule is not None:
+            return rule
+        if self.complete:
+            return _DEFAULT_RULE
+        return self._learned.get(method)
+
+    def is_exempt(self, method: str) -> bool:
+        rule = self.rule_for(method)
+        return rule is not None and rule.exempt
+
+
+_DEFAULT_RULE = MethodRuleInfo(pattern="", tiers=(), max_session_age_seconds=None, exempt=False)
+
+EXEMPT = object()
+"""Returned by admission for a method that needs no lease."""
+
+
+class Enforcer:
+    """Lease cache, admission decisions and the registry of calls in flight, for one server.
+
+    Threading: every public method may be called from any thread (gRPC worker
+    threads or an event loop thread) and returns quickly, except
+    :meth:`admit`, which blocks for one ``Validate`` on a cache miss. Ends
+    arrive on the link's threads and the timer thread; calls are cut off from
+    there through :meth:`CallHandle.cut_off`. Session-end callbacks run on a
+    dedicated thread, one at a time.
+
+    Args:
+        config: The settings.
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(self, config: EnforcerConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._caller_identity = config.caller_identity or default_caller_identity
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._by_digest: dict[str, _Entry] = {}
+        self._negative: ExpiringLru[str, bool] = ExpiringLru(config.negative_cache_size, config.negative_cache_ttl_seconds)
+        self._ended: ExpiringLru[str, tuple[EndReason, str]] = ExpiringLru(config.ended_cache_size, None)
+        self._rules = _RuleBook(config.exempt_patterns)
+        self._pending: dict[str, concurrent.futures.Future[None]] = {}
+        self._dirty: set[_Entry] = set()
+        self._callbacks: list[SessionEndCallback] = []
+        self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._validation_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+        self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
+        self._last_heard = clock()
+        self._stale = False
+        self._closed = False
+        self._started = False
+
+        client, stub, metadata, owned_channel = AuthorityLink.open_client(
+            config.authority_target,
+            config.authority_channel,
+            config.authority_credentials,
+            config.api_key,
+            config.validate_timeout_seconds,
+        )
+        self._client = client
+        self._owned_channel = owned_channel
+        self._link = AuthorityLink(
+            self,
+            client,
+            stub,
+            metadata,
+            batch_interval_seconds=config.activity_batch_interval_seconds,
+            backoff_initial_seconds=config.reconnect_backoff_initial_seconds,
+            backoff_max_seconds=config.reconnect_backoff_max_seconds,
+            clock=clock,
+        )
+        self._timer = Timer(clock)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> Enforcer:
+        """Fetch the policy and start the background threads; idempotent.
+
+        A failed ``GetPolicy`` is logged and does not raise: the enforcer then
+        exempts only its local exempt patterns and learns each method's rule
+        from ``Validate``.
+        """
+        with self._lock:
+            if self._started:
+                return self
+            self._started = True
+        if self.config.fail_open:
+            logger.warning(
+                "fail-open is on: when the authority is unreachable, calls on cached leases keep being"
+                " admitted until their max duration"
+            )
+        else:
+            logger.info(
+                "fail-closed: calls are refused and cut off when the authority's watch stream is silent for %s",
+                "%.3g s" % self.config.staleness_bound_seconds
+                if self.config.staleness_bound_seconds is not None
+                else f"{STALENESS_HEARTBEATS} heartbeat intervals",
+            )
+        self._fetch_policy()
+        self._last_heard = self._clock()
+        self._timer.start()
+        self._link.start()
+        self._arm_staleness_check()
+        return self
+
+    def _fetch_policy(self) -> None:
+        try:
+            policy = self._link.get_policy(self.config.policy_timeout_seconds)
+        except AuthorityError as exc:
+            logger.warning(
+                "could not fetch the policy from the authority (%s); exempting only %s and learning each method's rule from Validate",
+                exc,
+                ", ".join(self.config.exempt_patterns) or "nothing",
+            )
+            return
+        with self._lock:
+            self._rules.load_policy(policy)
+        logger.debug("loaded %d method rules from the authority", len(policy.rules))
+
+    def close(self) -> None:
+        """Stop the background threads and close the channel the enforcer opened; idempotent.
+
+        Calls in flight are left alone; calls admitted afterwards are refused
+        with reason ``authority_unreachable``.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._link.close()
+        self._timer.close()
+        for executor in (self._validation_executor, self._callback_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._client.close()
+        if self._owned_channel is not None:
+            self._owned_channel.close()
+
+    def on_session_end(self, callback: SessionEndCallback) -> SessionEndCallback:
+        """Register ``callback`` to run once per lease that had calls here, when it ends.
+
+        It runs on the enforcer's callback thread, one callback at a time;
+        exceptions are logged. Ends seen only as ``authority_unreachable``
+        are not session ends and do not trigger it.
+
+        Returns:
+            ``callback`` itself, so this method can decorate a function.
+        """
+        with self._lock:
+            self._callbacks.append(callback)
+        return callback
+
+    # -- per call --------------------------------------------------------------
+
+    def is_exempt(self, method: str) -> bool:
+        """Return whether ``method`` needs no lease (and is not activity)."""
+        return self._rules.is_exempt(method)
+
+    def read_lease_id(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+        """Return the lease ID of a call; see :func:`read_lease_id`."""
+        return read_lease_id(metadata, self.config.metadata_key)
+
+    def caller_principal(self, context: Any) -> str:
+        """Return the caller's identity for the principal check, or empty to skip it.
+
+        An identity function that raises is logged and treated as "no identity".
+        """
+        try:
+            return self._caller_identity(context) or ""
+        except Exception:  # noqa: BLE001 - a broken identity hook must not crash calls
+            logger.exception("caller_identity raised; skipping the principal check for this call")
+            return ""
+
+    def admit(self, lease_id: str, method: str, caller: str, call: CallHandle) -> _Entry | object:
+        """Decide a call and register it as in flight, blocking for ``Validate`` on a miss.
+
+        Returns:
+            The lease's entry, or :data:`EXEMPT` when the method needs no lease.
+
+        Raises:
+            LeaseRefused: The call may not run.
+        """
+        fresh = False
+        for _ in range(_MAX_VALIDATION_ROUNDS):
+            future, owner = self._try_admit(lease_id, method, caller, call, fresh)
+            if future is None:
+                return owner
+            if owner is True:
+                self._validate(lease_id, method, caller, future)
+            try:
+                future.result(timeout=self.config.validate_timeout_seconds * 2)
+            except concurrent.futures.TimeoutError:
+                raise _errors.unreachable(fingerprint(lease_id), "Validate timed out") from None
+            fresh = True
+        raise _errors.unreachable(fingerprint(lease_id), "the authority's responses kept changing")
+
+    async def admit_async(self, lease_id: str, method: str, caller: str, call: CallHandle) -> _Entry | object:
+        """Like :meth:`admit` for the event loop: ``Validate`` runs on a worker thread."""
+        fresh = False
+        for _ in range(_MAX_VALIDATION_ROUNDS):
+            future, owner = self._try_admit(lease_id, method, caller, call, fresh)
+            if future is None:
+                return owner
+            if owner is True:
+                self._validation_pool().submit(self._validate, lease_id, method, caller, future)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), self.config.validate_timeout_seconds * 2)
+            except asyncio.TimeoutError:
+                raise _errors.unreachable(fingerprint(lease_id), "Validate timed out") from None
+            fresh = True
+        raise _errors.unreachable(fingerprint(lease_id), "the authority's responses kept changing")
+
+    def release(self, entry: _Entry, call: CallHandle) -> None:
+        """Remove a finished or cancelled call from its lease's in-flight set; idempotent."""
+        with self._lock:
+            entry.calls.discard(call)
+
+    def touch(self, entry: _Entry) -> None:
+        """Record activity on a lease (a call or a stream message); reported later in a batch."""
+        now = self._clock()
+        with self._lock:
+            entry.last_activity = now
+            self._dirty.add(entry)
+
+    def lease_context(self, entry: _Entry) -> LeaseContext:
+        """Return the view of ``entry`` that handlers get from :func:`current_lease`."""
+        return LeaseContext(entry, self._clock)
+
+    # -- admission internals ---------------------------------------------------
+
+    def _try_admit(
+        self, lease_id: str, method: str, caller: str, call: CallHandle, fresh: bool
+    ) -> tuple[concurrent.futures.Future[None] | None, Any]:
+        # Returns (None, entry-or-EXEMPT) when decided, or (future, owner) on a
+        # miss, where owner is True when this caller must run the Validate.
+        with self._lock:
+            now = self._clock()
+            stale_open = self._stale and self.config.fail_open
+            if self._closed:
+                raise _errors.unreachable(fingerprint(lease_id), "the enforcer is closed")
+            if self._stale and not self.config.fail_open:
+                raise _errors.unreachable(fingerprint(lease_id), "no word from the authority within the staleness bound")
+            tombstone = self._ended.get(lease_id, now)
+            if tombstone is not None:
+                raise _errors.ended(*tombstone)
+            if self._negative.get(lease_id, now):
+                fp = fingerprint(lease_id)
+                raise _errors.LeaseNotFound(
+                    f"session lease {fp} is not known to the authority; grant a new lease", fingerprint=fp
+                )
+            rule = self._rules.rule_for(method)
+            if rule is not None and rule.exempt:
+                return None, EXEMPT
+            entry = self._entries.get(lease_id)
+            if entry is not None and rule is not None:
+                expired = now >= entry.max_deadline or (now >= entry.deadline and not stale_open)
+                if fresh or not expired:
+                    refusal = self._decide(entry, rule, caller, now)
+                    if refusal is not None:
+                        raise refusal
+                    self._register(entry, call, now)
+                    return None, entry
+            future = self._pending.get(lease_id)
+            if future is not None:
+                return future, False
+            future = concurrent.futures.Future()
+            self._pending[lease_id] = future
+            return future, True
+
+    def _decide(self, entry: _Entry, rule: MethodRuleInfo, caller: str, now: float) -> LeaseRefused | None:
+        # The same checks, in the same order, as the authority's Validate.
+        if caller and caller != entry.principal:
+            return _errors.PrincipalMismatch(
+                f'session lease {entry.fingerprint} belongs to "{entry.principal}", not to the caller "{caller}"',
+                fingerprint=entry.fingerprint,
+            )
+        if rule.tiers and entry.tier not in rule.tiers:
+            return _errors.PolicyDenied(
+                f"the method requires a lease in tier {', '.join(rule.tiers)};"
+                f' session lease {entry.fingerprint} is in tier "{entry.tier}"',
+                fingerprint=entry.fingerprint,
+            )
+        if rule.max_session_age_seconds is not None:
+            age = now - entry.granted_at
+            if age > rule.max_session_age_seconds:
+                return _errors.PolicyDenied(
+                    f"the method requires a session younger than {rule.max_session_age_seconds:g} s;"
+                    f" session lease {entry.fingerprint} is {age:.1f} s old; grant a new lease",
+                    fingerprint=entry.fingerprint,
+                )
+        return None
+
+    def _register(self, entry: _Entry, call: CallHandle, now: float) -> None:
+        entry.calls.add(call)
+        entry.had_calls = True
+        entry.last_activity = now
+        self._dirty.add(entry)
+        if not entry.timer_armed:
+            entry.timer_armed = True
+            self._timer.schedule(min(entry.deadline, entry.max_deadline), lambda: self._check_entry(entry))
+
+    def _validation_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._validation_executor is None:
+                self._validation_executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="session-lease-validate"
+                )
+            return self._validation_executor
+
+    def _validate(self, lease_id: str, method: str, caller: str, future: concurrent.futures.Future[None]) -> None:
+        sent_at = self._clock()
+        try:
+            result = self._link.validate(lease_id, method, caller)
+        except (AuthorityError, ValueError) as exc:
+            logger.warning("Validate of lease %s failed: %s", fingerprint(lease_id), exc)
+            with self._lock:
+                self._pending.pop(lease_id, None)
+            future.set_exception(_errors.unreachable(fingerprint(lease_id), f"Validate failed: {exc}"))
+            return
+        except BaseException as exc:
+            with self._lock:
+                self._pending.pop(lease_id, None)
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._pending.pop(lease_id, None)
+            cut = self._apply_validation(lease_id, method, result, sent_at)
+        self._run_cut_offs(cut)
+        future.set_result(None)
+
+    def _apply_validation(
+        self, lease_id: str, method: str, result: ValidateResult, sent_at: float
+    ) -> list[tuple[CallHandle, LeaseRefused]]:
+        now = self._clock()
+        self._rules.learn(method, result.rule)
+        lease = result.lease
+        entry = self._entries.get(lease_id)
+        if lease is None or lease.state is LeaseState.NOT_FOUND:
+            self._negative.put(lease_id, True, now)
+            if entry is not None:
+                fp = entry.fingerprint
+                refusal = _errors.LeaseNotFound(f"session lease {fp} is not known to the authority", fingerprint=fp)
+                return self._finish_entry(entry, refusal, session_end=False)
+            return []
+        if lease.state is LeaseState.ENDED:
+            reason = lease.end_reason or EndReason.UNKNOWN
+            self._ended.put(lease_id, (reason, lease.fingerprint or fingerprint(lease_id)), now)
+            if entry is not None:
+                return self._finish_entry(entry, _errors.ended(reason, entry.fingerprint), session_end=True)
+            return []
+        if entry is None:
+            entry = _Entry(lease_id, lease, sent_at, self.config.drift_margin_seconds)
+            self._entries[lease_id] = entry
+            self._by_digest[entry.digest] = entry
+        else:
+            entry.refresh(lease, sent_at, self.config.drift_margin_seconds)
+        return []
+
+    # -- ends --------------------------------------------------------------------
+
+    def _finish_entry(
+        self, entry: _Entry, refusal: LeaseRefused, *, session_end: bool
+    ) -> list[tuple[CallHandle, LeaseRefused]]:
+        # Under the lock: forget the entry and return the calls to cut off,
+        # which the caller does after releasing the lock.
+        if entry.ended:
+            return []
+        entry.ended = True
+        if self._entries.get(entry.lease_id) is entry:
+            del self._entries[entry.lease_id]
+        if self._by_digest.get(entry.digest) is entry:
+            del self._by_digest[entry.digest]
+        self._dirty.discard(entry)
+        calls = list(entry.calls)
+        entry.calls.clear()
+        if calls:
+            logger.info(
+                "cutting off %d call(s) on lease %s: %s", len(calls), entry.fingerprint, refusal.reason.value
+            )
+        if session_end and entry.had_calls and self._callbacks:
+            info = SessionEndInfo(entry.principal, entry.tier, entry.fingerprint, refusal.reason)
+            self._schedule_callbacks(list(self._callbacks), info)
+        return [(call, refusal) for call in calls]
+
+    def _run_cut_offs(self, cut: list[tuple[CallHandle, LeaseRefused]]) -> None:
+        for call, refusal in cut:
+            try:
+                call.cut_off(refusal)
+            except Exception:  # noqa: BLE001 - one call failing to end must not spare the others
+                logger.exception("could not cut off a call on lease %s", refusal.fingerprint)
+
+    def _schedule_callbacks(self, callbacks: list[SessionEndCallback], info: SessionEndInfo) -> None:
+        if self._closed:
+            return
+        if self._callback_executor is None:
+            self._callback_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="session-lease-callbacks"
+            )
+        self._callback_executor.submit(self._run_callbacks, callbacks, info)
+
+    @staticmethod
+    def _run_callbacks(callbacks: list[SessionEndCallback], info: SessionEndInfo) -> None:
+        for callback in callbacks:
+            try:
+                callback(info)
+            except Exception:  # noqa: BLE001 - the service's callback must not stop the others
+                logger.exception("on_session_end callback %r failed for lease %s", callback, info.fingerprint)
+
+    def _check_entry(self, entry: _Entry) -> None:
+        # Timer thread: the entry's local deadline or max deadline came due.
+        with self._lock:
+            entry.timer_armed = False
+            if entry.ended or not entry.calls:
+                return
+            now = self._clock()
+            cut: list[tuple[CallHandle, LeaseRefused]] = []
+            flush = False
+            next_check: float | None = None
+            if now >= entry.max_deadline:
+                # No renewal moves the max-duration cap, so this end is final.
+                self._ended.put(entry.lease_id, (EndReason.MAX_DURATION, entry.fingerprint), now)
+                cut = self._finish_entry(entry, _errors.ended(EndReason.MAX_DURATION, entry.fingerprint), session_end=True)
+            elif self._stale and self.config.fail_open:
+                next_check = entry.max_deadline
+            elif now >= entry.deadline:
+                if now >= entry.deadline + self._staleness_bound():
+                    refusal = _errors.unreachable(entry.fingerprint, "no renewal answer from the authority")
+                    cut = self._finish_entry(entry, refusal, session_end=False)
+                else:
+                    # Ask the authority with the true idle time: the answer either
+                    # moves the deadline or reports the end.
+                    entry.probe_requested = True
+                    self._dirty.add(entry)
+                    flush = True
+                    next_check = now + max(self.config.drift_margin_seconds, _MIN_PROBE_INTERVAL_SECONDS)
+            else:
+                next_check = min(entry.deadline, entry.max_deadline)
+            if next_check is not None:
+                entry.timer_armed = True
+                self._timer.schedule(next_check, lambda: self._check_entry(entry))
+        if flush:
+            self._link.request_flush()
+        self._run_cut_offs(cut)
+
+    # -- staleness ---------------------------------------------------------------
+
+    def _staleness_bound(self) -> float:
+        if self.config.staleness_bound_seconds is not None:
+            return self.config.staleness_bound_seconds
+        return STALENESS_HEARTBEATS * self._heartbeat_interval
+
+    def _arm_staleness_check(self) -> None:
+        self._timer.schedule(self._last_heard + self._staleness_bound(), self._check_staleness)
+
+    def _check_staleness(self) -> None:
+        with self._lock:
+            if self._closed or self._stale:
+                return
+            now = self._clock()
+            due = self._last_heard + self._staleness_bound()
+            if now < due:
+                self._timer.schedule(due, self._check_staleness)
+                return
+            self._stale = True
+            silent_for = now - self._last_heard
+            cut: list[tuple[CallHandle, LeaseRefused]] = []
+            if self.config.fail_open:
+                logger.warning(
+                    "no word from the authority for %.2f s; fail-open: serving cached leases until their max duration",
+                    silent_for,
+                )
+            else:
+                logger.warning(
+                    "no word from the authority for %.2f s; refusing calls and cutting off %d cached lease(s)",
+                    silent_for,
+                    len(self._entries),
+                )
+                for entry in list(self._entries.values()):
+                    refusal = _errors.unreachable(entry.fingerprint, "no word from the authority within the staleness bound")
+                    cut.extend(self._finish_entry(entry, refusal, session_end=False))
+        self._link.cancel_watch()
+        self._run_cut_offs(cut)
+
+    # -- LinkListener ------------------------------------------------------------
+
+    def watch_message_received(self, instance_id: str, interval_seconds: float | None) -> None:
+        """Mark the watch stream alive (link's watch thread)."""
+        with self._lock:
+            self._last_heard = self._clock()
+            if interval_seconds:
+                self._heartbeat_interval = interval_seconds
+            if not self._stale:
+                return
+            self._stale = False
+        logger.info("the authority's watch stream is back (instance %s); admitting calls again", instance_id)
+        self._arm_staleness_check()
+
+    def watch_reset(self) -> None:
+        """Stop trusting every cached lease: ends may have been missed (link's watch thread)."""
+        with self._lock:
+            now = self._clock()
+            for entry in list(self._entries.values()):
+                entry.deadline = min(entry.deadline, now)
+                if entry.calls and not entry.timer_armed:
+                    entry.timer_armed = True
+                    self._timer.schedule(now, lambda entry=entry: self._check_entry(entry))
+
+    def session_ended(self, event: SessionEndEvent) -> None:
+        """Apply an end pushed by the authority (link's watch thread)."""
+        reason = event.lease.end_reason or EndReason.UNKNOWN
+        with self._lock:
+            entry = self._by_digest.get(event.lease.digest)
+            if entry is None:
+                return
+            self._ended.put(entry.lease_id, (reason, entry.fingerprint), self._clock())
+            cut = self._finish_entry(entry, _errors.ended(reason, entry.fingerprint), session_end=True)
+        self._run_cut_offs(cut)
+
+    def collect_renewals(self, now: float) -> list[tuple[object, str, float]]:
+        """Return the leases with activity not yet reported, or with a probe requested (reporter thread)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            batch: list[tuple[object, str, float]] = []
+            for entry in dirty:
+                if entry.ended:
+                    continue
+                if entry.last_activity > entry.reported_activity or entry.probe_requested:
+                    entry.reported_activity = entry.last_activity
+                    entry.probe_requested = False
+                    batch.append((entry, entry.lease_id, max(0.0, now - entry.last_activity)))
+            return batch
+
+    def renewals_answered(self, tokens: Sequence[object], sent_at: float, result: RenewResult) -> None:
+        """Move local deadlines forward, or end leases the authority reports ended (KeepAlive reader thread)."""
+        cut: list[tuple[CallHandle, LeaseRefused]] = []
+        with self._lock:
+            now = self._clock()
+            for token, lease in zip(tokens, result.leases):
+                assert isinstance(token, _Entry)
+                entry = token
+                if entry.ended:
+                    continue
+                if lease.state is LeaseState.ALIVE:
+                    entry.refresh(lease, sent_at, self.config.drift_margin_seconds)
+                elif lease.state is LeaseState.ENDED:
+                    reason = lease.end_reason or EndReason.UNKNOWN
+                    self._ended.put(entry.lease_id, (reason, entry.fingerprint), now)
+                    cut.extend(self._finish_entry(entry, _errors.ended(reason, entry.fingerprint), session_end=True))
+                else:
+                    self._negative.put(entry.lease_id, True, now)
+                    refusal = _errors.LeaseNotFound(
+                        f"session lease {entry.fingerprint} is not known to the authority", fingerprint=entry.fingerprint
+                    )
+                    cut.extend(self._finish_entry(entry, refusal, session_end=False))
+        self._run_cut_offs(cut)
+
+    def renewals_failed(self, tokens: Sequence[object], error: BaseException) -> None:
+        """Queue the entries of a failed batch again (KeepAlive reader or reporter thread)."""
+        with self._lock:
+            for token in tokens:
+                assert isinstance(token, _Entry)
+                if not token.ended:
+                    token.reported_activity = -math.inf
+                    self._dirty.add(token)
+
+    # -- introspection for tests and operators -------------------------------------
+
+    def cached_lease_count(self) -> int:
+        """Return how many live leases the cache holds."""
+        with self._lock:
+            return len(self._entries)
+
+    def in_flight_count(self) -> int:
+        """Return how many admitted calls are registered as in flight."""
+        with self._lock:
+            return sum(len(entry.calls) for entry in self._entries.values())
+
+    @property
+    def stale(self) -> bool:
+        """True while the watch stream has been silent past the staleness bound."""
+        with self._lock:
+            return self._stale

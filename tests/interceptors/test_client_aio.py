@@ -1,0 +1,426 @@
+"""End-to-end tests of the grpc.aio lease interceptors and AioSession, with a real authority and server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from interceptors._client_support import BIDI, CLIENT_STREAM, HANG, SERVER_STREAM, UNARY, ProtectedServer
+from session_authority.clients._aio_client import AioAuthorityClient
+from session_authority.clients._aio_session import AioSession
+from session_authority.clients._client import AuthorityClient
+from session_authority.clients._keeper import LeaseKeeper
+from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason
+from session_authority.clients._session import SessionEnded, SessionState
+from session_authority.interceptors._aio_client import (
+    AioStreamStreamLeaseInterceptor,
+    AioUnaryUnaryLeaseInterceptor,
+)
+
+
+class RecordingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records the metadata each unary call reaches it with, and may replace it."""
+
+    def __init__(self, replace_with: Any = "keep") -> None:
+        self.seen: list[Any] = []
+        self._replace_with = replace_with
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        self.seen.append(client_call_details.metadata)
+        if self._replace_with != "keep":
+            client_call_details = grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                self._replace_with,
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
+        return await continuation(client_call_details, request)
+
+
+@pytest.fixture
+def protected(authority) -> Iterator[ProtectedServer]:  # type: ignore[no-untyped-def]
+    server = ProtectedServer(authority.target)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def keeper() -> Iterator[LeaseKeeper]:
+    running = LeaseKeeper()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def admin(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
+    with AuthorityClient(authority.target, principal="ops") as opened:
+        yield opened
+
+
+Scenario = Callable[[AioSession, Callable[..., grpc.aio.Channel]], Awaitable[None]]
+
+
+@pytest.fixture
+def run(authority, protected, keeper) -> Callable[..., None]:  # type: ignore[no-untyped-def]
+    """Run a scenario on a fresh event loop with an AioSession and a channel factory."""
+
+    def runner(scenario: Scenario, **session_options: Any) -> None:
+        async def main() -> None:
+            async with AioAuthorityClient(authority.target, principal="svc") as client:
+                session = AioSession(client, keeper=keeper, **session_options)
+                channels: list[grpc.aio.Channel] = []
+
+                def make_channel(*before_and_after: Any, split: int = 0) -> grpc.aio.Channel:
+                    interceptors = [*before_and_after[:split], *session.aio_interceptors(), *before_and_after[split:]]
+                    channel = grpc.aio.insecure_channel(protected.target, interceptors=interceptors)
+                    channels.append(channel)
+                    return channel
+
+                try:
+                    await scenario(session, make_channel)
+                finally:
+                    for channel in channels:
+                        await channel.close()
+
+        asyncio.run(main())
+
+    return runner
+
+
+async def wait_for(condition: Callable[[], bool], timeout_seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return condition()
+
+
+def lease_values(metadata: Any) -> list[str]:
+    return [value for key, value in metadata if key == LEASE_METADATA_KEY]
+
+
+# -- the four call shapes ------------------------------------------------------------
+
+
+def test_aio_unary_unary_carries_lease(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().unary_unary(UNARY)(b"ping")
+
+        assert await call == b"ping"
+        assert await call.code() is grpc.StatusCode.OK
+        assert ("echo-trailer", "unary") in tuple(await call.trailing_metadata())
+        assert lease_values(protected.metadata_seen[-1]) == [session.lease_id]
+
+    run(scenario, tier="standard")
+
+
+def test_aio_unary_stream_carries_lease(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().unary_stream(SERVER_STREAM)(b"3")
+
+        responses = [response async for response in call]
+
+        assert responses == [b"0", b"1", b"2"]
+        assert await call.code() is grpc.StatusCode.OK
+        assert lease_values(protected.metadata_seen[-1]) == [session.lease_id]
+
+    run(scenario, tier="standard")
+
+
+def test_aio_unary_stream_read_api(run) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().unary_stream(SERVER_STREAM)(b"2")
+
+        first = await call.read()
+        second = await call.read()
+        end = await call.read()
+
+        assert (first, second) == (b"0", b"1")
+        assert end is grpc.aio.EOF
+
+    run(scenario, tier="standard")
+
+
+def test_aio_stream_unary_carries_lease(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        async def requests() -> AsyncIterator[bytes]:
+            for part in (b"a", b"b", b"c"):
+                yield part
+
+        channel = make_channel()
+        from_async = await channel.stream_unary(CLIENT_STREAM)(requests())
+        from_sync = await channel.stream_unary(CLIENT_STREAM)(iter([b"d", b"e"]))
+
+        assert (from_async, from_sync) == (b"abc", b"de")
+        assert lease_values(protected.metadata_seen[-1]) == [session.lease_id]
+
+    run(scenario, tier="standard")
+
+
+def test_aio_stream_unary_write_api(run) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().stream_unary(CLIENT_STREAM)()
+
+        await call.write(b"w1")
+        await call.write(b"w2")
+        await call.done_writing()
+
+        assert await call == b"w1w2"
+
+    run(scenario, tier="standard")
+
+
+def test_aio_stream_stream_carries_lease(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().stream_stream(BIDI)()
+
+        await call.write(b"x")
+        echoed = await call.read()
+        await call.done_writing()
+        rest = [response async for response in call]
+
+        assert echoed == b"x"
+        assert rest == []
+        assert await call.code() is grpc.StatusCode.OK
+        assert lease_values(protected.metadata_seen[-1]) == [session.lease_id]
+
+    run(scenario, tier="standard")
+
+
+def test_aio_stream_messages_mark_activity(run) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        await session.open()
+        holder = session._holder
+        assert holder is not None
+        marks: list[float] = []
+        original = holder.mark_activity
+
+        def counting_mark() -> bool:
+            marks.append(time.monotonic())
+            return original()
+
+        holder.mark_activity = counting_mark  # type: ignore[method-assign]
+
+        responses = [response async for response in make_channel().stream_stream(BIDI)(iter([b"x", b"y"]))]
+
+        assert responses == [b"x", b"y"]
+        # One mark for the call, one per request sent and one per response received.
+        assert len(marks) == 5
+
+    run(scenario, tier="standard")
+
+
+def test_aio_cancel_reaches_server(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        call = make_channel().unary_unary(HANG)(b"wait")
+        started = await asyncio.get_running_loop().run_in_executor(None, protected.hang_started.wait, 5)
+        assert started
+
+        call.cancel()
+
+        assert await asyncio.get_running_loop().run_in_executor(None, protected.cancelled.wait, 2)
+        assert call.cancelled()
+        assert await call.code() is grpc.StatusCode.CANCELLED
+
+    run(scenario, tier="standard")
+
+
+def test_aio_task_cancel_reaches_server(run, protected) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(HANG)
+        task = asyncio.ensure_future(unary(b"wait"))
+        started = await asyncio.get_running_loop().run_in_executor(None, protected.hang_started.wait, 5)
+        assert started
+
+        task.cancel()
+
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.get_running_loop().run_in_executor(None, protected.cancelled.wait, 2)
+
+    run(scenario, tier="standard")
+
+
+# -- metadata ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [None, [("x-caller", "1")], (("x-caller", "1"),), grpc.aio.Metadata(("x-caller", "1"))],
+    ids=["none", "list", "tuple", "aio-metadata"],
+)
+def test_aio_metadata_containers_kept(run, protected, metadata) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        before = RecordingInterceptor()
+        after = RecordingInterceptor()
+        channel = make_channel(before, after, split=1)
+
+        await channel.unary_unary(UNARY)(b"ping", metadata=metadata)
+
+        seen = protected.metadata_seen[-1]
+        assert lease_values(seen) == [session.lease_id]
+        assert (("x-caller", "1") in tuple(seen)) == (metadata is not None)
+        assert lease_values(after.seen[0]) == [session.lease_id]
+        assert lease_values(before.seen[0]) == []
+        if metadata is not None:
+            assert lease_values(metadata) == []
+
+    run(scenario, tier="standard")
+
+
+@pytest.mark.parametrize("replacement", [None, [("x-before", "b")], (("x-before", "b"),)], ids=["none", "list", "tuple"])
+def test_aio_interceptor_before_replaces_metadata(run, protected, replacement) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        channel = make_channel(RecordingInterceptor(replace_with=replacement), split=1)
+
+        await channel.unary_unary(UNARY)(b"ping", metadata=(("x-caller", "1"),))
+
+        seen = tuple(protected.metadata_seen[-1])
+        assert lease_values(seen) == [session.lease_id]
+        assert (("x-before", "b") in seen) == (replacement is not None)
+
+    run(scenario, tier="standard")
+
+
+def test_aio_interceptor_classes(run) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        interceptors = session.aio_interceptors()
+
+        assert len(interceptors) == 4
+        assert isinstance(interceptors[0], AioUnaryUnaryLeaseInterceptor)
+        assert isinstance(interceptors[3], AioStreamStreamLeaseInterceptor)
+
+    run(scenario)
+
+
+# -- lifetimes -----------------------------------------------------------------------
+
+
+def test_aio_steady_traffic_outlives_idle_timeout(run) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        channel = make_channel()
+        bidi = channel.stream_stream(BIDI)()
+        first = None
+
+        deadline = time.monotonic() + 3.2
+        while time.monotonic() < deadline:
+            await bidi.write(b"tick")
+            assert await bidi.read() == b"tick"
+            first = first or session.fingerprint
+            await asyncio.sleep(0.1)
+        await bidi.done_writing()
+
+        assert await bidi.code() is grpc.StatusCode.OK
+        assert ends == []
+        assert session.fingerprint == first
+        assert session.state is SessionState.ALIVE
+
+    run(scenario, tier="short", on_end=ends.append)
+
+
+def test_aio_idle_session_ends_and_raises(run) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(UNARY)
+        await unary(b"once")
+
+        assert await wait_for(lambda: bool(ends), 3.0)
+        with pytest.raises(SessionEnded) as raised:
+            await unary(b"again")
+
+        assert ends == [EndReason.IDLE_TIMEOUT]
+        assert raised.value.reason is EndReason.IDLE_TIMEOUT
+
+    run(scenario, tier="short", on_end=ends.append)
+
+
+def test_aio_async_on_end_awaited(run) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def on_end(reason: EndReason) -> None:
+        await asyncio.sleep(0)
+        ends.append(reason)
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        await session.open()
+        await session.close()
+
+        assert await wait_for(lambda: ends == [EndReason.RELEASED])
+        assert session.state is SessionState.CLOSED
+
+    run(scenario, tier="standard", on_end=on_end)
+
+
+def test_aio_reauthenticate_grants_new_lease(run, admin) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(UNARY)
+        await unary(b"one")
+        first = session.fingerprint
+        assert session.lease_id is not None
+        admin.revoke(session.lease_id)
+
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            await unary(b"two")
+        response = await unary(b"three")
+
+        assert rejected.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert response == b"three"
+        assert ends == [EndReason.REVOKED]
+        assert session.fingerprint != first
+
+    run(scenario, tier="standard", end_policy="reauthenticate", watch=False, on_end=ends.append)
+
+
+def test_aio_revoke_observed_by_watch(run, admin) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        await make_channel().unary_unary(UNARY)(b"ping")
+        assert session.lease_id is not None
+        await asyncio.sleep(0.3)  # the keeper opens the watch stream after the grant
+
+        admin.revoke(session.lease_id)
+
+        assert await wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
+        assert session.state is SessionState.ENDED
+
+    run(scenario, tier="standard", on_end=ends.append)
+
+
+@pytest.mark.parametrize("shape", ["server_stream", "client_stream", "bidi"])
+def test_aio_rejection_trailer_ends_session(run, admin, shape) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        channel = make_channel()
+        await session.open()
+        assert session.lease_id is not None
+        admin.revoke(session.lease_id)
+
+        with pytest.raises(grpc.aio.AioRpcError) as rejected:
+            if shape == "server_stream":
+                [response async for response in channel.unary_stream(SERVER_STREAM)(b"2")]
+            elif shape == "client_stream":
+                await channel.stream_unary(CLIENT_STREAM)(iter([b"x"]))
+            else:
+                [response async for response in channel.stream_stream(BIDI)(iter([b"x"]))]
+
+        assert rejected.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert await wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
+        with pytest.raises(SessionEnded):
+            await channel.unary_unary(UNARY)(b"after")
+
+    run(scenario, tier="standard", watch=False, on_end=ends.append)
