@@ -8,9 +8,10 @@ import dataclasses
 import logging
 import pathlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
+from opentelemetry import metrics, trace
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -18,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
+from ._audit import AuditLog, AuditSink
+from ._audit_events import SessionRecorder
 from ._auth import Authenticator
 from ._clock import Clock, SystemClock
 from ._policy import Policy
@@ -25,12 +28,16 @@ from ._scheduler import ExpiryScheduler
 from ._servicer import AuthorityServicer
 from ._store import LeaseStore, SqliteLeaseStore, StoredLease
 from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseTable, SessionEnd
+from ._telemetry import SessionTelemetry
 from ._watch import WatchHub
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionAuthority"].full_name
 HOUSEKEEPING_INTERVAL_SECONDS = 0.5
+AUDIT_DIRECTORY_NAME = "audit"
+"""Subdirectory of the data directory that contains the audit log."""
+AUDIT_CLOSE_TIMEOUT_SECONDS = 5.0
 
 
 @dataclasses.dataclass
@@ -49,6 +56,17 @@ class AuthorityConfig:
         ended_retention_seconds: How long ended leases are reported as ended
             rather than not found.
         clock: Time source; tests pass a ``ManualClock``.
+        audit: Keep the audit log in ``<data_dir>/audit/``; ignored without
+            a data directory.
+        audit_fail_closed: Reject grants with ``UNAVAILABLE`` while the
+            audit log cannot be written. Ends and renewals go on.
+        audit_log_factory: Opens the audit log of a directory; tests pass
+            one that injects write failures.
+        audit_max_backoff_seconds: Longest wait between retries of a
+            failed audit write.
+        tracer_provider: Where spans go; None uses the global provider
+            (a no-op unless the process installed the SDK).
+        meter_provider: Where metrics go; None uses the global provider.
     """
 
     authenticator: Authenticator
@@ -60,6 +78,12 @@ class AuthorityConfig:
     heartbeat_interval_seconds: float = 1.0
     ended_retention_seconds: float = 3600.0
     clock: Clock = dataclasses.field(default_factory=SystemClock)
+    audit: bool = True
+    audit_fail_closed: bool = False
+    audit_log_factory: Callable[[pathlib.Path], AuditLog] | None = None
+    audit_max_backoff_seconds: float = 2.0
+    tracer_provider: trace.TracerProvider | None = None
+    meter_provider: metrics.MeterProvider | None = None
 
 
 class Persistence:
@@ -73,6 +97,8 @@ class Persistence:
     def __init__(self, table: LeaseTable, store: LeaseStore | None, high_water: float) -> None:
         self._table = table
         self._store = store
+        # Set by the authority, and called when each grant write settles.
+        self.recorder: SessionRecorder | None = None
         clock = table.clock
         anchor = max(clock.wall(), high_water)
         self.offset = anchor - clock.monotonic()
@@ -86,6 +112,13 @@ class Persistence:
         return authority_time - self.offset
 
     def save_grant(self, lease: LeaseSnapshot) -> concurrent.futures.Future[None]:
+        future = self._store_grant(lease)
+        recorder = self.recorder
+        if recorder is not None:
+            future.add_done_callback(lambda done: recorder.grant_settled(lease, done))
+        return future
+
+    def _store_grant(self, lease: LeaseSnapshot) -> concurrent.futures.Future[None]:
         if self._store is None:
             return _done()
         return self._store.save_grant(
@@ -102,11 +135,13 @@ class Persistence:
         )
 
     def record_activity(self, leases: Iterable[LeaseSnapshot]) -> None:
+        alive = [lease for lease in leases if lease.alive]
+        if self.recorder is not None:
+            self.recorder.telemetry.renewed(len(alive))
         if self._store is None:
             return
-        for lease in leases:
-            if lease.alive:
-                self._store.save_activity(lease.digest, self.to_authority_time(lease.last_activity))
+        for lease in alive:
+            self._store.save_activity(lease.digest, self.to_authority_time(lease.last_activity))
 
     def end_written(self, digest: bytes) -> concurrent.futures.Future[None]:
         """Return the future of the store write for a lease's end."""
@@ -198,6 +233,10 @@ class Authority:
         self.persistence: Persistence | None = None
         self.hub: WatchHub | None = None
         self.servicer: AuthorityServicer | None = None
+        self.telemetry = SessionTelemetry(config.tracer_provider, config.meter_provider)
+        self.audit_log: AuditLog | None = None
+        self.audit_sink: AuditSink | None = None
+        self.recorder: SessionRecorder | None = None
 
     @property
     def target(self) -> str:
@@ -209,6 +248,7 @@ class Authority:
 
         Raises:
             StoreError: The data directory cannot be opened or read.
+            AuditWriteError: The audit log cannot be opened or resumed.
             RuntimeError: The listen address cannot be bound.
         """
         config = self.config
@@ -220,13 +260,23 @@ class Authority:
             rows, high_water = state.leases, state.high_water
         self.persistence = Persistence(self.table, self.store, high_water)
         live, ended = self.persistence.restore_into_table(rows)
+        self.telemetry.lease_restored(row.tier for row in rows if row.ended_at is None)
+        if config.data_dir is not None and config.audit:
+            self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
+        self.recorder = SessionRecorder(self.audit_sink, self.telemetry, self.table.sequence + 1)
+        self.persistence.recorder = self.recorder
+        # Records that a crash kept from the log are written again first.
+        # The log skips the event IDs it already contains.
+        self.recorder.resubmit_stored(rows)
 
         loop = asyncio.get_running_loop()
         self.hub = WatchHub(loop)
         self.table.add_listener(self.persistence)
         self.table.add_listener(self.hub)
+        self.table.add_listener(self.recorder)
         # Leases whose deadline passed while the authority was down end now,
-        # once, with their deadline as end time and their true reason.
+        # once, with their deadline as end time and their true reason. The
+        # recorder is attached first, so each of these ends is audited.
         ended_while_down = self.table.expire_due()
         logger.info(
             "restored %d live and %d ended leases; %d ended while the authority was down",
@@ -246,6 +296,8 @@ class Authority:
             heartbeat_interval_seconds=config.heartbeat_interval_seconds,
             admin_everyone=config.admin_everyone,
         )
+        if config.audit_fail_closed:
+            self._close_grants_while_audit_fails()
         server = grpc.aio.server()
         pb_grpc.add_SessionAuthorityServicer_to_server(self.servicer, server)
         health = HealthServicer()
@@ -266,13 +318,64 @@ class Authority:
         self.port = port
         self._housekeeping = asyncio.create_task(self._run_housekeeping())
         logger.info(
-            "session authority serving on %s (store: %s, policy tiers: %s, authenticator: %s)",
+            "session authority serving on %s (store: %s, audit: %s, policy tiers: %s, authenticator: %s)",
             self.target,
             self.store.description if self.store else "memory only",
+            self._audit_description(),
             ", ".join(sorted(config.policy.tiers)),
             config.authenticator.name,
         )
         return port
+
+    def _open_audit(self, directory: pathlib.Path) -> None:
+        config = self.config
+        try:
+            if config.audit_log_factory is not None:
+                self.audit_log = config.audit_log_factory(directory)
+            else:
+                self.audit_log = AuditLog(directory, wall_clock=config.clock.wall)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            raise
+        self.audit_sink = AuditSink(
+            self.audit_log,
+            initial_backoff_seconds=min(0.05, config.audit_max_backoff_seconds),
+            max_backoff_seconds=config.audit_max_backoff_seconds,
+        )
+
+    def _close_grants_while_audit_fails(self) -> None:
+        assert self.servicer is not None
+        sink, log = self.audit_sink, self.audit_log
+        if sink is None or log is None:
+            logger.warning("fail-closed audit has no effect: this authority keeps no audit log (no data directory)")
+            return
+        refusal = (
+            f"the audit log in {log.directory} cannot be written, and this authority runs with fail-closed"
+            " audit, so it grants no lease until the log can be written again; retry later"
+        )
+        self.servicer.grant_gate = lambda: None if sink.healthy else refusal
+
+    def _audit_description(self) -> str:
+        if self.audit_log is None:
+            return "off"
+        mode = "fail-closed" if self.config.audit_fail_closed else "fail-open"
+        return f"{self.audit_log.directory} ({mode})"
+
+    def _close_audit(self) -> None:
+        """Write the queued audit records, then close the log (blocks; run it off the event loop)."""
+        sink, log = self.audit_sink, self.audit_log
+        if sink is None or log is None:
+            return
+        if not sink.close(AUDIT_CLOSE_TIMEOUT_SECONDS):
+            logger.error(
+                "audit records still queued at stop are not written; the next start writes the"
+                " records of leases found in the store again"
+            )
+        # TODO: keep the last hash in the lease store, so that `audit verify
+        # --expected-last-hash` can detect records cut from the end of the log.
+        logger.info("audit log %s closed at seq %d, last hash %s", log.directory, log.last_seq, log.last_hash)
+        log.close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -288,8 +391,10 @@ class Authority:
             self._scheduler.stop()
         if self.persistence is not None:
             self.persistence.housekeeping()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._close_audit)
         if self.store is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+            await loop.run_in_executor(None, self.store.close)
         logger.info("session authority on %s stopped", self.target)
 
     async def _run_housekeeping(self) -> None:

@@ -11,10 +11,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from ._audit import AuditWriteError
 from ._auth import ApiKeyAuthenticator, Authenticator, InsecureDevAuthenticator, is_loopback_address
 from ._authority import Authority, AuthorityConfig
 from ._policy import Policy, PolicyError, load_policy
 from ._store import StoreError
+from ._telemetry_sdk import TelemetryConfigError, TelemetrySetup, configure_sdk
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long ended leases are reported as ended rather than not found (default 3600)",
     )
     parser.add_argument(
+        "--audit-fail-closed",
+        action="store_true",
+        default=env("SESSION_AUTHORITY_AUDIT_FAIL_CLOSED", "").lower() in ("1", "true", "yes"),
+        help="reject grants (UNAVAILABLE) while the audit log in DATA_DIR/audit cannot be written;"
+        " by default grants go on and the records are written once the log recovers"
+        " (env SESSION_AUTHORITY_AUDIT_FAIL_CLOSED=true)",
+    )
+    parser.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=int(env("SESSION_AUTHORITY_PROMETHEUS_PORT")) if env("SESSION_AUTHORITY_PROMETHEUS_PORT") else None,
+        metavar="PORT",
+        help="serve OpenTelemetry metrics for Prometheus at http://HOST:PORT/metrics; 0 picks a free port"
+        " (env SESSION_AUTHORITY_PROMETHEUS_PORT; default: no endpoint)",
+    )
+    parser.add_argument(
+        "--prometheus-host",
+        default=env("SESSION_AUTHORITY_PROMETHEUS_HOST", "127.0.0.1"),
+        metavar="HOST",
+        help="address of the Prometheus endpoint (env SESSION_AUTHORITY_PROMETHEUS_HOST, default 127.0.0.1)",
+    )
+    parser.add_argument(
         "--port-file",
         type=pathlib.Path,
         help="write the bound port to this file once serving (useful with port 0)",
@@ -126,6 +150,7 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
         admin_everyone=args.insecure_dev,
         heartbeat_interval_seconds=args.heartbeat_interval,
         ended_retention_seconds=args.ended_retention,
+        audit_fail_closed=args.audit_fail_closed,
     )
 
 
@@ -137,15 +162,17 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
         logger.warning(
             "insecure development mode: any caller may claim any principal; never use this in production"
         )
+    # Handlers go in before the port file appears, because whoever waits for
+    # that file may send SIGTERM at once.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
     if port_file is not None:
         temporary = port_file.with_suffix(port_file.suffix + ".tmp")
         temporary.write_text(f"{authority.port}\n")
         temporary.replace(port_file)
 
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     logger.info("stop requested; finishing calls in flight")
     await authority.stop(grace_seconds=1.0)
@@ -161,14 +188,28 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     )
     config = build_config(args)
     try:
+        telemetry = configure_sdk(prometheus_host=args.prometheus_host, prometheus_port=args.prometheus_port)
+    except TelemetryConfigError as exc:
+        print(f"session-authority serve: {exc}", file=sys.stderr)
+        return 2
+    _log_telemetry(telemetry)
+    try:
         asyncio.run(run(config, args.port_file))
-    except StoreError as exc:
+    except (StoreError, AuditWriteError, RuntimeError) as exc:
         print(f"session-authority serve: {exc}", file=sys.stderr)
         return 1
-    except RuntimeError as exc:
-        print(f"session-authority serve: {exc}", file=sys.stderr)
-        return 1
+    finally:
+        # Flushes spans and metrics still queued for the exporters.
+        telemetry.shutdown()
     return 0
+
+
+def _log_telemetry(telemetry: TelemetrySetup) -> None:
+    logger.info(
+        "OpenTelemetry: traces to %s, metrics to %s",
+        ", ".join(telemetry.traces_exporters) or "nowhere",
+        ", ".join(telemetry.metrics_exporters) or "nowhere",
+    )
 
 
 if __name__ == "__main__":

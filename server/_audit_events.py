@@ -1,0 +1,278 @@
+"""Lease table listener that writes grants, revokes and ends to the audit log and to OpenTelemetry."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from ._audit import AuditReceipt, AuditSink, utc_isoformat
+from ._store import StoredLease
+from ._table import EndReason, LeaseSnapshot, LeaseState, SessionEnd
+from ._telemetry import SessionTelemetry, end_reason_name
+
+logger = logging.getLogger(__name__)
+
+
+def grant_event(lease: LeaseSnapshot) -> tuple[str, str, dict[str, object]]:
+    """Return the event ID, type and fields of a lease's ``grant`` audit record."""
+    return f"grant:{lease.digest.hex()}", "grant", {
+        "fingerprint": lease.fingerprint,
+        "principal": lease.principal,
+        "tier": lease.tier,
+        "granted_at": utc_isoformat(lease.granted_wall),
+        "idle_timeout_seconds": lease.idle_timeout,
+        "max_duration_seconds": lease.max_duration,
+    }
+
+
+def revoke_event(lease: LeaseSnapshot) -> tuple[str, str, dict[str, object]]:
+    """Return the event ID, type and fields of a revoked lease's ``revoke`` audit record."""
+    ended_wall = lease.ended_wall if lease.ended_wall is not None else lease.granted_wall + lease.age
+    return f"revoke:{lease.digest.hex()}", "revoke", {
+        "fingerprint": lease.fingerprint,
+        "principal": lease.principal,
+        "tier": lease.tier,
+        "revoked_by": lease.revoked_by,
+        "revoked_at": utc_isoformat(ended_wall),
+    }
+
+
+def end_event(lease: LeaseSnapshot) -> tuple[str, str, dict[str, object]]:
+    """Return the event ID, type and fields of a lease's ``end`` audit record.
+
+    ``duration_seconds`` is the lease's age at its end on the authority's
+    monotonic clock, so a wall-clock step between grant and end does not
+    change it. ``granted_at`` and ``ended_at`` are wall times for people.
+    """
+    ended_wall = lease.ended_wall if lease.ended_wall is not None else lease.granted_wall + lease.age
+    return f"end:{lease.digest.hex()}", "end", {
+        "fingerprint": lease.fingerprint,
+        "principal": lease.principal,
+        "tier": lease.tier,
+        "reason": end_reason_name(lease),
+        "granted_at": utc_isoformat(lease.granted_wall),
+        "ended_at": utc_isoformat(ended_wall),
+        "duration_seconds": round(lease.age, 6),
+        "revoked_by": lease.revoked_by or None,
+    }
+
+
+def snapshot_of_stored(row: StoredLease) -> LeaseSnapshot:
+    """Describe a stored row for the audit log.
+
+    Store times are authority time, so ``age`` (the duration) is the
+    difference of two readings on one monotonic scale.
+    """
+    ended = row.ended_at is not None
+    reason: EndReason | None = None
+    if ended:
+        reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
+    age = (row.ended_at if row.ended_at is not None else row.granted_at) - row.granted_at
+    return LeaseSnapshot(
+        state=LeaseState.ENDED if ended else LeaseState.ALIVE,
+        digest=row.digest,
+        principal=row.principal,
+        tier=row.tier,
+        idle_timeout=row.idle_timeout,
+        max_duration=row.max_duration,
+        ttl=0.0,
+        max_remaining=0.0,
+        age=max(0.0, age),
+        idle_for=0.0,
+        granted_wall=row.granted_wall,
+        ended_wall=row.ended_wall,
+        end_reason=reason,
+        revoked_by=row.revoked_by,
+    )
+
+
+@dataclasses.dataclass
+class _PendingGrant:
+    """A grant whose store write has not settled, and the ends that wait for it."""
+
+    lease: LeaseSnapshot
+    span: trace.Span | None
+    waiting_ends: list[_SeenEnd] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeenEnd:
+    end: SessionEnd
+    parent: otel_context.Context
+    seen_ns: int
+
+
+class SessionRecorder:
+    """Turns lease table events into audit records and OpenTelemetry spans and metrics.
+
+    Audit: a ``grant`` record once the grant is stored, a ``revoke`` record
+    for a revoke, and exactly one ``end`` record per end, queued on the
+    :class:`AuditSink`, which retries a failed write until it lands. Ends are
+    queued in the table's end order (``SessionEnd.sequence``), whichever
+    threads report them. An end of a lease whose grant write has not settled
+    waits for it, so the grant record comes first. Nothing here waits for
+    the disk, so leases end on time while the audit log is failing.
+
+    Telemetry: the ``session.end`` span is emitted from the sink's
+    ``on_written`` callback, so it carries the record's seq and hash. Without
+    a sink it is emitted at once.
+
+    Threading: ``on_grant`` and ``on_end`` come from whichever thread changed
+    the table, ``grant_settled`` from the thread that completes the store
+    write. All return without blocking on I/O.
+
+    Args:
+        sink: The audit sink, or None to keep no audit log.
+        telemetry: Spans and metrics.
+        first_sequence: Sequence number of the next end the table reports
+            (``table.sequence + 1`` when the recorder is attached).
+    """
+
+    def __init__(self, sink: AuditSink | None, telemetry: SessionTelemetry, first_sequence: int) -> None:
+        self.sink = sink
+        self.telemetry = telemetry
+        self._lock = threading.Lock()
+        self._next_sequence = first_sequence
+        self._out_of_order: dict[int, _SeenEnd] = {}
+        self._pending_grants: dict[bytes, _PendingGrant] = {}
+
+    # -- start-up ---------------------------------------------------------
+
+    def resubmit_stored(self, rows: Iterable[StoredLease]) -> int:
+        """Queue the grant, revoke and end records of leases loaded from the store.
+
+        A crash can lose records that were queued but not written, while the
+        store already contains the grant or end. The log skips event IDs it
+        already contains, so only the missing records are written. An ``end`` record
+        written now gets its ``session.end`` span now, without a link. Call
+        before the table reports any end, so these records come first.
+
+        Returns:
+            The number of rows whose records were queued.
+        """
+        if self.sink is None:
+            return 0
+        count = 0
+        for row in rows:
+            lease = snapshot_of_stored(row)
+            self._submit(*grant_event(lease), None)
+            if lease.end_reason is not None:
+                if lease.end_reason is EndReason.REVOKED:
+                    self._submit(*revoke_event(lease), None)
+                written = functools.partial(self._restored_end_written, lease)
+                self._submit(*end_event(lease), written)
+            count += 1
+        return count
+
+    def _restored_end_written(self, lease: LeaseSnapshot, receipt: AuditReceipt) -> None:
+        if receipt.duplicate:
+            return
+        logger.info("audit end record of lease %s written after restart", lease.fingerprint)
+        self.telemetry.record_end(
+            lease, grant_context=None, parent=None, start_time_ns=time.time_ns(), receipt=receipt
+        )
+
+    # -- table listener --------------------------------------------------
+
+    def on_grant(self, lease: LeaseSnapshot) -> None:
+        span = self.telemetry.start_grant(lease)
+        with self._lock:
+            self._pending_grants[lease.digest] = _PendingGrant(lease, span)
+
+    def grant_settled(self, lease: LeaseSnapshot, future: concurrent.futures.Future[None]) -> None:
+        """Record a grant once its store write has settled; a failed write leaves no record."""
+        error: BaseException | None
+        if future.cancelled():
+            error = concurrent.futures.CancelledError()
+        else:
+            error = future.exception()
+        with self._lock:
+            pending = self._pending_grants.pop(lease.digest, None)
+            if pending is None:
+                logger.warning("grant of lease %s settled but was never reported by the table", lease.fingerprint)
+                return
+            self.telemetry.finish_grant(lease, pending.span, error)
+            if error is not None:
+                if pending.waiting_ends:
+                    logger.warning(
+                        "lease %s ended before its grant failed to be stored; it was never handed out,"
+                        " so no audit record is written",
+                        lease.fingerprint,
+                    )
+                return
+            self._submit(*grant_event(lease), None)
+            for seen in pending.waiting_ends:
+                self._record_end_locked(seen)
+
+    def on_end(self, end: SessionEnd) -> None:
+        seen = _SeenEnd(end, otel_context.get_current(), time.time_ns())
+        with self._lock:
+            self._out_of_order[end.sequence] = seen
+            # Two threads can end leases at once and report them in either
+            # order; records go out in sequence order.
+            while self._next_sequence in self._out_of_order:
+                ready = self._out_of_order.pop(self._next_sequence)
+                self._next_sequence += 1
+                pending = self._pending_grants.get(ready.end.lease.digest)
+                if pending is not None:
+                    pending.waiting_ends.append(ready)
+                else:
+                    self._record_end_locked(ready)
+            if len(self._out_of_order) > 1000:
+                logger.error(
+                    "%d lease ends wait for end %d, which was never reported; audit records are delayed",
+                    len(self._out_of_order),
+                    self._next_sequence,
+                )
+
+    # -- internals (lock held) --------------------------------------------
+
+    def _record_end_locked(self, seen: _SeenEnd) -> None:
+        lease = seen.end.lease
+        grant_context = self.telemetry.lease_ended(seen.end)
+        emit = functools.partial(self._emit_end_span, lease, grant_context, seen.parent, seen.seen_ns)
+        if self.sink is None:
+            emit(None)
+            return
+        if lease.end_reason is EndReason.REVOKED:
+            self._submit(*revoke_event(lease), None)
+        self._submit(*end_event(lease), emit)
+
+    def _emit_end_span(
+        self,
+        lease: LeaseSnapshot,
+        grant_context: trace.SpanContext | None,
+        parent: otel_context.Context,
+        seen_ns: int,
+        receipt: AuditReceipt | None,
+    ) -> None:
+        if receipt is not None and receipt.duplicate:
+            return
+        self.telemetry.record_end(
+            lease, grant_context=grant_context, parent=parent, start_time_ns=seen_ns, receipt=receipt
+        )
+
+    def _submit(
+        self,
+        event_id: str,
+        type: str,
+        fields: dict[str, object],
+        on_written: Callable[[AuditReceipt], None] | None,
+    ) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.submit(event_id, type, fields, on_written)
+        except Exception:  # noqa: BLE001 - the table change stands even when its record cannot be queued
+            logger.exception(
+                "audit %s record of lease %s not queued; a restart resubmits it from the store",
+                type,
+                fields.get("fingerprint"),
+            )
