@@ -1,19 +1,22 @@
-"""Test helpers for the client interceptor suites: a lease-checking server and a TCP proxy."""
+"""Test helpers for the client interceptor suites: real protected servers and a TCP proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import selectors
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from session_authority.clients._client import AuthorityClient
-from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY
-from session_authority.clients._types import LeaseState
+from session_authority.interceptors._aio_server import AioLeaseServerInterceptor
+from session_authority.interceptors._enforcer import EnforcerConfig, SessionEndInfo
+from session_authority.interceptors._server import LeaseServerInterceptor
 
 SERVICE = "test.Echo"
 UNARY = f"/{SERVICE}/Unary"
@@ -22,30 +25,128 @@ CLIENT_STREAM = f"/{SERVICE}/ClientStream"
 BIDI = f"/{SERVICE}/Bidi"
 HANG = f"/{SERVICE}/Hang"
 
+HANG_GUARD_SECONDS = 10.0
+"""A ``Hang`` handler returns after this long, so a call that is never cut off fails its test instead of hanging it."""
 
-class ProtectedServer:
-    """A real gRPC server whose handlers admit a call only under a live lease.
 
-    Each call's ``session-lease`` is checked with the authority's TimeToLive.
-    An ended or unknown lease is rejected with UNAUTHENTICATED and the
-    ``session-end-reason`` trailer, as the enforcing server interceptor does.
-    It records the metadata of every call and the calls that were cancelled.
+def enforcer_settings(authority_target: str) -> EnforcerConfig:
+    """Return enforcer settings for tests: a short activity batch interval and fast watch reconnects."""
+    return EnforcerConfig(
+        authority_target=authority_target,
+        staleness_bound_seconds=2.0,
+        activity_batch_interval_seconds=0.05,
+        reconnect_backoff_initial_seconds=0.05,
+        reconnect_backoff_max_seconds=0.5,
+    )
+
+
+class EchoService:
+    """An echo service that records the metadata of every call and whether a ``Hang`` call ended early."""
+
+    def __init__(self) -> None:
+        self.metadata_seen: list[tuple[tuple[str, Any], ...]] = []
+        self.hang_started = threading.Event()
+        # Set when a Hang call stops before its handler returns, because the client cancelled it or the
+        # server interceptor cut it off.
+        self.cancelled = threading.Event()
+
+    def record(self, context: Any) -> None:
+        self.metadata_seen.append(tuple(context.invocation_metadata() or ()))
+
+    def sync_handler(self) -> grpc.GenericRpcHandler:
+        """Build handlers for ``grpc.server``."""
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.record(context)
+            context.set_trailing_metadata((("echo-trailer", "unary"),))
+            return request
+
+        def server_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            self.record(context)
+            for index in range(int(request or b"3")):
+                yield str(index).encode()
+
+        def client_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            self.record(context)
+            return b"".join(requests)
+
+        def bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            self.record(context)
+            yield from requests
+
+        def hang(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.record(context)
+            self.hang_started.set()
+            deadline = time.monotonic() + HANG_GUARD_SECONDS
+            while context.is_active() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not context.is_active():
+                self.cancelled.set()
+            return request
+
+        return _generic_handler(unary, server_stream, client_stream, bidi, hang)
+
+    def aio_handler(self) -> grpc.GenericRpcHandler:
+        """Build handlers for ``grpc.aio.server``."""
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.record(context)
+            context.set_trailing_metadata((("echo-trailer", "unary"),))
+            return request
+
+        async def server_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            self.record(context)
+            for index in range(int(request or b"3")):
+                yield str(index).encode()
+
+        async def client_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            self.record(context)
+            return b"".join([request async for request in requests])
+
+        async def bidi(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            self.record(context)
+            async for request in requests:
+                yield request
+
+        async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.record(context)
+            self.hang_started.set()
+            try:
+                await asyncio.sleep(HANG_GUARD_SECONDS)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return request
+
+        return _generic_handler(unary, server_stream, client_stream, bidi, hang)
+
+
+def _generic_handler(unary: Any, server_stream: Any, client_stream: Any, bidi: Any, hang: Any) -> grpc.GenericRpcHandler:
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+        "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        "Hang": grpc.unary_unary_rpc_method_handler(hang),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class SyncProtectedServer(EchoService):
+    """A ``grpc.server`` on loopback serving the echo service behind a real :class:`LeaseServerInterceptor`.
+
+    ``server_ends`` lists the leases that had calls here and ended, as the
+    interceptor's session-end callback reports them.
     """
 
     def __init__(self, authority_target: str) -> None:
-        self._authority = AuthorityClient(authority_target, principal="enforcer")
-        self.metadata_seen: list[tuple[tuple[str, Any], ...]] = []
-        self.cancelled = threading.Event()
-        self.hang_started = threading.Event()
-        self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16))
-        handlers = {
-            "Unary": grpc.unary_unary_rpc_method_handler(self._unary),
-            "ServerStream": grpc.unary_stream_rpc_method_handler(self._server_stream),
-            "ClientStream": grpc.stream_unary_rpc_method_handler(self._client_stream),
-            "Bidi": grpc.stream_stream_rpc_method_handler(self._bidi),
-            "Hang": grpc.unary_unary_rpc_method_handler(self._hang),
-        }
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        super().__init__()
+        self.server_ends: list[SessionEndInfo] = []
+        self.interceptor = LeaseServerInterceptor(enforcer_settings(authority_target))
+        self.interceptor.on_session_end(self.server_ends.append)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+        self._server = grpc.server(self._executor, interceptors=[self.interceptor])
+        self._server.add_generic_rpc_handlers((self.sync_handler(),))
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
@@ -54,57 +155,58 @@ class ProtectedServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self._server.stop(grace=None)
-        self._authority.close()
+        self._server.stop(grace=None).wait(10)
+        self._executor.shutdown(wait=True)
+        self.interceptor.close()
 
-    def _admit(self, context: grpc.ServicerContext) -> None:
-        metadata = tuple(context.invocation_metadata())
-        self.metadata_seen.append(metadata)
-        lease_ids = [value for key, value in metadata if key == LEASE_METADATA_KEY]
-        if len(lease_ids) != 1:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"expected one session-lease, got {len(lease_ids)}")
-        lease = self._authority.time_to_live(lease_ids[0])
-        if lease.state is not LeaseState.ALIVE:
-            reason = lease.end_reason.value if lease.end_reason else "unknown"
-            context.set_trailing_metadata(((END_REASON_TRAILER_KEY, reason),))
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"session ended: {reason}")
 
-    def _unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._admit(context)
-        context.set_trailing_metadata((("echo-trailer", "unary"),))
-        return request
+class AioProtectedServer(EchoService):
+    """A ``grpc.aio.server`` behind a real :class:`AioLeaseServerInterceptor`, on its own event loop thread.
 
-    def _server_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._admit(context)
-        for index in range(int(request or b"3")):
-            yield str(index).encode()
+    Its own loop lets a test drive it from sync clients and from aio clients on
+    another loop alike. ``server_ends`` is as in :class:`SyncProtectedServer`.
+    """
 
-    def _client_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        self._admit(context)
-        return b"".join(requests)
+    def __init__(self, authority_target: str) -> None:
+        super().__init__()
+        self.server_ends: list[SessionEndInfo] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-aio-protected", daemon=True)
+        self._thread.start()
+        self._run(self._start(authority_target))
 
-    def _bidi(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        self._admit(context)
-        for request in requests:
-            yield request
+    async def _start(self, authority_target: str) -> None:
+        # grpc.aio binds a server to the event loop it is created on.
+        self.interceptor = AioLeaseServerInterceptor(enforcer_settings(authority_target))
+        self.interceptor.on_session_end(self.server_ends.append)
+        self._server = grpc.aio.server(interceptors=[self.interceptor])
+        self._server.add_generic_rpc_handlers((self.aio_handler(),))
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
 
-    def _hang(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._admit(context)
-        context.add_callback(self._on_done(context))
-        self.hang_started.set()
-        # Wait for the client to cancel; the bound keeps a broken test from hanging.
-        for _ in range(200):
-            if not context.is_active():
-                break
-            threading.Event().wait(0.05)
-        return request
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
-    def _on_done(self, context: grpc.ServicerContext) -> Any:
-        def callback() -> None:
-            if context.is_active() is False:
-                self.cancelled.set()
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
-        return callback
+    def stop(self) -> None:
+        self._run(self._server.stop(None))
+        self._run(self.interceptor.aclose())
+        self._run(self._loop.shutdown_default_executor())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+def start_protected_server(kind: str, authority_target: str) -> SyncProtectedServer | AioProtectedServer:
+    """Start a sync (``kind="sync"``) or aio (``kind="aio"``) protected server."""
+    if kind == "sync":
+        return SyncProtectedServer(authority_target)
+    if kind == "aio":
+        return AioProtectedServer(authority_target)
+    raise ValueError(f"kind must be 'sync' or 'aio', got {kind!r}")
 
 
 class TcpProxy:

@@ -1,4 +1,4 @@
-"""End-to-end tests of the grpc.aio lease interceptors and AioSession, with a real authority and server."""
+"""End-to-end tests of the grpc.aio lease interceptors and AioSession: a real authority and a real aio protected server."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ import grpc
 import grpc.aio
 import pytest
 
-from interceptors._client_support import BIDI, CLIENT_STREAM, HANG, SERVER_STREAM, UNARY, ProtectedServer
+from interceptors._client_support import (
+    BIDI,
+    CLIENT_STREAM,
+    FAST_RECONNECT_OPTIONS,
+    HANG,
+    SERVER_STREAM,
+    UNARY,
+    AioProtectedServer,
+    TcpProxy,
+)
 from session_authority.clients._aio_client import AioAuthorityClient
 from session_authority.clients._aio_session import AioSession
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._keeper import LeaseKeeper
-from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason
+from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import SessionEnded, SessionState
 from session_authority.interceptors._aio_client import (
     AioStreamStreamLeaseInterceptor,
@@ -45,8 +54,8 @@ class RecordingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 @pytest.fixture
-def protected(authority) -> Iterator[ProtectedServer]:  # type: ignore[no-untyped-def]
-    server = ProtectedServer(authority.target)
+def protected(authority) -> Iterator[AioProtectedServer]:  # type: ignore[no-untyped-def]
+    server = AioProtectedServer(authority.target)
     yield server
     server.stop()
 
@@ -71,9 +80,13 @@ Scenario = Callable[[AioSession, Callable[..., grpc.aio.Channel]], Awaitable[Non
 def run(authority, protected, keeper) -> Callable[..., None]:  # type: ignore[no-untyped-def]
     """Run a scenario on a fresh event loop with an AioSession and a channel factory."""
 
-    def runner(scenario: Scenario, **session_options: Any) -> None:
+    def runner(scenario: Scenario, *, proxy: TcpProxy | None = None, **session_options: Any) -> None:
+        """Run ``scenario``. With ``proxy``, the session reaches the authority through it."""
+        target = proxy.target if proxy is not None else authority.target
+        options = FAST_RECONNECT_OPTIONS if proxy is not None else ()
+
         async def main() -> None:
-            async with AioAuthorityClient(authority.target, principal="svc") as client:
+            async with AioAuthorityClient(target, principal="svc", options=options) as client:
                 session = AioSession(client, keeper=keeper, **session_options)
                 channels: list[grpc.aio.Channel] = []
 
@@ -362,7 +375,7 @@ def test_aio_async_on_end_awaited(run) -> None:  # type: ignore[no-untyped-def]
     run(scenario, tier="standard", on_end=on_end)
 
 
-def test_aio_reauthenticate_grants_new_lease(run, admin) -> None:  # type: ignore[no-untyped-def]
+def test_aio_reauthenticate_grants_new_lease(run, admin, protected) -> None:  # type: ignore[no-untyped-def]
     ends: list[EndReason] = []
 
     async def scenario(session: AioSession, make_channel: Any) -> None:
@@ -371,6 +384,8 @@ def test_aio_reauthenticate_grants_new_lease(run, admin) -> None:  # type: ignor
         first = session.fingerprint
         assert session.lease_id is not None
         admin.revoke(session.lease_id)
+        # The server admits from its cache until the authority's push arrives.
+        assert await wait_for(lambda: [end.fingerprint for end in protected.server_ends] == [first])
 
         with pytest.raises(grpc.aio.AioRpcError) as rejected:
             await unary(b"two")
@@ -400,6 +415,33 @@ def test_aio_revoke_observed_by_watch(run, admin) -> None:  # type: ignore[no-un
     run(scenario, tier="standard", on_end=ends.append)
 
 
+def test_aio_revoke_seen_by_server_and_client(run, admin, protected) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        in_flight = make_channel().unary_unary(HANG)(b"wait")
+        started = await asyncio.get_running_loop().run_in_executor(None, protected.hang_started.wait, 5)
+        assert started
+        lease_id = session.lease_id
+        assert lease_id is not None
+
+        revoked_at = time.monotonic()
+        admin.revoke(lease_id)
+        client_saw = await wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
+        server_saw = await wait_for(in_flight.done, 2.0)
+        elapsed = time.monotonic() - revoked_at
+
+        assert client_saw
+        assert server_saw
+        assert elapsed < 2.0
+        assert await in_flight.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert (END_REASON_TRAILER_KEY, "revoked") in tuple(await in_flight.trailing_metadata())
+        assert await asyncio.get_running_loop().run_in_executor(None, protected.cancelled.wait, 2)
+        assert session.state is SessionState.ENDED
+
+    run(scenario, tier="standard", on_end=ends.append)
+
+
 @pytest.mark.parametrize("shape", ["server_stream", "client_stream", "bidi"])
 def test_aio_rejection_trailer_ends_session(run, admin, shape) -> None:  # type: ignore[no-untyped-def]
     ends: list[EndReason] = []
@@ -424,3 +466,77 @@ def test_aio_rejection_trailer_ends_session(run, admin, shape) -> None:  # type:
             await channel.unary_unary(UNARY)(b"after")
 
     run(scenario, tier="standard", watch=False, on_end=ends.append)
+
+
+# -- authority unreachable -----------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(authority) -> Iterator[TcpProxy]:  # type: ignore[no-untyped-def]
+    """A proxy to the authority that the test can cut. The protected server reaches the authority directly."""
+    running = TcpProxy(int(authority.target.rsplit(":", 1)[1]))
+    yield running
+    running.stop()
+
+
+async def call_until(unary: Any, condition: Callable[[], bool], timeout_seconds: float) -> bool:
+    """Make calls every 20 ms until ``condition`` holds, and return whether it held in time."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        await unary(b"tick")
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+def test_aio_authority_unavailable_twice_lease_kept(run, proxy) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(UNARY)
+        await unary(b"first")
+        holder = session._holder
+        assert holder is not None
+        first = session.fingerprint
+
+        proxy.reject_connections()
+        failed = await call_until(unary, lambda: holder.renewal_failures >= 2, 0.6)
+        proxy.accept_connections()
+        recovered = await call_until(unary, lambda: holder.renewal_failures == 0, 0.6)
+
+        assert failed
+        assert recovered
+        assert await unary(b"after") == b"after"
+        assert ends == []
+        assert session.fingerprint == first
+        assert session.state is SessionState.ALIVE
+
+    run(scenario, proxy=proxy, tier="short", watch=False, on_end=ends.append)
+
+
+def test_aio_authority_down_ends_session_once(run, proxy) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(UNARY)
+        await unary(b"first")
+
+        proxy.reject_connections()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                await unary(b"tick")
+            except SessionEnded:
+                break
+            await asyncio.sleep(0.05)
+        proxy.accept_connections()
+        await asyncio.sleep(0.5)
+
+        assert ends == [EndReason.AUTHORITY_UNREACHABLE]
+        assert session.state is SessionState.ENDED
+        with pytest.raises(SessionEnded) as raised:
+            await unary(b"after")
+        assert raised.value.reason is EndReason.AUTHORITY_UNREACHABLE
+
+    run(scenario, proxy=proxy, tier="short", watch=False, on_end=ends.append)

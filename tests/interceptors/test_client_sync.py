@@ -1,4 +1,4 @@
-"""End-to-end tests of LeaseClientInterceptor: a real authority, a real lease-checking server."""
+"""End-to-end tests of LeaseClientInterceptor: a real authority and servers behind the real lease server interceptors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ from typing import Any
 import grpc
 import pytest
 
-from interceptors._client_support import BIDI, CLIENT_STREAM, HANG, SERVER_STREAM, UNARY, ProtectedServer
+from interceptors._client_support import (
+    BIDI,
+    CLIENT_STREAM,
+    FAST_RECONNECT_OPTIONS,
+    HANG,
+    SERVER_STREAM,
+    UNARY,
+    AioProtectedServer,
+    SyncProtectedServer,
+    TcpProxy,
+    start_protected_server,
+)
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._keeper import LeaseKeeper
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY, EndReason
@@ -41,8 +52,9 @@ class RecordingInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCli
 
 
 @pytest.fixture
-def protected(authority) -> Iterator[ProtectedServer]:  # type: ignore[no-untyped-def]
-    server = ProtectedServer(authority.target)
+def protected(authority, request) -> Iterator[SyncProtectedServer | AioProtectedServer]:  # type: ignore[no-untyped-def]
+    """A sync protected server, or an aio one for tests parametrized indirectly with ``"aio"``."""
+    server = start_protected_server(getattr(request, "param", "sync"), authority.target)
     yield server
     server.stop()
 
@@ -67,7 +79,7 @@ def admin(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-de
 
 
 @pytest.fixture
-def make_channel(protected: ProtectedServer) -> Iterator[Callable[..., grpc.Channel]]:
+def make_channel(protected: SyncProtectedServer | AioProtectedServer) -> Iterator[Callable[..., grpc.Channel]]:
     opened: list[grpc.Channel] = []
 
     def make(*interceptors: Any) -> grpc.Channel:
@@ -142,6 +154,26 @@ def test_stream_stream_carries_lease(client, keeper, make_channel, protected) ->
     assert call.code() is grpc.StatusCode.OK
     assert call.details() in (None, "")
     assert lease_values(protected.metadata_seen[-1]) == [session.lease_id]
+
+
+@pytest.mark.parametrize("protected", ["aio"], indirect=True)
+def test_four_shapes_against_aio_server(client, keeper, make_channel, protected) -> None:  # type: ignore[no-untyped-def]
+    session = Session(client, tier="standard", keeper=keeper)
+    channel = make_channel(session.interceptor())
+
+    unary, call = channel.unary_unary(UNARY).with_call(b"ping")
+    server_stream = list(channel.unary_stream(SERVER_STREAM)(b"2"))
+    client_stream = channel.stream_unary(CLIENT_STREAM)(iter([b"a", b"b"]))
+    bidi = list(channel.stream_stream(BIDI)(iter([b"x", b"y"])))
+
+    assert unary == b"ping"
+    assert ("echo-trailer", "unary") in tuple(call.trailing_metadata())
+    assert server_stream == [b"0", b"1"]
+    assert client_stream == b"ab"
+    assert bidi == [b"x", b"y"]
+    assert len(protected.metadata_seen) == 4
+    for seen in protected.metadata_seen:
+        assert lease_values(seen) == [session.lease_id]
 
 
 def test_stream_messages_mark_activity(client, keeper, make_channel) -> None:  # type: ignore[no-untyped-def]
@@ -290,7 +322,7 @@ def test_idle_session_ends_and_raises(client, keeper, make_channel) -> None:  # 
     assert session.state is SessionState.ENDED
 
 
-def test_reauthenticate_grants_new_lease(client, keeper, make_channel, admin) -> None:  # type: ignore[no-untyped-def]
+def test_reauthenticate_grants_new_lease(client, keeper, make_channel, admin, protected) -> None:  # type: ignore[no-untyped-def]
     ends: list[EndReason] = []
     session = Session(client, tier="standard", keeper=keeper, end_policy="reauthenticate", on_end=ends.append, watch=False)
     channel = make_channel(session.interceptor())
@@ -299,6 +331,8 @@ def test_reauthenticate_grants_new_lease(client, keeper, make_channel, admin) ->
     first = session.fingerprint
     assert session.lease_id is not None
     admin.revoke(session.lease_id)
+    # The server admits from its cache until the authority's push arrives.
+    assert wait_for(lambda: [end.fingerprint for end in protected.server_ends] == [first])
 
     with pytest.raises(grpc.RpcError) as rejected:
         unary(b"two")
@@ -331,6 +365,31 @@ def test_revoke_observed_by_watch(client, keeper, make_channel, admin, protected
     assert (END_REASON_TRAILER_KEY, "revoked") in tuple(rejected.value.trailing_metadata())
 
 
+@pytest.mark.parametrize("protected", ["sync", "aio"], indirect=True)
+def test_revoke_seen_by_server_and_client(client, keeper, make_channel, admin, protected) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+    session = Session(client, tier="standard", keeper=keeper, on_end=ends.append)
+    channel = make_channel(session.interceptor())
+    in_flight = channel.unary_unary(HANG).future(b"wait")
+    assert protected.hang_started.wait(5)
+    lease_id = session.lease_id
+    assert lease_id is not None
+
+    revoked_at = time.monotonic()
+    admin.revoke(lease_id)
+    client_saw = wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
+    server_saw = wait_for(in_flight.done, 2.0)
+    elapsed = time.monotonic() - revoked_at
+
+    assert client_saw
+    assert server_saw
+    assert elapsed < 2.0
+    assert protected.cancelled.wait(2)
+    assert in_flight.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert (END_REASON_TRAILER_KEY, "revoked") in tuple(in_flight.trailing_metadata())
+    assert session.state is SessionState.ENDED
+
+
 @pytest.mark.parametrize("shape", ["unary", "server_stream", "client_stream", "bidi"])
 def test_rejection_trailer_ends_session(client, keeper, make_channel, admin, shape) -> None:  # type: ignore[no-untyped-def]
     ends: list[EndReason] = []
@@ -354,6 +413,66 @@ def test_rejection_trailer_ends_session(client, keeper, make_channel, admin, sha
     assert wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
     with pytest.raises(SessionEnded):
         channel.unary_unary(UNARY)(b"after")
+
+
+# -- authority unreachable -----------------------------------------------------------
+
+
+@pytest.fixture
+def proxied_client(authority) -> Iterator[tuple[AuthorityClient, TcpProxy]]:  # type: ignore[no-untyped-def]
+    """A client that reaches the authority through a proxy the test can cut. The server reaches the authority directly."""
+    proxy = TcpProxy(int(authority.target.rsplit(":", 1)[1]))
+    with AuthorityClient(proxy.target, principal="svc", options=FAST_RECONNECT_OPTIONS) as opened:
+        yield opened, proxy
+    proxy.stop()
+
+
+def test_authority_unavailable_twice_lease_kept(proxied_client, keeper, make_channel) -> None:  # type: ignore[no-untyped-def]
+    client, proxy = proxied_client
+    ends: list[EndReason] = []
+    session = Session(client, tier="short", keeper=keeper, watch=False, on_end=ends.append)
+    unary = make_channel(session.interceptor()).unary_unary(UNARY)
+    unary(b"first")
+    holder = session._holder
+    assert holder is not None
+    first = session.fingerprint
+
+    proxy.reject_connections()
+    failed = wait_for(lambda: (unary(b"tick"), holder.renewal_failures >= 2)[1], 0.6)
+    proxy.accept_connections()
+    recovered = wait_for(lambda: (unary(b"tick"), holder.renewal_failures == 0)[1], 0.6)
+
+    assert failed
+    assert recovered
+    assert unary(b"after") == b"after"
+    assert ends == []
+    assert session.fingerprint == first
+    assert session.state is SessionState.ALIVE
+
+
+def test_authority_down_ends_session_once(proxied_client, keeper, make_channel) -> None:  # type: ignore[no-untyped-def]
+    client, proxy = proxied_client
+    ends: list[EndReason] = []
+    session = Session(client, tier="short", keeper=keeper, watch=False, on_end=ends.append)
+    unary = make_channel(session.interceptor()).unary_unary(UNARY)
+    unary(b"first")
+
+    proxy.reject_connections()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        try:
+            unary(b"tick")
+        except SessionEnded:
+            break
+        time.sleep(0.05)
+    proxy.accept_connections()
+    time.sleep(0.5)
+
+    assert ends == [EndReason.AUTHORITY_UNREACHABLE]
+    assert session.state is SessionState.ENDED
+    with pytest.raises(SessionEnded) as raised:
+        unary(b"after")
+    assert raised.value.reason is EndReason.AUTHORITY_UNREACHABLE
 
 
 def test_interceptor_type(client, keeper) -> None:  # type: ignore[no-untyped-def]
