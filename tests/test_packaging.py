@@ -13,6 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "protos" / "session_authority" / "v1"
+EXAMPLES_GENERATED = ROOT / "examples" / "protos" / "demo" / "v1"
 
 
 def test_regenerating_protos_changes_nothing(tmp_path: pathlib.Path) -> None:
@@ -27,6 +28,14 @@ def test_regenerating_protos_changes_nothing(tmp_path: pathlib.Path) -> None:
     assert generated == ["session_authority_pb2.py", "session_authority_pb2.pyi", "session_authority_pb2_grpc.py"]
     for name in generated:
         assert filecmp.cmp(fresh / name, GENERATED / name, shallow=False), f"{name} differs: rerun tools/generate_protos.py"
+
+    fresh_examples = tmp_path / "session_authority" / "examples" / "protos" / "demo" / "v1"
+    generated_examples = sorted(p.name for p in fresh_examples.iterdir())
+    assert generated_examples == ["demo_pb2.py", "demo_pb2.pyi", "demo_pb2_grpc.py"]
+    for name in generated_examples:
+        assert filecmp.cmp(fresh_examples / name, EXAMPLES_GENERATED / name, shallow=False), (
+            f"examples/protos/demo/v1/{name} differs: rerun tools/generate_protos.py"
+        )
 
 
 def test_wheel_installs_nothing_top_level_but_the_namespace(tmp_path: pathlib.Path) -> None:

@@ -1,0 +1,1 @@
+"""Small real services protected by the session lease interceptors, and the demo that runs them."""
