@@ -75,3 +75,13 @@ def test_public_names_match_all(package: str) -> None:
 
     assert module.__all__ == sorted(module.__all__)
     assert sorted(public) == module.__all__
+
+
+def test_ci_runs_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = [block.split("```", 1)[0].strip() for block in setup.split("```sh\n")[1:]]
+
+    assert len(commands) == 2
+    assert commands[0].endswith("session-authority demo")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
