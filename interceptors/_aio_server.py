@@ -9,14 +9,26 @@ trailer. The cancel reaches the handler wherever it waits: reading the next
 request, writing, sleeping or awaiting anything else. Streamed responses of
 async generators are written by the wrapper with ``context.write``, so every
 message in either direction passes through it and counts as activity.
+
+Sync handlers (plain functions and sync generators) are legal on aio servers
+too. The wrapper runs them on a worker thread (the loop's default executor, or
+the one given to the interceptor) with a sync servicer context. Every wait of
+such a handler on the event loop (reading the next request, writing a
+response, ``send_initial_metadata``) goes through one pending future per call,
+which a cut-off cancels: a handler blocked reading its request iterator wakes
+with a ``grpc.RpcError`` and its thread goes back to the pool. A handler busy
+in its own code sees ``context.is_active()`` turn False.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import inspect
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+import threading
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 
 import grpc
 
@@ -27,6 +39,7 @@ from session_authority.interceptors._enforcer import (
     EnforcerConfig,
     SessionEndCallback,
     _Entry,
+    close_responses,
     reset_current_lease,
     set_current_lease,
 )
@@ -41,14 +54,17 @@ HANDLER_TASK_PREFIX = "session-lease-handler"
 class _AioCall:
     """One admitted call on an aio server, as stored in the enforcer's registry."""
 
-    __slots__ = ("_loop", "_method", "_span", "task", "finished", "refusal")
+    __slots__ = ("_loop", "_method", "_span", "_lock", "_pending", "task", "finished", "stopped", "refusal")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, method: str, span: Any) -> None:
         self._loop = loop
         self._method = method
         self._span = span
+        self._lock = threading.Lock()
+        self._pending: concurrent.futures.Future[Any] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.finished = False
+        self.stopped = False
         self.refusal: LeaseRefused | None = None
 
     def cut_off(self, refusal: LeaseRefused) -> None:
@@ -64,8 +80,48 @@ class _AioCall:
             return
         self.refusal = refusal
         _telemetry.add_refusal_event(self._span, _telemetry.CUT_OFF_EVENT, refusal, self._method)
+        self.stop()
         if self.task is not None:
             self.task.cancel()
+
+    def stop(self) -> None:
+        """Wake a sync handler that waits on the loop and make its later waits raise. Safe from any thread."""
+        with self._lock:
+            self.stopped = True
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def wait_on_loop(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` on the loop and block the sync handler's thread for its result.
+
+        Raises:
+            grpc.RpcError: The call was cut off or cancelled before or while waiting.
+        """
+        with self._lock:
+            if self.stopped:
+                coroutine.close()
+                raise _ended_error(self.refusal)
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            self._pending = future
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise _ended_error(self.refusal) from None
+        finally:
+            with self._lock:
+                if self._pending is future:
+                    self._pending = None
+
+
+class _CallEnded(grpc.RpcError):
+    """Raised in a sync handler's thread when its call was cut off or cancelled."""
+
+
+def _ended_error(refusal: LeaseRefused | None) -> _CallEnded:
+    if refusal is None:
+        return _CallEnded("the call was cancelled")
+    return _CallEnded(refusal.details)
 
 
 class _Requests:
@@ -127,25 +183,121 @@ async def _drive_stream_response(
         async for response in result:
             await context.write(response)
         return
-    if inspect.isawaitable(result):
-        await result
-        return
-    # NOTE: sync handlers on an aio server are not wrapped for cut-off; they
-    # run on the server's thread pool, which the interceptor cannot reach.
-    raise TypeError(
-        f"handler {behavior!r} returned {type(result).__name__}; on grpc.aio servers the lease"
-        " interceptor supports coroutines and async generators"
-    )
+    await result
 
 
 async def _drive_unary_response(behavior: Callable[..., Any], argument: Any, context: Any) -> Any:
-    result = behavior(argument, context)
-    if inspect.isawaitable(result):
-        return await result
-    raise TypeError(
-        f"handler {behavior!r} returned {type(result).__name__}; on grpc.aio servers the lease"
-        " interceptor supports coroutines and async generators"
-    )
+    return await behavior(argument, context)
+
+
+def _run_sync_unary_response(behavior: Callable[..., Any], argument: Any, context: _SyncContext) -> Any:
+    return behavior(argument, context)
+
+
+def _run_sync_stream_response(
+    behavior: Callable[..., Any],
+    argument: Any,
+    context: _SyncContext,
+    raw_context: grpc.aio.ServicerContext,
+    call: _AioCall,
+    touch: Callable[[], None],
+) -> None:
+    # Runs on a worker thread: each response is written on the event loop.
+    responses: Iterator[Any] = iter(behavior(argument, context))
+    try:
+        for response in responses:
+            touch()
+            call.wait_on_loop(raw_context.write(response))
+    finally:
+        # After a cut-off the generator is suspended: run its cleanup now.
+        close_responses(responses)
+
+
+_EOF = object()
+
+
+async def _next_or_eof(requests: AsyncIterator[Any]) -> Any:
+    try:
+        return await requests.__anext__()
+    except StopAsyncIteration:
+        return _EOF
+
+
+class _SyncRequests:
+    """The request iterator a sync handler gets on an aio server.
+
+    Each message is read on the event loop while the handler's thread waits;
+    a cut-off wakes the wait with ``grpc.RpcError``.
+    """
+
+    def __init__(self, requests: AsyncIterator[Any], call: _AioCall, touch: Callable[[], None]) -> None:
+        self._source = requests
+        self._requests: AsyncIterator[Any] | None = None
+        self._call = call
+        self._touch = touch
+        self._finished = False
+
+    def __iter__(self) -> _SyncRequests:
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        if self._requests is None:
+            self._requests = self._source.__aiter__()
+        request = self._call.wait_on_loop(_next_or_eof(self._requests))
+        if request is _EOF:
+            self._finished = True
+            raise StopIteration
+        self._touch()
+        return request
+
+    def next(self) -> Any:
+        """Alias of ``__next__``, as grpcio's own request iterator has."""
+        return self.__next__()
+
+
+class _SyncContext:
+    """The servicer context a sync handler gets on an aio server.
+
+    Methods that wait on the event loop block the handler's thread; the rest
+    are the aio context's own. ``is_active`` turns False at a cut-off.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, call: _AioCall) -> None:
+        self._context = context
+        self._call = call
+
+    def is_active(self) -> bool:
+        return not self._call.stopped and not self._context.done()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self._context.add_done_callback(lambda _context: callback())
+        return True
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._call.wait_on_loop(self._context.send_initial_metadata(initial_metadata))
+
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        # The aio abort sends the status and raises AbortError. The same
+        # exception object reaches gRPC, so it sends no second status.
+        self._call.wait_on_loop(self._context.abort(code, details, trailing_metadata))
+        raise AssertionError("context.abort returned")
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self.abort(status.code, status.details, status.trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+grpc.ServicerContext.register(_SyncContext)
+
+
+def _is_async_behavior(behavior: Callable[..., Any]) -> bool:
+    # Coroutine and async generator functions run on the loop; any other
+    # callable is a sync handler and runs on a worker thread.
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
 
 
 class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
@@ -156,24 +308,37 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
     :class:`~session_authority.interceptors.LeaseServerInterceptor`.
 
     Threading: construction blocks for up to ``policy_timeout_seconds`` while
-    the policy is fetched. Handlers run on the server's event loop; a cache
-    miss awaits ``Validate`` on a worker thread and never blocks the loop.
+    the policy is fetched. Coroutine and async generator handlers run on the
+    server's event loop; plain functions and sync generators run on
+    ``sync_handler_executor`` (by default the loop's default executor), as
+    grpc.aio runs them without the interceptor. A cache miss awaits
+    ``Validate`` on a worker thread and never blocks the loop.
     :meth:`close` joins background threads; from a coroutine, use
     :meth:`aclose`.
 
     Args:
         config: The enforcer's settings; or pass them as keyword arguments.
+        sync_handler_executor: Where sync handlers run; pass the server's
+            ``migration_thread_pool`` to keep them on the same threads as
+            without the interceptor. None means the loop's default executor.
         **settings: Fields of :class:`EnforcerConfig`, when ``config`` is None.
 
     Raises:
         ValueError: A setting is invalid.
     """
 
-    def __init__(self, config: EnforcerConfig | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        config: EnforcerConfig | None = None,
+        *,
+        sync_handler_executor: concurrent.futures.Executor | None = None,
+        **settings: Any,
+    ) -> None:
         if config is None:
             config = EnforcerConfig(**settings)
         elif settings:
             raise TypeError("pass either config= or keyword settings, not both")
+        self._sync_handler_executor = sync_handler_executor
         self._enforcer = Enforcer(config).start()
 
     @property
@@ -267,20 +432,23 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
             await _abort(context, refusal)
             raise AssertionError("context.abort returned") from None
         if entry is EXEMPT:
+            if not _is_async_behavior(behavior):
+                return await self._run_sync(behavior, drive, argument, context, call, None, streaming_requests)
             return await drive(behavior, argument, context)
         assert isinstance(entry, _Entry)
 
         try:
             if call.refusal is not None:
                 await _abort(context, call.refusal)
-            if streaming_requests:
-                argument = _Requests(argument, enforcer, entry)
+            if _is_async_behavior(behavior):
+                if streaming_requests:
+                    argument = _Requests(argument, enforcer, entry)
+                handler_run = drive(behavior, argument, _Context(context, enforcer, entry))
+            else:
+                handler_run = self._run_sync(behavior, drive, argument, context, call, entry, streaming_requests)
             token = set_current_lease(enforcer.lease_context(entry))
             try:
-                task = loop.create_task(
-                    drive(behavior, argument, _Context(context, enforcer, entry)),
-                    name=f"{HANDLER_TASK_PREFIX} {method}",
-                )
+                task = loop.create_task(handler_run, name=f"{HANDLER_TASK_PREFIX} {method}")
             finally:
                 reset_current_lease(token)
             call.task = task
@@ -289,10 +457,12 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 # gRPC cancelled the RPC (client cancel, deadline or
                 # shutdown): stop the handler too, and leave the status to gRPC.
+                call.stop()
                 task.cancel()
                 await asyncio.wait({task})
                 raise
             call.finished = True
+            call.stop()
             if call.refusal is not None:
                 if not task.cancelled() and task.exception() is not None:
                     logger.debug("handler of a cut-off call raised %r", task.exception())
@@ -300,6 +470,34 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
             return task.result()
         finally:
             enforcer.release(entry, call)
+
+    async def _run_sync(
+        self,
+        behavior: Callable[..., Any],
+        drive: Callable[[Callable[..., Any], Any, Any], Awaitable[Any]],
+        argument: Any,
+        context: grpc.aio.ServicerContext,
+        call: _AioCall,
+        entry: _Entry | None,
+        streaming_requests: bool,
+    ) -> Any:
+        # A sync handler runs on a worker thread. Cancelling this task (a
+        # cut-off) stops the wait here at once; the thread comes back when the
+        # handler's next wait on the loop raises or it checks is_active().
+        enforcer = self._enforcer
+        loop = asyncio.get_running_loop()
+        touch: Callable[[], None] = (lambda: enforcer.touch(entry)) if entry is not None else (lambda: None)
+        if streaming_requests:
+            argument = _SyncRequests(argument, call, touch)
+        sync_context = _SyncContext(context, call)
+        handler_context = contextvars.copy_context()
+        if drive is _drive_stream_response:
+            run: Callable[[], Any] = lambda: _run_sync_stream_response(
+                behavior, argument, sync_context, context, call, touch
+            )
+        else:
+            run = lambda: _run_sync_unary_response(behavior, argument, sync_context)
+        return await loop.run_in_executor(self._sync_handler_executor, handler_context.run, run)
 
 
 async def _abort(context: grpc.aio.ServicerContext, refusal: LeaseRefused) -> None:

@@ -103,6 +103,8 @@ class AuthorityLink:
         self._flush_requested = threading.Event()
         self._lock = threading.Lock()
         self._watch: WatchStream | None = None
+        self._dropped: WatchStream | None = None
+        self._validate_calls = 0
         self._keep_alive: KeepAliveStream | None = None
         self._after_sequence = 0
         self._instance_id = ""
@@ -178,7 +180,15 @@ class AuthorityLink:
             AuthorityError: The call failed.
             ValueError: The answer carries a verdict or state this client does not know.
         """
+        with self._lock:
+            self._validate_calls += 1
         return self._client.validate(lease_id, method, caller_principal=caller_principal)
+
+    @property
+    def validate_calls(self) -> int:
+        """How many ``Validate`` calls this link has sent to the authority, for tests and operators."""
+        with self._lock:
+            return self._validate_calls
 
     def get_policy(self, timeout_seconds: float) -> PolicyInfo:
         """Fetch the tiers and method rules (blocks).
@@ -211,7 +221,11 @@ class AuthorityLink:
                 for event in stream:
                     failures = 0
                     self._handle_watch_event(event)
-                if not self._closed.is_set():
+                if self._closed.is_set():
+                    pass
+                elif self._dropped is stream:
+                    logger.info("dropped the watch stream, silent past the staleness bound; reconnecting")
+                else:
                     logger.warning("the authority ended the watch stream; reconnecting")
             except AuthorityError as exc:
                 if not self._closed.is_set():
@@ -222,6 +236,8 @@ class AuthorityLink:
                 with self._lock:
                     if self._watch is stream:
                         self._watch = None
+                    if self._dropped is stream:
+                        self._dropped = None
                 stream.cancel()
             failures += 1
             self._closed.wait(self._backoff_delay(failures))
@@ -236,16 +252,30 @@ class AuthorityLink:
         """Drop the current watch stream (silent past the staleness bound) so the thread reconnects."""
         with self._lock:
             watch = self._watch
+            # Remembered so that the watch thread does not report the end of
+            # this stream as the authority's doing.
+            self._dropped = watch
         if watch is not None:
             watch.cancel()
 
     def _handle_watch_event(self, event: HeartbeatEvent | SessionEndEvent) -> None:
+        new_instance = (
+            isinstance(event, HeartbeatEvent) and bool(self._instance_id) and event.instance_id != self._instance_id
+        )
         if event.reset:
             logger.warning("the authority could not replay every session end; dropping cached leases")
             self._listener.watch_reset()
+        elif new_instance:
+            # A new authority run that had no ends before we reconnected sends
+            # no reset (we resume from sequence 0), yet ends between its start
+            # and our reconnect would be lost: reset all the same.
+            logger.warning("the authority restarted (new instance); dropping cached leases")
+            self._listener.watch_reset()
         if isinstance(event, HeartbeatEvent):
+            # Sequences restart with every authority run.
+            previous = 0 if event.reset or new_instance else self._after_sequence
             self._instance_id = event.instance_id
-            self._after_sequence = max(self._after_sequence if not event.reset else 0, event.sequence)
+            self._after_sequence = max(previous, event.sequence)
             self._listener.watch_message_received(event.instance_id, event.interval_seconds)
             return
         self._after_sequence = max(self._after_sequence, event.sequence)

@@ -388,6 +388,21 @@ def reset_current_lease(token: contextvars.Token[LeaseContext | None]) -> None:
     _current_lease.reset(token)
 
 
+def close_responses(responses: Any) -> None:
+    """Close a handler's response generator on its own thread; errors in its cleanup are logged, not raised.
+
+    A cut-off leaves the generator suspended; closing it runs its cleanup now
+    instead of at garbage collection.
+    """
+    close = getattr(responses, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - the call already has its status
+        logger.exception("closing the handler's response generator raised")
+
+
 class _RuleBook:
     """Method rules: from the authority's policy when it could be fetched, else learned per method."""
 
@@ -934,14 +949,32 @@ class Enforcer:
         self._arm_staleness_check()
 
     def watch_reset(self) -> None:
-        """Stop trusting every cached lease: ends may have been missed (link's watch thread)."""
+        """Stop trusting every cached lease: ends may have been missed (link's watch thread).
+
+        Leases with no call in flight are dropped, so their next call asks
+        ``Validate``. Leases with calls in flight keep their entry, which holds
+        the calls, but are confirmed with the authority at once; an end it
+        reports cuts those calls off. Unknown and ended IDs stay cached: no
+        restart makes them live again.
+        """
         with self._lock:
             now = self._clock()
+            dropped = 0
             for entry in list(self._entries.values()):
+                if not entry.calls:
+                    entry.ended = True
+                    del self._entries[entry.lease_id]
+                    if self._by_digest.get(entry.digest) is entry:
+                        del self._by_digest[entry.digest]
+                    self._dirty.discard(entry)
+                    dropped += 1
+                    continue
                 entry.deadline = min(entry.deadline, now)
-                if entry.calls and not entry.timer_armed:
+                if not entry.timer_armed:
                     entry.timer_armed = True
                     self._timer.schedule(now, lambda entry=entry: self._check_entry(entry))
+            kept = len(self._entries)
+        logger.info("watch reset: dropped %d cached lease(s), confirming %d with calls in flight", dropped, kept)
 
     def session_ended(self, event: SessionEndEvent) -> None:
         """Apply an end pushed by the authority (link's watch thread)."""
@@ -1012,6 +1045,11 @@ class Enforcer:
         """Return how many admitted calls are registered as in flight."""
         with self._lock:
             return sum(len(entry.calls) for entry in self._entries.values())
+
+    @property
+    def validate_calls(self) -> int:
+        """How many ``Validate`` calls this enforcer has sent to the authority."""
+        return self._link.validate_calls
 
     @property
     def stale(self) -> bool:

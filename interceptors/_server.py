@@ -30,6 +30,7 @@ from session_authority.interceptors._enforcer import (
     EnforcerConfig,
     SessionEndCallback,
     _Entry,
+    close_responses,
     reset_current_lease,
     set_current_lease,
 )
@@ -329,6 +330,7 @@ class LeaseServerInterceptor(grpc.ServerInterceptor):
     ) -> Iterator[Any]:
         enforcer = self._enforcer
         lease_context = enforcer.lease_context(entry)
+        responses: Iterator[Any] | None = None
         try:
             token = set_current_lease(lease_context)
             try:
@@ -363,3 +365,7 @@ class LeaseServerInterceptor(grpc.ServerInterceptor):
                 raise call.rpc_error()
         finally:
             enforcer.release(entry, call)
+            # A cut-off leaves the handler's generator suspended: close it
+            # here, on its own thread, so its cleanup runs now and not at
+            # garbage collection.
+            close_responses(responses)

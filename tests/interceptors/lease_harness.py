@@ -244,6 +244,32 @@ def _generic_handler(forms: dict[str, tuple[str, Callable[..., Any]]], extra: di
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
+GUARDED_SERVICE = "test.Guarded"
+"""A service under method rules of the test policy: a 2 s session age limit, and ShortOnly for tier short."""
+
+
+def _guarded_handler(recorder: Recorder, *, aio: bool) -> grpc.GenericRpcHandler:
+    def behavior(name: str) -> Callable[..., Any]:
+        if aio:
+
+            async def guarded_coroutine(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                recorder.enter(f"{GUARDED_SERVICE}/{name}")
+                return b"guarded"
+
+            return guarded_coroutine
+
+        def guarded_function(request: bytes, context: grpc.ServicerContext) -> bytes:
+            recorder.enter(f"{GUARDED_SERVICE}/{name}")
+            return b"guarded"
+
+        return guarded_function
+
+    return grpc.method_handlers_generic_handler(
+        GUARDED_SERVICE,
+        {name: grpc.unary_unary_rpc_method_handler(behavior(name)) for name in ("ShortOnly", "Aged")},
+    )
+
+
 def form_shape(form: str) -> str:
     """Return the call shape a handler form serves."""
     return dict(_sync_forms(Recorder()), **_aio_forms(Recorder()))[form][0]
@@ -255,12 +281,21 @@ def form_shape(form: str) -> str:
 class SyncServer:
     """A ``grpc.server`` on loopback behind a :class:`LeaseServerInterceptor`."""
 
-    def __init__(self, config: EnforcerConfig, *, max_workers: int = 8, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: EnforcerConfig,
+        *,
+        max_workers: int = 8,
+        extra: dict[str, Any] | None = None,
+        outer: list[grpc.ServerInterceptor] | None = None,
+    ) -> None:
         self.recorder = Recorder()
         self.interceptor = LeaseServerInterceptor(config)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers)
-        self.server = grpc.server(self.executor, interceptors=[self.interceptor])
-        self.server.add_generic_rpc_handlers([_generic_handler(_sync_forms(self.recorder), extra or {})])
+        self.server = grpc.server(self.executor, interceptors=[*(outer or []), self.interceptor])
+        self.server.add_generic_rpc_handlers(
+            [_generic_handler(_sync_forms(self.recorder), extra or {}), _guarded_handler(self.recorder, aio=False)]
+        )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -280,18 +315,28 @@ class SyncServer:
 class AioServer:
     """A ``grpc.aio.server`` on loopback behind an :class:`AioLeaseServerInterceptor`, on its own loop thread."""
 
-    def __init__(self, config: EnforcerConfig, *, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: EnforcerConfig,
+        *,
+        extra: dict[str, Any] | None = None,
+        outer: list[grpc.aio.ServerInterceptor] | None = None,
+    ) -> None:
         self.recorder = Recorder()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-aio-server", daemon=True)
         self.thread.start()
-        self._run(self._start(config, extra or {}))
+        self._run(self._start(config, extra or {}, outer or []))
 
-    async def _start(self, config: EnforcerConfig, extra: dict[str, Any]) -> None:
+    async def _start(self, config: EnforcerConfig, extra: dict[str, Any], outer: list[Any]) -> None:
         # grpc.aio binds a server to the loop it is created on.
         self.interceptor = AioLeaseServerInterceptor(config)
-        self.server = grpc.aio.server(interceptors=[self.interceptor])
-        self.server.add_generic_rpc_handlers([_generic_handler(_aio_forms(self.recorder), extra)])
+        self.server = grpc.aio.server(interceptors=[*outer, self.interceptor])
+        # Sync handlers are legal on aio servers too, so the aio server serves both sets of forms.
+        forms = dict(_aio_forms(self.recorder), **_sync_forms(self.recorder))
+        self.server.add_generic_rpc_handlers(
+            [_generic_handler(forms, extra), _guarded_handler(self.recorder, aio=True)]
+        )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
 import time
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from lease_harness import (
+    GUARDED_SERVICE,
     HOLD,
     QUICK,
     AioServer,
@@ -23,6 +26,10 @@ from lease_harness import (
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY
 from session_authority.interceptors._enforcer import EnforcerConfig, SessionEndInfo
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 BAD_METADATA = {
     "missing": ((), "carries no session lease"),
@@ -228,11 +235,12 @@ class _Status(grpc.Status):
         self.trailing_metadata = trailing_metadata
 
 
-@pytest.mark.parametrize("kind", ["sync", "aio"])
+@pytest.mark.parametrize("kind", ["sync", "aio", "aio_sync_handlers"])
 def test_handler_status_and_context_pass_through(kind: str, authority: Any) -> None:
     admin = AuthorityClient(authority.target, principal="svc")
     lease_id = admin.grant("standard", principal="svc").lease_id
-    server = _make_server(kind, enforcer_config(authority.target), extra=_transparency_handlers(kind))
+    server_kind, handler_kind = ("aio", "sync") if kind == "aio_sync_handlers" else (kind, kind)
+    server = _make_server(server_kind, enforcer_config(authority.target), extra=_transparency_handlers(handler_kind))
     channel = grpc.insecure_channel(server.target)
     metadata = (*lease_metadata(lease_id), ("x-app", "1"))
     try:
@@ -305,3 +313,295 @@ def test_metadata_key_lowercased() -> None:
     config = EnforcerConfig(authority_target="127.0.0.1:1", metadata_key="X-Session-Lease")
 
     assert config.metadata_key == "x-session-lease"
+
+
+# -- method policy ----------------------------------------------------------------------
+
+
+def _guarded_call(server: SyncServer | AioServer, method: str, lease_id: str) -> grpc.RpcError | bytes:
+    channel = grpc.insecure_channel(server.target)
+    try:
+        return channel.unary_unary(f"/{GUARDED_SERVICE}/{method}")(QUICK, metadata=lease_metadata(lease_id), timeout=5)
+    except grpc.RpcError as exc:
+        return exc
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_tier_rule_permission_denied(kind: str, authority: Any) -> None:
+    admin = AuthorityClient(authority.target, principal="svc")
+    standard = admin.grant("standard", principal="svc")
+    short = admin.grant("short", principal="svc")
+    server = _make_server(kind, enforcer_config(authority.target))
+    try:
+        refused = _guarded_call(server, "ShortOnly", standard.lease_id)
+        admitted = _guarded_call(server, "ShortOnly", short.lease_id)
+
+        assert isinstance(refused, grpc.RpcError)
+        error: Any = refused
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert error.details() == (
+            f'the method requires a lease in tier short; session lease {standard.fingerprint} is in tier "standard"'
+        )
+        assert dict(error.trailing_metadata())[END_REASON_TRAILER_KEY] == "policy"
+        assert admitted == b"guarded"
+        assert server.recorder.entered == [f"{GUARDED_SERVICE}/ShortOnly"]
+    finally:
+        server.stop()
+        admin.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_session_age_rule_permission_denied(kind: str, authority: Any) -> None:
+    admin = AuthorityClient(authority.target, principal="svc")
+    lease = admin.grant("standard", principal="svc")
+    granted = time.monotonic()
+    server = _make_server(kind, enforcer_config(authority.target))
+    try:
+        young = _guarded_call(server, "Aged", lease.lease_id)
+        # The rule allows sessions up to 2 s old; wait past it on real time.
+        time.sleep(max(0.0, granted + 2.3 - time.monotonic()))
+        old = _guarded_call(server, "Aged", lease.lease_id)
+        other_service = channel_call(server, lease.lease_id)
+
+        assert young == b"guarded"
+        assert isinstance(old, grpc.RpcError)
+        error: Any = old
+        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert error.details().startswith("the method requires a session younger than 2 s;")
+        assert lease.lease_id not in error.details()
+        assert dict(error.trailing_metadata())[END_REASON_TRAILER_KEY] == "policy"
+        assert server.recorder.entered.count(f"{GUARDED_SERVICE}/Aged") == 1
+        assert other_service == b"done"
+    finally:
+        server.stop()
+        admin.close()
+
+
+def channel_call(server: SyncServer | AioServer, lease_id: str) -> bytes:
+    """One quick call to the unguarded test service."""
+    channel = grpc.insecure_channel(server.target)
+    try:
+        return channel.unary_unary("/test.Lease/unary_function")(QUICK, metadata=lease_metadata(lease_id), timeout=5)
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_principal_mismatch_permission_denied(kind: str, authority: Any) -> None:
+    admin = AuthorityClient(authority.target, principal="svc")
+    lease = admin.grant("standard", principal="svc")
+    server = _make_server(kind, enforcer_config(authority.target, caller_identity=lambda context: "intruder"))
+    try:
+        refused = channel_call_error(server, lease.lease_id)
+
+        assert refused.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert refused.details() == f'session lease {lease.fingerprint} belongs to "svc", not to the caller "intruder"'
+        assert dict(refused.trailing_metadata())[END_REASON_TRAILER_KEY] == "policy"
+        assert server.recorder.entered == []
+    finally:
+        server.stop()
+        admin.close()
+
+
+def channel_call_error(server: SyncServer | AioServer, lease_id: str) -> Any:
+    with pytest.raises(grpc.RpcError) as caught:
+        channel_call(server, lease_id)
+    return caught.value
+
+
+# -- the link to the authority ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_fail_open_serves_cached_lease(
+    kind: str, authority_process: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = AuthorityClient(authority_process.target, principal="svc")
+    lease_id = admin.grant("standard", principal="svc").lease_id
+    admin.close()
+    with caplog.at_level(logging.WARNING, logger="session_authority.interceptors._enforcer"):
+        server = _make_server(kind, enforcer_config(authority_process.target, fail_open=True, staleness_bound_seconds=0.5))
+    start_warnings = [record.getMessage() for record in caplog.records]
+    try:
+        assert channel_call(server, lease_id) == b"done"
+
+        authority_process.kill()
+        wait_for(lambda: server.interceptor.enforcer.stale, 10, "enforcer stale")
+        answers = [channel_call(server, lease_id) for _ in range(3)]
+
+        assert any(message.startswith("fail-open is on") for message in start_warnings), start_warnings
+        assert answers == [b"done"] * 3
+        assert server.recorder.entered == ["unary_function"] * 4
+    finally:
+        server.stop()
+
+
+def test_fail_closed_logged_at_start(authority: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="session_authority.interceptors._enforcer"):
+        server = SyncServer(enforcer_config(authority.target))
+    server.stop()
+
+    assert any(record.getMessage().startswith("fail-closed:") for record in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_garbage_lease_flood_validated_once_each(kind: str, authority: Any) -> None:
+    garbage = [secrets.token_urlsafe(16) for _ in range(1000)]
+    server = _make_server(kind, enforcer_config(authority.target))
+    enforcer = server.interceptor.enforcer
+    channel = grpc.insecure_channel(server.target)
+    method = channel.unary_unary("/test.Lease/unary_function")
+
+    def flood() -> list[grpc.StatusCode]:
+        futures = [method.future(QUICK, metadata=lease_metadata(lease_id), timeout=30) for lease_id in garbage]
+        return [future.exception().code() for future in futures]  # type: ignore[union-attr]
+
+    try:
+        first = flood()
+        after_first = enforcer.validate_calls
+        second = flood()
+        after_second = enforcer.validate_calls
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError):
+                method(QUICK, metadata=lease_metadata(garbage[0]), timeout=5)
+
+        assert set(first) == {grpc.StatusCode.UNAUTHENTICATED}
+        assert set(second) == {grpc.StatusCode.UNAUTHENTICATED}
+        assert after_first <= len(garbage)
+        assert after_second == after_first
+        assert enforcer.validate_calls == after_first
+        assert server.recorder.entered == []
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_repeated_garbage_lease_costs_one_validate(authority: Any) -> None:
+    server = SyncServer(enforcer_config(authority.target))
+    method = grpc.insecure_channel(server.target).unary_unary("/test.Lease/unary_function")
+    try:
+        for _ in range(10):
+            with pytest.raises(grpc.RpcError):
+                method(QUICK, metadata=lease_metadata("g" * 22), timeout=5)
+
+        assert server.interceptor.enforcer.validate_calls == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_restart_resets_cache_revoke_cuts_off(kind: str, authority_process: Any) -> None:
+    admin = AuthorityClient(authority_process.target, principal="svc")
+    held = admin.grant("standard", principal="svc").lease_id
+    idle = admin.grant("standard", principal="svc").lease_id
+    admin.revoke(admin.grant("standard", principal="svc").lease_id)  # the authority has ends to resume after
+    admin.close()
+    server = _make_server(kind, enforcer_config(authority_process.target, staleness_bound_seconds=15.0))
+    enforcer = server.interceptor.enforcer
+    channel = grpc.insecure_channel(server.target)
+    try:
+        assert channel_call(server, idle) == b"done"
+        call = TestCall(channel, "client_stream_function", "stream_unary", HOLD, lease_metadata(held))
+        wait_for(server.recorder.holding.is_set, 10, "handler holding the call")
+        assert enforcer.cached_lease_count() == 2
+
+        authority_process.restart()
+        wait_for(lambda: enforcer.cached_lease_count() == 1, 15, "cache reset after the restart")
+        validations = enforcer.validate_calls
+        assert channel_call(server, idle) == b"done"
+        assert enforcer.validate_calls == validations + 1
+        admin = AuthorityClient(authority_process.target, principal="svc")
+        admin.revoke(held)
+        admin.close()
+        outcome = call.result(timeout_seconds=10)
+
+        assert outcome.code is grpc.StatusCode.UNAUTHENTICATED, outcome
+        assert outcome.end_reason == "revoked", outcome
+    finally:
+        channel.close()
+        server.stop()
+
+
+# -- span events ----------------------------------------------------------------------------
+
+
+class _SpanPerCall(grpc.ServerInterceptor):
+    """Starts a span around each unary call, as gRPC instrumentation would."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        behavior = handler.unary_unary
+
+        def traced(request: Any, context: Any) -> Any:
+            with self._tracer.start_as_current_span(handler_call_details.method, record_exception=False):
+                return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(traced, handler.request_deserializer, handler.response_serializer)
+
+
+class _AioSpanPerCall(grpc.aio.ServerInterceptor):
+    """The aio twin of :class:`_SpanPerCall`."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        behavior = handler.unary_unary
+
+        async def traced(request: Any, context: Any) -> Any:
+            with self._tracer.start_as_current_span(handler_call_details.method, record_exception=False):
+                return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(traced, handler.request_deserializer, handler.response_serializer)
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_refusal_and_cut_off_span_events(kind: str, authority: Any) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    outer: list[Any] = [_SpanPerCall(tracer) if kind == "sync" else _AioSpanPerCall(tracer)]
+    admin = AuthorityClient(authority.target, principal="svc")
+    ended = admin.grant("standard", principal="svc")
+    admin.revoke(ended.lease_id)
+    live = admin.grant("standard", principal="svc")
+    server = _make_server(kind, enforcer_config(authority.target), outer=outer)
+    channel = grpc.insecure_channel(server.target)
+    form = "unary_function" if kind == "sync" else "unary_coroutine"
+    try:
+        refused = TestCall(channel, form, "unary_unary", QUICK, lease_metadata(ended.lease_id)).result()
+        held = TestCall(channel, form, "unary_unary", HOLD, lease_metadata(live.lease_id))
+        wait_for(server.recorder.holding.is_set, 10, "handler holding the call")
+        admin.revoke(live.lease_id)
+        cut = held.result()
+        wait_for(lambda: len(exporter.get_finished_spans()) == 2, 5, "two spans finished")
+
+        assert refused.code is grpc.StatusCode.UNAUTHENTICATED
+        assert cut.code is grpc.StatusCode.UNAUTHENTICATED
+        spans = exporter.get_finished_spans()
+        assert [len(span.events) for span in spans] == [1, 1]
+        events = [span.events[0] for span in spans]
+        assert [(event.name, event.attributes["session.lease.fingerprint"]) for event in events] == [
+            ("session.call_refused", ended.fingerprint),
+            ("session.call_cut_off", live.fingerprint),
+        ]
+        assert all(event.attributes["session.end_reason"] == "revoked" for event in events)
+        flat = repr([dict(event.attributes) for event in events])
+        assert ended.lease_id not in flat
+        assert live.lease_id not in flat
+    finally:
+        channel.close()
+        server.stop()
+        admin.close()
+        provider.shutdown()

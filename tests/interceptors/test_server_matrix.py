@@ -47,6 +47,18 @@ EXPECTED_REASON = {
 
 SERVER_FORMS = [("sync", form) for form in SYNC_FORMS] + [("aio", form) for form in AIO_FORMS]
 
+# Sync handlers on an aio server: idle timeout and max duration end a call
+# through the same cut-off as a revoke, so they are left out to keep the
+# suite short.
+AIO_SYNC_CASES = [
+    ("aio", form, scenario)
+    for form in SYNC_FORMS
+    for scenario in SCENARIOS
+    if scenario not in ("idle_timeout_mid_call", "max_duration_mid_call")
+]
+
+CASES = [(kind, form, scenario) for kind, form in SERVER_FORMS for scenario in SCENARIOS] + AIO_SYNC_CASES
+
 
 def _keep_lease_busy(channel: grpc.Channel, method: str, lease_id: str, stop: threading.Event) -> None:
     # Quick calls on the same lease, so that only the max duration can end it.
@@ -57,8 +69,7 @@ def _keep_lease_busy(channel: grpc.Channel, method: str, lease_id: str, stop: th
             return
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("server_kind, form", SERVER_FORMS)
+@pytest.mark.parametrize(("server_kind", "form", "scenario"), CASES)
 def test_lease_scenario(server_kind: str, form: str, scenario: str, request: pytest.FixtureRequest) -> None:
     fixture = "authority_process" if scenario == "authority_killed_mid_call" else "authority"
     authority: Any = request.getfixturevalue(fixture)
@@ -108,6 +119,7 @@ def test_lease_scenario(server_kind: str, form: str, scenario: str, request: pyt
             assert lease_id not in outcome.details
             if mid_call:
                 assert form in server.recorder.entered
+                wait_for(server.recorder.exited.is_set, 5, "handler left after the cut-off")
             else:
                 assert server.recorder.entered == []
         wait_for(lambda: not server.our_tasks(), 5, "handler tasks finished")
