@@ -19,7 +19,10 @@ import pathlib
 import sys
 from typing import Any, Callable, Sequence, TextIO
 
+import grpc
+
 from session_authority.clients._client import AuthorityClient
+from session_authority.clients._common import read_pem_file
 from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
 from session_authority.clients._types import (
     HeartbeatEvent,
@@ -44,12 +47,24 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "SESSION_AUTHORITY_TARGET"
 API_KEY_ENV = "SESSION_AUTHORITY_API_KEY"
 PRINCIPAL_ENV = "SESSION_AUTHORITY_PRINCIPAL"
+TLS_CA_ENV = "SESSION_AUTHORITY_TLS_CA"
+TLS_CERT_ENV = "SESSION_AUTHORITY_TLS_CLIENT_CERT"
+TLS_KEY_ENV = "SESSION_AUTHORITY_TLS_CLIENT_KEY"
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
-_FORWARDED_COMMANDS = ("serve", "audit")
+_FORWARDED_COMMANDS = ("serve", "audit", "demo")
 
 # Global options that take a value, for finding a forwarded command in argv.
-_GLOBAL_OPTIONS_WITH_VALUE = ("--authority", "--api-key", "--api-key-file", "--principal", "--timeout")
+_GLOBAL_OPTIONS_WITH_VALUE = (
+    "--authority",
+    "--api-key",
+    "--api-key-file",
+    "--principal",
+    "--timeout",
+    "--tls-ca",
+    "--tls-cert",
+    "--tls-key",
+)
 
 _LEASE_COLUMNS = (
     "fingerprint",
@@ -112,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser of every subcommand except the forwarded ``serve`` and ``audit``."""
+    """Build the argument parser of every subcommand except the forwarded ``serve``, ``audit`` and ``demo``."""
     global_options = _global_options_parser()
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -144,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         add_help=False,
         help="inspect and verify the audit log (see 'session-authority audit --help')",
+    )
+    commands.add_parser(
+        "demo",
+        add_help=False,
+        help="run the authority, protected services and machine clients on loopback (see 'session-authority demo --help')",
     )
     _add_keys_commands(commands, global_options)
     _add_lease_commands(commands, global_options)
@@ -214,6 +234,30 @@ def _global_options_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=argparse.SUPPRESS,
         help="read the API key from the first line of FILE",
+    )
+    options.add_argument(
+        "--tls-ca",
+        type=pathlib.Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=(
+            f"connect over TLS and verify the authority against this PEM CA bundle (env: {TLS_CA_ENV});"
+            " any --tls-* option turns TLS on, and without --tls-ca the system's roots are used"
+        ),
+    )
+    options.add_argument(
+        "--tls-cert",
+        type=pathlib.Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"PEM client certificate for mutual TLS, with --tls-key (env: {TLS_CERT_ENV})",
+    )
+    options.add_argument(
+        "--tls-key",
+        type=pathlib.Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"PEM private key of --tls-cert (env: {TLS_KEY_ENV})",
     )
     options.add_argument(
         "--timeout",
@@ -348,6 +392,7 @@ class _Context:
         if self._client is None:
             self._client = AuthorityClient(
                 self.target(),
+                credentials=self.credentials(),
                 api_key=self.api_key(),
                 principal=self.caller_principal(),
                 timeout_seconds=getattr(self.args, "timeout", DEFAULT_TIMEOUT_SECONDS),
@@ -365,6 +410,29 @@ class _Context:
     def caller_principal(self) -> str | None:
         principal = getattr(self.args, "caller_principal", None) or os.environ.get(PRINCIPAL_ENV)
         return principal or None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Return TLS channel credentials when any ``--tls-*`` option or variable is set."""
+        ca = self._path_option("tls_ca", TLS_CA_ENV)
+        cert = self._path_option("tls_cert", TLS_CERT_ENV)
+        key = self._path_option("tls_key", TLS_KEY_ENV)
+        if ca is None and cert is None and key is None:
+            return None
+        if (cert is None) != (key is None):
+            missing = "--tls-key" if key is None else "--tls-cert"
+            raise UsageError(f"{missing} is missing; give the client certificate and its key together")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem_file(ca, "--tls-ca"),
+            private_key=read_pem_file(key, "--tls-key"),
+            certificate_chain=read_pem_file(cert, "--tls-cert"),
+        )
+
+    def _path_option(self, name: str, env_name: str) -> pathlib.Path | None:
+        value: pathlib.Path | None = getattr(self.args, name, None)
+        if value is not None:
+            return value
+        text = os.environ.get(env_name)
+        return pathlib.Path(text) if text else None
 
     def api_key(self) -> str | None:
         flag_key: str | None = getattr(self.args, "api_key", None)
@@ -572,19 +640,22 @@ def _keys_add(context: _Context) -> int:
 
 
 def _run_forwarded(command: str, argv: list[str]) -> int:
-    # Imported here so that lease commands start fast and work without the
-    # server's dependencies.
+    # Imported here so that the lease commands never load the server package.
     if command == "serve":
         from session_authority.server._main import serve_main
 
         return serve_main(argv)
+    if command == "demo":
+        from session_authority.examples._demo import main as demo_main
+
+        return demo_main(argv)
     from session_authority.server._audit import audit_main
 
     return audit_main(argv)
 
 
 def _find_forwarded_command(argv: Sequence[str]) -> int | None:
-    """Return the index of ``serve`` or ``audit`` if it is the command, else None."""
+    """Return the index of ``serve``, ``audit`` or ``demo`` if it is the command, else None."""
     index = 0
     while index < len(argv):
         token = argv[index]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import os
+import pathlib
 import threading
 from typing import Generic, Sequence, TypeVar
+
+import grpc
 
 from session_authority.clients._types import LeaseInfo, RenewResult, seconds_to_duration
 from session_authority.v1 import session_authority_pb2 as pb
@@ -55,6 +59,51 @@ def _check_metadata_value(value: str, field: str, *, secret: bool) -> None:
         raise ValueError(
             f"{field} must be printable ASCII to fit in gRPC metadata, and {value_text} is not"
         )
+
+
+def load_channel_credentials(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """Build TLS channel credentials from PEM files.
+
+    Args:
+        ca_file: CA bundle that the authority's certificate must chain to; None uses the
+            system's trusted roots.
+        cert_file: Client certificate chain, for mutual TLS. Give it with ``key_file``.
+        key_file: Private key of ``cert_file``.
+
+    Raises:
+        ValueError: Only one of ``cert_file`` and ``key_file`` was given, or a file cannot be
+            read or is not PEM. The message names the parameter and the file.
+    """
+    if (cert_file is None) != (key_file is None):
+        missing = "key_file" if key_file is None else "cert_file"
+        raise ValueError(f"{missing} is missing; give the client certificate and its key together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem_file(ca_file, "ca_file"),
+        private_key=read_pem_file(key_file, "key_file"),
+        certificate_chain=read_pem_file(cert_file, "cert_file"),
+    )
+
+
+def read_pem_file(path: str | os.PathLike[str] | None, field: str) -> bytes | None:
+    """Return the bytes of a PEM file, or None when ``path`` is None.
+
+    Raises:
+        ValueError: The file cannot be read or has no PEM block; the message names ``field``.
+    """
+    if path is None:
+        return None
+    source = pathlib.Path(path)
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {field} {source}: {exc.strerror or exc}") from exc
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{field} {source} is not a PEM file (no -----BEGIN line); give the PEM form")
+    return data
 
 
 def is_loopback_target(target: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import hashlib
 
+from session_authority.v1.identity import SPIFFE_SCHEME, peer_identity
+
 LEASE_METADATA_KEY = "session-lease"
 """Request metadata key that carries the lease ID."""
 
@@ -13,6 +15,7 @@ END_REASON_TRAILER_KEY = "session-end-reason"
 
 FINGERPRINT_LENGTH = 12
 """Hex characters of the lease ID's SHA-256 used to name it in logs and spans."""
+
 
 
 class EndReason(str, enum.Enum):
@@ -37,3 +40,15 @@ def lease_digest(lease_id: str) -> str:
 def fingerprint(lease_id: str) -> str:
     """Return the short, loggable name of a lease ID (never log the ID itself)."""
     return lease_digest(lease_id)[:FINGERPRINT_LENGTH]
+
+
+__all__ = [
+    "END_REASON_TRAILER_KEY",
+    "FINGERPRINT_LENGTH",
+    "LEASE_METADATA_KEY",
+    "SPIFFE_SCHEME",
+    "EndReason",
+    "fingerprint",
+    "lease_digest",
+    "peer_identity",
+]

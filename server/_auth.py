@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from session_authority.v1.identity import peer_identity
+
 logger = logging.getLogger(__name__)
 
 AUTHORIZATION_METADATA_KEY = "authorization"
@@ -273,6 +275,47 @@ class ApiKeyAuthenticator:
                 f"{_quote(requested_principal)}; leave the principal empty or use a key of that principal"
             )
         return principal
+
+
+class MtlsAuthenticator:
+    """Authenticates callers by their TLS client certificate.
+
+    The principal is the certificate's SPIFFE ID (``spiffe://`` URI subject alternative
+    name) when it has one, else its subject common name. The server must require and verify
+    client certificates (``require_client_auth=True``), so that every connection that reaches
+    a handler has one. Stateless, so safe from any thread.
+    """
+
+    name = "mtls"
+
+    def authenticate(self, caller: CallerInfo, requested_principal: str) -> str:
+        """Return the identity of the caller's client certificate.
+
+        Raises:
+            AuthenticationError: The connection has no verified client certificate, the
+                certificate names no valid principal, or ``requested_principal`` is non-empty
+                and differs from the certificate's identity.
+        """
+        try:
+            identity = peer_identity(caller.auth_context)
+        except ValueError as exc:
+            raise AuthenticationError(str(exc)) from exc
+        if identity is None:
+            raise AuthenticationError(
+                "the connection presented no verified client certificate; connect over TLS"
+                " with a client certificate signed by the authority's client CA"
+            )
+        problem = principal_error(identity)
+        if problem is not None:
+            raise AuthenticationError(f"the client certificate's identity is not usable: {problem}")
+
+        if requested_principal and requested_principal != identity:
+            raise AuthenticationError(
+                f"the client certificate belongs to principal {_quote(identity)}, but the request"
+                f" names {_quote(requested_principal)}; leave the principal empty or connect with"
+                " a certificate of that principal"
+            )
+        return identity
 
 
 class InsecureDevAuthenticator:

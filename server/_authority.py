@@ -21,8 +21,9 @@ from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
 from ._audit import AuditLog, AuditSink
 from ._audit_events import SessionRecorder
-from ._auth import Authenticator
+from ._auth import Authenticator, MtlsAuthenticator
 from ._clock import Clock, SystemClock
+from ._limits import PrincipalLimiter
 from ._policy import Policy
 from ._scheduler import ExpiryScheduler
 from ._servicer import AuthorityServicer
@@ -84,6 +85,14 @@ class AuthorityConfig:
     audit_max_backoff_seconds: float = 2.0
     tracer_provider: trace.TracerProvider | None = None
     meter_provider: metrics.MeterProvider | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.authenticator, MtlsAuthenticator) and self.server_credentials is None:
+            raise ValueError(
+                "MtlsAuthenticator needs server_credentials that require client certificates;"
+                " build them with grpc.ssl_server_credentials(..., root_certificates=CA,"
+                " require_client_auth=True)"
+            )
 
 
 class Persistence:
@@ -233,6 +242,7 @@ class Authority:
         self.persistence: Persistence | None = None
         self.hub: WatchHub | None = None
         self.servicer: AuthorityServicer | None = None
+        self.limiter = PrincipalLimiter(config.policy.limits, self.table.clock)
         self.telemetry = SessionTelemetry(config.tracer_provider, config.meter_provider)
         self.audit_log: AuditLog | None = None
         self.audit_sink: AuditSink | None = None
@@ -274,6 +284,10 @@ class Authority:
         self.table.add_listener(self.persistence)
         self.table.add_listener(self.hub)
         self.table.add_listener(self.recorder)
+        # Restored live leases count against their principal's limit. The limiter listens
+        # before expire_due, so leases that ended while the authority was down free their slot.
+        self.limiter.load(row.principal for row in rows if row.ended_at is None)
+        self.table.add_listener(self.limiter)
         # Leases whose deadline passed while the authority was down end now,
         # once, with their deadline as end time and their true reason. The
         # recorder is attached first, so each of these ends is audited.
@@ -295,6 +309,7 @@ class Authority:
             self.hub,
             heartbeat_interval_seconds=config.heartbeat_interval_seconds,
             admin_everyone=config.admin_everyone,
+            limiter=self.limiter,
         )
         if config.audit_fail_closed:
             self._close_grants_while_audit_fails()
@@ -318,12 +333,16 @@ class Authority:
         self.port = port
         self._housekeeping = asyncio.create_task(self._run_housekeeping())
         logger.info(
-            "session authority serving on %s (store: %s, audit: %s, policy tiers: %s, authenticator: %s)",
+            "session authority serving on %s (transport: %s, store: %s, audit: %s, policy tiers: %s,"
+            " authenticator: %s, limits: %d live leases and %g grants/s per principal)",
             self.target,
+            "TLS" if config.server_credentials is not None else "plaintext",
             self.store.description if self.store else "memory only",
             self._audit_description(),
             ", ".join(sorted(config.policy.tiers)),
             config.authenticator.name,
+            config.policy.limits.max_live_leases_per_principal,
+            config.policy.limits.grants_per_second_per_principal,
         )
         return port
 

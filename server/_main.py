@@ -11,12 +11,21 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import grpc
+
 from ._audit import AuditWriteError
-from ._auth import ApiKeyAuthenticator, Authenticator, InsecureDevAuthenticator, is_loopback_address
+from ._auth import (
+    ApiKeyAuthenticator,
+    Authenticator,
+    InsecureDevAuthenticator,
+    MtlsAuthenticator,
+    is_loopback_address,
+)
 from ._authority import Authority, AuthorityConfig
 from ._policy import Policy, PolicyError, load_policy
 from ._store import StoreError
 from ._telemetry_sdk import TelemetryConfigError, TelemetrySetup, configure_sdk
+from ._tls import TlsConfigError, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="session-authority serve",
         description="Run the session authority: grants, renews, revokes and expires session leases.",
+        epilog=(
+            "Authentication of grants, in order of precedence: with --api-keys the API key names the"
+            " principal, and TLS (if configured) only encrypts, even when --tls-client-ca makes client"
+            " certificates mandatory; else with --tls-client-ca the principal is the client certificate's"
+            " SPIFFE ID (spiffe:// URI SAN), else its subject common name; else --insecure-dev takes the"
+            " principal from the request on a loopback address, and every caller is admin."
+        ),
     )
     parser.add_argument(
         "--listen",
@@ -59,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-dev",
         action="store_true",
         help="take the principal from the request, with no authentication; loopback addresses only",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--tls-cert",
+        type=pathlib.Path,
+        default=env("SESSION_AUTHORITY_TLS_CERT") or None,
+        metavar="FILE",
+        help="PEM certificate chain of the server; serves TLS instead of plaintext"
+        " (env SESSION_AUTHORITY_TLS_CERT; needs --tls-key)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        type=pathlib.Path,
+        default=env("SESSION_AUTHORITY_TLS_KEY") or None,
+        metavar="FILE",
+        help="PEM private key of --tls-cert (env SESSION_AUTHORITY_TLS_KEY)",
+    )
+    tls.add_argument(
+        "--tls-client-ca",
+        type=pathlib.Path,
+        default=env("SESSION_AUTHORITY_TLS_CLIENT_CA") or None,
+        metavar="FILE",
+        help="PEM CA bundle; every client must present a certificate signed by it (mutual TLS),"
+        " and without --api-keys the certificate's identity is the grant's principal"
+        " (env SESSION_AUTHORITY_TLS_CLIENT_CA; needs --tls-cert)",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -123,34 +164,62 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
         except PolicyError as exc:
             raise SystemExit(f"session-authority serve: invalid policy:\n{exc}") from exc
 
-    authenticator: Authenticator
-    if args.insecure_dev:
-        if not is_loopback_address(args.listen):
-            raise SystemExit(
-                f"session-authority serve: --insecure-dev refuses to listen on {args.listen}:"
-                " it accepts any principal without authentication; use a loopback address"
-                " such as 127.0.0.1:50051, or --api-keys"
-            )
-        authenticator = InsecureDevAuthenticator()
-    elif args.api_keys is not None:
-        try:
-            authenticator = ApiKeyAuthenticator.from_file(args.api_keys)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"session-authority serve: cannot load --api-keys: {exc}") from exc
-    else:
-        raise SystemExit(
-            "session-authority serve: no authentication configured; pass --api-keys FILE"
-            " (see `session-authority keys add`) or --insecure-dev on a loopback address"
-        )
+    credentials = _server_credentials(args)
+    authenticator = _authenticator(args)
     return AuthorityConfig(
         authenticator=authenticator,
         listen=args.listen,
         data_dir=args.data_dir,
         policy=policy,
         admin_everyone=args.insecure_dev,
+        server_credentials=credentials,
         heartbeat_interval_seconds=args.heartbeat_interval,
         ended_retention_seconds=args.ended_retention,
         audit_fail_closed=args.audit_fail_closed,
+    )
+
+
+def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise SystemExit("session-authority serve: --tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        missing = "--tls-key" if args.tls_key is None else "--tls-cert"
+        raise SystemExit(f"session-authority serve: {missing} is missing; give --tls-cert and --tls-key together")
+    try:
+        return server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except TlsConfigError as exc:
+        raise SystemExit(f"session-authority serve: {exc}") from exc
+
+
+def _authenticator(args: argparse.Namespace) -> Authenticator:
+    # The precedence stated in the --help epilog: API keys, then client certificates,
+    # then insecure development mode.
+    if args.insecure_dev:
+        if args.tls_client_ca is not None:
+            raise SystemExit(
+                "session-authority serve: --insecure-dev ignores client certificates;"
+                " drop --tls-client-ca, or drop --insecure-dev to take principals from certificates"
+            )
+        if not is_loopback_address(args.listen):
+            raise SystemExit(
+                f"session-authority serve: --insecure-dev refuses to listen on {args.listen}:"
+                " it accepts any principal without authentication; use a loopback address"
+                " such as 127.0.0.1:50051, or --api-keys"
+            )
+        return InsecureDevAuthenticator()
+    if args.api_keys is not None:
+        try:
+            return ApiKeyAuthenticator.from_file(args.api_keys)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"session-authority serve: cannot load --api-keys: {exc}") from exc
+    if args.tls_client_ca is not None:
+        return MtlsAuthenticator()
+    raise SystemExit(
+        "session-authority serve: no authentication configured; pass --api-keys FILE"
+        " (see `session-authority keys add`), --tls-client-ca FILE with --tls-cert and --tls-key"
+        " for client certificates, or --insecure-dev on a loopback address"
     )
 
 
@@ -160,7 +229,8 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
     await authority.start()
     if isinstance(config.authenticator, InsecureDevAuthenticator):
         logger.warning(
-            "insecure development mode: any caller may claim any principal; never use this in production"
+            "insecure development mode: any caller may claim any principal and every caller is admin;"
+            " never use this in production"
         )
     # Handlers go in before the port file appears, because whoever waits for
     # that file may send SIGTERM at once.

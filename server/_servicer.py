@@ -21,9 +21,11 @@ from ._errors import (
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
+from ._limits import LimitExceeded, PrincipalLimiter
 from ._policy import MethodRule, Policy, UnknownTierError
 from ._table import (
     MAX_LEASE_ID_LENGTH,
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from ._authority import Persistence
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+"""Trailing metadata key of the back-off suggested with ``RESOURCE_EXHAUSTED``, in milliseconds."""
 
 MAX_RENEW_ENTRIES = 10_000
 """Most entries in one Renew request or KeepAlive message."""
@@ -121,7 +126,14 @@ def check_duration(value: duration_pb2.Duration, field: str) -> float:
 
 
 def check_lease_id(lease_id: str, field: str) -> bytes:
-    """Return the digest of a well-formed lease ID from a request."""
+    """Return the digest of a well-formed lease ID from a request.
+
+    Leases are looked up by this SHA-256 digest, never by the ID itself, so no code compares a
+    presented ID with a stored one. A dictionary lookup that takes longer for a digest sharing a
+    prefix with a stored digest tells an attacker about digests only, and inverting SHA-256 to
+    turn that into bytes of a 128-bit ID is infeasible. So these lookups need no constant-time
+    comparison, unlike the API key check (``hmac.compare_digest`` in ``_auth``).
+    """
     if not lease_id:
         raise InvalidArgument(f"{field} is empty; pass the lease_id returned by Grant")
     if len(lease_id) > MAX_LEASE_ID_LENGTH:
@@ -195,6 +207,9 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         heartbeat_interval_seconds: Longest silence on a watch stream.
         admin_everyone: Treat every authenticated caller as admin
             (insecure development mode only).
+        limiter: Per-principal limits on live leases and grant rate; None
+            grants without limits. It must be a listener of ``table``, so
+            that ended leases free their slots.
     """
 
     def __init__(
@@ -207,6 +222,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         *,
         heartbeat_interval_seconds: float = 1.0,
         admin_everyone: bool = False,
+        limiter: PrincipalLimiter | None = None,
     ) -> None:
         self._table = table
         self._policy = policy
@@ -215,6 +231,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._hub = hub
         self._heartbeat_interval = heartbeat_interval_seconds
         self._admin_everyone = admin_everyone
+        self._limiter = limiter
         self.grant_gate: Callable[[], str | None] = lambda: None
 
     # -- helpers ---------------------------------------------------------------
@@ -284,16 +301,31 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         refusal = self.grant_gate()
         if refusal is not None:
             raise Unavailable(refusal)
+        self._acquire_grant_slot(principal)
 
         lease_id, lease = self._table.grant(principal, tier.name, idle_timeout, tier.max_duration_seconds)
         try:
             await asyncio.wrap_future(self._persistence.save_grant(lease))
         except Exception as exc:
             self._table.discard(lease.digest)
+            if self._limiter is not None:
+                self._limiter.release(principal)
             logger.error("grant for %s in tier %s not stored: %s", principal, tier.name, exc)
             raise Unavailable(f"the lease could not be stored: {exc}; retry later") from exc
         logger.info("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
         return pb.GrantResponse(lease_id=lease_id, lease=lease_to_proto(lease))
+
+    def _acquire_grant_slot(self, principal: str) -> None:
+        if self._limiter is None:
+            return
+        try:
+            self._limiter.acquire(principal)
+        except LimitExceeded as exc:
+            logger.info("grant for %s rejected: %s", principal, exc.details)
+            milliseconds = max(1, math.ceil(exc.retry_after_seconds * 1000))
+            raise ResourceExhausted(
+                exc.details, trailing_metadata=((RETRY_AFTER_METADATA_KEY, str(milliseconds)),)
+            ) from exc
 
     @_rpc
     async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
@@ -320,24 +352,34 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         reason = EndReason.RELEASED if request.release else EndReason.REVOKED
         if target == "lease_id":
             digest = check_lease_id(request.lease_id, "lease_id")
-            current = self._table.lookup_digest(digest)
-            try:
-                revoked_by = self._authenticate(context)
-            except Unauthenticated:
-                # Holding the lease ID is proof enough to end that lease.
-                revoked_by = current.principal
         elif target == "fingerprint":
-            revoked_by = self._authenticate(context)
-            digest = self._resolve_fingerprint(request.fingerprint)
-            current = self._table.lookup_digest(digest)
-            if current.principal != revoked_by and not self._is_admin(revoked_by):
-                raise PermissionDenied(
-                    f'principal "{revoked_by}" may not revoke a lease of "{current.principal}":'
-                    " revoking another principal's lease needs the admin permission"
-                    " (list the principal under admins in the policy)"
-                )
+            digest = b""
         else:
             raise InvalidArgument("set exactly one of lease_id or fingerprint to name the lease to revoke")
+        # The lease ID alone is not enough: a leaked ID must not let another principal end
+        # the session. In insecure development mode every caller is admin, so any bearer may.
+        revoked_by = self._authenticate(context)
+        if target == "fingerprint":
+            digest = self._resolve_fingerprint(request.fingerprint)
+        current = self._table.lookup_digest(digest)
+        if (
+            current.state is not LeaseState.NOT_FOUND
+            and current.principal != revoked_by
+            and not self._is_admin(revoked_by)
+        ):
+            action = "release" if request.release else "revoke"
+            logger.warning(
+                "%s of lease %s of %s by %s rejected: not its principal and not an admin",
+                action,
+                current.fingerprint,
+                current.principal,
+                revoked_by,
+            )
+            raise PermissionDenied(
+                f'principal "{revoked_by}" may not {action} lease {current.fingerprint} of'
+                f' principal "{current.principal}": ending another principal\'s lease needs the'
+                " admin permission (list the principal under admins in the policy)"
+            )
 
         lease, already_ended = self._table.end(digest, reason, revoked_by=revoked_by)
         if lease.state is LeaseState.NOT_FOUND:

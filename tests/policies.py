@@ -5,6 +5,11 @@ version = 1
 default_tier = "standard"
 admins = ["ops"]
 
+[limits]
+# Unlimited: tests that exercise the limits bring their own policy.
+max_live_leases_per_principal = 0
+grants_per_second_per_principal = 0
+
 [tiers.standard]
 idle_timeout = "5m"
 max_duration = "1h"

@@ -295,7 +295,9 @@ def test_revoke_other_principal_by_fingerprint_needs_admin(keyed_authority: Auth
                 metadata=[("authorization", "Bearer key-a")],
                 timeout=5,
             )
-        holder = stub.Revoke(pb.RevokeRequest(lease_id=granted.lease_id), timeout=5)
+        holder = stub.Revoke(
+            pb.RevokeRequest(lease_id=granted.lease_id), metadata=[("authorization", "Bearer key-ops")], timeout=5
+        )
 
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert holder.lease.end_reason == pb.END_REASON_REVOKED

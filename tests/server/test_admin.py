@@ -1,0 +1,202 @@
+"""Tests of admin authorization: listing all leases and ending another principal's lease."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from session_authority.clients import AuthorityClient
+from session_authority.clients._errors import PermissionDenied, Unauthenticated
+from session_authority.clients._types import EndReason, LeaseState
+from session_authority.server import (
+    ApiKeyAuthenticator,
+    AuthorityConfig,
+    AuthorityThread,
+    hash_api_key,
+    parse_policy,
+)
+
+from policies import TEST_POLICY
+
+ADMIN_KEY = "test-key-of-ops"
+HOLDER_KEY = "test-key-of-svc-a"
+OTHER_KEY = "test-key-of-svc-b"
+ADMIN_PERMISSION = "needs the admin permission (list the principal under admins in the policy)"
+
+
+@pytest.fixture
+def keyed_authority(tmp_path: pathlib.Path) -> Iterator[AuthorityThread]:
+    """An authority whose policy makes "ops" an admin, with API keys for ops, svc-a and svc-b."""
+    authenticator = ApiKeyAuthenticator(
+        {hash_api_key(ADMIN_KEY): "ops", hash_api_key(HOLDER_KEY): "svc-a", hash_api_key(OTHER_KEY): "svc-b"}
+    )
+    config = AuthorityConfig(authenticator=authenticator, policy=parse_policy(TEST_POLICY), data_dir=tmp_path / "data")
+    running = AuthorityThread(config).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def admin(keyed_authority: AuthorityThread) -> Iterator[AuthorityClient]:
+    with AuthorityClient(keyed_authority.target, api_key=ADMIN_KEY) as client:
+        yield client
+
+
+@pytest.fixture
+def holder(keyed_authority: AuthorityThread) -> Iterator[AuthorityClient]:
+    with AuthorityClient(keyed_authority.target, api_key=HOLDER_KEY) as client:
+        yield client
+
+
+@pytest.fixture
+def other(keyed_authority: AuthorityThread) -> Iterator[AuthorityClient]:
+    with AuthorityClient(keyed_authority.target, api_key=OTHER_KEY) as client:
+        yield client
+
+
+# --- ListLeases -------------------------------------------------------------------------------
+
+
+def test_non_admin_list_all_denied(holder: AuthorityClient) -> None:
+    with pytest.raises(PermissionDenied) as caught:
+        list(holder.list_leases())
+
+    assert 'principal "svc-a" may only list its own leases' in caught.value.details
+    assert "listing all leases needs the admin permission" in caught.value.details
+
+
+def test_non_admin_list_other_principal_denied(holder: AuthorityClient, other: AuthorityClient) -> None:
+    other.grant()
+
+    with pytest.raises(PermissionDenied, match="admin permission"):
+        list(holder.list_leases(principal="svc-b"))
+
+
+def test_non_admin_lists_own_leases(holder: AuthorityClient, other: AuthorityClient) -> None:
+    mine = holder.grant()
+    other.grant()
+
+    listed = list(holder.list_leases(principal="svc-a"))
+
+    assert [lease.fingerprint for lease in listed] == [mine.fingerprint]
+
+
+def test_admin_lists_all_leases(admin: AuthorityClient, holder: AuthorityClient, other: AuthorityClient) -> None:
+    holder.grant()
+    other.grant()
+
+    listed = list(admin.list_leases())
+
+    assert sorted(lease.principal for lease in listed) == ["svc-a", "svc-b"]
+
+
+# --- Revoke by lease_id -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("release", "action"), [(False, "revoke"), (True, "release")])
+def test_non_admin_end_other_lease_denied(
+    holder: AuthorityClient, other: AuthorityClient, release: bool, action: str
+) -> None:
+    granted = holder.grant()
+
+    with pytest.raises(PermissionDenied) as caught:
+        other.revoke(granted.lease_id, release=release)
+
+    assert (
+        f'principal "svc-b" may not {action} lease {granted.fingerprint} of principal "svc-a"'
+        in caught.value.details
+    )
+    assert ADMIN_PERMISSION in caught.value.details
+    assert granted.lease_id not in caught.value.details
+    assert holder.time_to_live(granted.lease_id).state is LeaseState.ALIVE
+
+
+def test_holder_revokes_own_lease(holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    result = holder.revoke(granted.lease_id)
+
+    assert result.lease.end_reason is EndReason.REVOKED
+
+
+def test_holder_releases_own_lease(holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    result = holder.revoke(granted.lease_id, release=True)
+
+    assert result.lease.end_reason is EndReason.RELEASED
+
+
+def test_admin_revokes_other_lease(admin: AuthorityClient, holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    result = admin.revoke(granted.lease_id)
+
+    assert result.lease.state is LeaseState.ENDED
+    assert result.lease.end_reason is EndReason.REVOKED
+
+
+def test_unauthenticated_revoke_rejected(keyed_authority: AuthorityThread, holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    with AuthorityClient(keyed_authority.target) as anonymous:
+        with pytest.raises(Unauthenticated, match='missing "authorization" metadata'):
+            anonymous.revoke(granted.lease_id)
+
+    assert holder.time_to_live(granted.lease_id).state is LeaseState.ALIVE
+
+
+def test_non_admin_revoke_unknown_lease_not_found(other: AuthorityClient) -> None:
+    result = other.revoke("unknown-lease-id-xxxxxxx")
+
+    assert result.lease.state is LeaseState.NOT_FOUND
+
+
+# --- Revoke by fingerprint --------------------------------------------------------------------
+
+
+def test_non_admin_revoke_other_by_fingerprint_denied(holder: AuthorityClient, other: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    with pytest.raises(PermissionDenied, match="admin permission"):
+        other.revoke(fingerprint=granted.fingerprint)
+
+
+def test_holder_revokes_own_by_fingerprint(holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    result = holder.revoke(fingerprint=granted.fingerprint)
+
+    assert result.lease.end_reason is EndReason.REVOKED
+
+
+def test_admin_revokes_by_fingerprint(admin: AuthorityClient, holder: AuthorityClient) -> None:
+    granted = holder.grant()
+
+    result = admin.revoke(fingerprint=granted.fingerprint)
+
+    assert result.lease.end_reason is EndReason.REVOKED
+
+
+# --- insecure development mode ----------------------------------------------------------------
+
+
+def test_dev_mode_any_bearer_revokes(authority: AuthorityThread) -> None:
+    with AuthorityClient(authority.target, principal="svc-a") as holder_client:
+        granted = holder_client.grant()
+    with AuthorityClient(authority.target, principal="svc-b") as other_client:
+        result = other_client.revoke(granted.lease_id)
+
+    assert result.lease.end_reason is EndReason.REVOKED
+
+
+def test_dev_mode_everyone_lists_all(authority: AuthorityThread) -> None:
+    with AuthorityClient(authority.target, principal="svc-a") as client:
+        client.grant()
+        client.grant(principal="svc-b")
+
+        listed = list(client.list_leases())
+
+    assert sorted(lease.principal for lease in listed) == ["svc-a", "svc-b"]
