@@ -7,6 +7,7 @@ from ._aio_session import AioSession
 from ._client import AuthorityClient
 from ._client import KeepAliveStream
 from ._client import WatchStream
+from ._common import load_channel_credentials
 from ._errors import AuthorityError
 from ._errors import AuthorityUnavailable
 from ._errors import FailedPrecondition
@@ -23,6 +24,7 @@ from ._metadata import EndReason
 from ._metadata import LEASE_METADATA_KEY
 from ._metadata import fingerprint
 from ._metadata import lease_digest
+from ._metadata import peer_identity
 from ._session import Session
 from ._session import SessionEnded
 from ._session import SessionState
@@ -38,6 +40,9 @@ from ._types import SessionEndEvent
 from ._types import TierInfo
 from ._types import ValidateResult
 from ._types import Verdict
+from ._types import WatchEvent
+from ._types import duration_to_seconds
+from ._types import seconds_to_duration
 
 __all__ = [
     "AioAuthorityClient",
@@ -74,8 +79,13 @@ __all__ = [
     "Unauthenticated",
     "ValidateResult",
     "Verdict",
+    "WatchEvent",
     "WatchStream",
+    "duration_to_seconds",
     "fingerprint",
     "lease_digest",
+    "load_channel_credentials",
+    "peer_identity",
+    "seconds_to_duration",
     "translate_rpc_error",
 ]

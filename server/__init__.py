@@ -13,6 +13,7 @@ from ._auth import AuthenticationError
 from ._auth import Authenticator
 from ._auth import CallerInfo
 from ._auth import InsecureDevAuthenticator
+from ._auth import MtlsAuthenticator
 from ._auth import append_api_key
 from ._auth import hash_api_key
 from ._authority import Authority
@@ -21,6 +22,8 @@ from ._authority import AuthorityThread
 from ._clock import Clock
 from ._clock import ManualClock
 from ._clock import SystemClock
+from ._limits import LimitExceeded
+from ._limits import PrincipalLimiter
 from ._policy import Bounds
 from ._policy import Limits
 from ._policy import MethodRule
@@ -38,6 +41,8 @@ from ._table import EndReason
 from ._table import LeaseSnapshot
 from ._table import LeaseState
 from ._table import LeaseTable
+from ._tls import TlsConfigError
+from ._tls import server_credentials as load_server_credentials
 
 __all__ = [
     "ApiKeyAuthenticator",
@@ -61,19 +66,24 @@ __all__ = [
     "LeaseState",
     "LeaseStore",
     "LeaseTable",
+    "LimitExceeded",
     "Limits",
     "ManualClock",
     "MethodRule",
+    "MtlsAuthenticator",
     "Policy",
     "PolicyError",
+    "PrincipalLimiter",
     "SqliteLeaseStore",
     "StoreError",
     "SystemClock",
     "Tier",
+    "TlsConfigError",
     "UnknownTierError",
     "append_api_key",
     "hash_api_key",
     "load_policy",
+    "load_server_credentials",
     "parse_duration",
     "parse_policy",
     "tail_audit_log",
