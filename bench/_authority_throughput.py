@@ -1,0 +1,273 @@
+"""Grant and renewal throughput of the authority beside a bare grpcio server and etcd.
+
+Every server runs in its own process and so does every load client; each
+client drives one server at a time. The authority is the real
+``session-authority serve`` with its SQLite store in a temporary data
+directory. Pairs of figures are measured in alternation, ``rounds`` times,
+and the median of each is reported, so a slow spell on a shared machine
+hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import pathlib
+import pstats
+import statistics
+from collections.abc import Iterator
+
+from . import _etcd
+from ._common import Figure, Options, ServerProcess, python_command, run_json
+
+logger = logging.getLogger(__name__)
+
+POLICY = """\
+version = 1
+default_tier = "standard"
+
+[tiers.standard]
+idle_timeout = "5m"
+max_duration = "8h"
+
+# The benchmark grants thousands of leases per second from 64 principals, so
+# the per-principal limits are lifted (0 means unlimited).
+[limits]
+max_live_leases_per_principal = 0
+grants_per_second_per_principal = 0
+"""
+
+RENEWAL_BATCH = 1000
+"""Renewal entries per KeepAlive message."""
+
+GRANT_CONCURRENCY = 64
+"""Unary calls in flight from the load client, for grants on every server."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes of one pass; ``--quick`` picks the small one."""
+
+    seconds: float
+    warmup_seconds: float
+    rounds: int
+    renewal_leases: int
+    etcd_leases: int
+    etcd_in_flight: int
+
+    @classmethod
+    def for_options(cls, options: Options) -> Plan:
+        if options.quick:
+            return cls(seconds=1.5, warmup_seconds=0.3, rounds=1, renewal_leases=2000, etcd_leases=500, etcd_in_flight=256)
+        return cls(seconds=5.0, warmup_seconds=1.0, rounds=3, renewal_leases=10_000, etcd_leases=2000, etcd_in_flight=256)
+
+    def timeout_seconds(self) -> float:
+        """Upper bound on one load client's run, set-up included."""
+        return 120.0 + self.warmup_seconds + self.seconds
+
+
+def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra: str) -> dict:
+    """Run one load client process against ``server`` and return its JSON result.
+
+    The result gains ``server_cpu_per_operation``: the server's CPU time over
+    the whole client run divided by every operation the client completed.
+    """
+    command = python_command(
+        "bench._load",
+        kind,
+        "--target", server.target,
+        "--seconds", str(plan.seconds),
+        "--warmup", str(plan.warmup_seconds),
+        *extra,
+    )  # fmt: skip
+    cpu_before = server.cpu_seconds()
+    result = run_json(command, plan.timeout_seconds())
+    cpu = server.cpu_seconds() - cpu_before
+    result["server_cpu_per_operation"] = cpu / max(1, result["all_operations"])
+    return result
+
+
+@contextlib.contextmanager
+def authority_server(work_dir: pathlib.Path, name: str, profile: pathlib.Path | None = None) -> Iterator[ServerProcess]:
+    """Run ``session-authority serve`` with a fresh SQLite data directory."""
+    policy = work_dir / "policy.toml"
+    policy.write_text(POLICY)
+    module_args = [
+        "session_authority.server._main",
+        "--insecure-dev",
+        "--listen", "127.0.0.1:0",
+        "--data-dir", str(work_dir / f"{name}-data"),
+        "--policy", str(policy),
+        "--port-file", str(work_dir / f"{name}.port"),
+    ]  # fmt: skip
+    if profile is not None:
+        command = python_command("cProfile", "-o", str(profile), "-m", *module_args)
+    else:
+        command = python_command(*module_args)
+    with ServerProcess(command, work_dir / f"{name}.port", work_dir / f"{name}.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def echo_server(work_dir: pathlib.Path) -> Iterator[ServerProcess]:
+    command = python_command("bench._echo", "--port-file", str(work_dir / "echo.port"))
+    with ServerProcess(command, work_dir / "echo.port", work_dir / "echo.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def etcd_server(options: Options) -> Iterator[tuple[_etcd.EtcdServer, pathlib.Path] | None]:
+    """Start etcd unless skipped; yield it with its stubs directory, or None."""
+    binary = _etcd.etcd_binary()
+    if options.skip_etcd or binary is None:
+        if binary is None and not options.skip_etcd:
+            print("etcd: not installed (apt-get install etcd-server); its baselines are left out")
+        yield None
+        return
+    stubs = _etcd.generate_stubs(options.work_dir / "etcd-stubs")
+    with _etcd.EtcdServer(binary, options.work_dir, stubs) as server:
+        yield server, stubs
+
+
+PROFILE_NOISE = ("select.epoll", "builtins.compile", "marshal.loads", "_imp.create_dynamic", "__build_class__", "builtins.exec", "posix.stat")
+"""Rows of idle waiting and start-up imports, left out of the printed profile."""
+
+
+def print_profile(kind: str, path: pathlib.Path, top: int = 15) -> None:
+    """Print the functions with the most own time in the authority's event-loop thread.
+
+    cProfile records only the thread that ran the module, which is the event
+    loop. The store and audit writer threads are not in the profile. Time inside grpcio's Cython
+    callbacks shows as the own time of ``Context.run``.
+    """
+    if not path.exists():
+        print(f"profile of the {kind} authority: {path} was not written")
+        return
+    output = io.StringIO()
+    stats = pstats.Stats(str(path), stream=output)
+    stats.sort_stats("tottime").print_stats(top + len(PROFILE_NOISE))
+    print(f"-- profile of the {kind} authority, event-loop thread, by own time (cProfile):")
+    table = output.getvalue()
+    rows = table[table.index("ncalls") :].rstrip().splitlines() if "ncalls" in table else [table]
+    kept = [row for row in rows if not any(noise in row for noise in PROFILE_NOISE)]
+    print("\n".join(kept[: top + 1]))
+
+
+def median_rate(results: list[dict]) -> float:
+    return statistics.median(result["rate"] for result in results)
+
+
+def median_cpu_microseconds(results: list[dict], key: str = "server_cpu_per_operation") -> float:
+    return statistics.median(result[key] for result in results) * 1e6
+
+
+def run(options: Options) -> list[Figure]:
+    """Measure grants and renewals; return the figures."""
+    plan = Plan.for_options(options)
+    grants: list[dict] = []
+    echoes: list[dict] = []
+    renewals: list[dict] = []
+    etcd_grants: list[dict] = []
+    etcd_keepalives: list[dict] = []
+    concurrency = ["--concurrency", str(GRANT_CONCURRENCY)]
+
+    profiles = {kind: options.work_dir / f"{kind}.prof" for kind in ("grants", "renewals")} if options.profile else {}
+    with contextlib.ExitStack() as stack:
+        # Grants and renewals each get their own authority, so neither
+        # measures a table that the other one filled.
+        grant_authority = stack.enter_context(authority_server(options.work_dir, "grants", profiles.get("grants")))
+        renewal_authority = stack.enter_context(
+            authority_server(options.work_dir, "renewals", profiles.get("renewals"))
+        )
+        echo = stack.enter_context(echo_server(options.work_dir))
+        etcd = stack.enter_context(etcd_server(options))
+        for _ in range(plan.rounds):
+            echoes.append(load(plan, "grant", echo, *concurrency))
+            grants.append(load(plan, "grant", grant_authority, *concurrency))
+            renewals.append(
+                load(
+                    plan, "keepalive", renewal_authority,
+                    "--leases", str(plan.renewal_leases),
+                    "--batch", str(RENEWAL_BATCH),
+                    "--in-flight", "4",
+                    "--lease-file", str(options.work_dir / "renewal-leases.txt"),
+                )  # fmt: skip
+            )
+            if etcd is not None:
+                server, stubs = etcd
+                etcd_grants.append(load(plan, "etcd-grant", server, *concurrency, "--stubs", str(stubs)))
+                etcd_keepalives.append(
+                    load(
+                        plan, "etcd-keepalive", server,
+                        "--leases", str(plan.etcd_leases),
+                        "--in-flight", str(plan.etcd_in_flight),
+                        "--stubs", str(stubs),
+                    )  # fmt: skip
+                )
+    for kind, path in profiles.items():
+        print_profile(kind, path)
+
+    not_alive = sum(result.get("not_alive", 0) for result in renewals + etcd_keepalives)
+    if not_alive:
+        raise RuntimeError(
+            f"{not_alive} renewal replies reported a lease as not alive, so the renewal figures are invalid;"
+            " check the authority log in the work directory"
+        )
+
+    grant_rate = median_rate(grants)
+    renewal_rate = median_rate(renewals)
+    figures = [
+        Figure(
+            name="grant/s sqlite",
+            value=grant_rate,
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_rate(echoes),
+            target=0.80,
+            note=f"{GRANT_CONCURRENCY} in flight, median of {plan.rounds}",
+        ),
+        # CPU time per call does not depend on what else the machine runs,
+        # so it separates the authority's own cost from a busy neighbour's.
+        Figure(
+            name="server CPU us/grant sqlite",
+            value=median_cpu_microseconds(grants),
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_cpu_microseconds(echoes),
+            note="all server threads; lower is better",
+        ),
+    ]
+    if etcd_grants:
+        figures.append(
+            Figure(
+                name="grant/s sqlite",
+                value=grant_rate,
+                unit="",
+                baseline_name="etcd lease grants/s",
+                baseline=median_rate(etcd_grants),
+                note=f"{GRANT_CONCURRENCY} in flight",
+            )
+        )
+    if etcd_keepalives:
+        figures.append(
+            Figure(
+                name=f"renewals/s keep-alive ({RENEWAL_BATCH:,}/msg)",
+                value=renewal_rate,
+                unit="",
+                baseline_name="etcd keep-alives/s",
+                baseline=median_rate(etcd_keepalives),
+                target=3.0,
+                note=(
+                    f"one client process each; etcd {plan.etcd_in_flight} requests ahead on one stream;"
+                    f" client CPU us/renewal {median_cpu_microseconds(renewals, 'client_cpu_per_operation'):.1f}"
+                    f" vs etcd {median_cpu_microseconds(etcd_keepalives, 'client_cpu_per_operation'):.0f};"
+                    f" etcd server CPU us/keep-alive {median_cpu_microseconds(etcd_keepalives):.0f}"
+                    " (with its set-up grants)"
+                ),
+            )
+        )
+    else:
+        print(f"renewals/s keep-alive ({RENEWAL_BATCH:,}/msg) {renewal_rate:,.0f} (no etcd baseline in this run)")
+    return figures

@@ -1,0 +1,209 @@
+"""Figures, their printing, and helpers for the processes a benchmark starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Settings shared by every benchmark.
+
+    Attributes:
+        quick: Run short passes with fewer leases (the smoke test and a first look).
+        skip_etcd: Leave out the etcd baselines, for machines without ``etcd``.
+        work_dir: A temporary directory that the caller removes afterwards.
+        profile: Run the authority under cProfile and print where its time
+            goes. Profiling slows the authority down, so the figures of such
+            a run are not comparable with those of other runs.
+    """
+
+    quick: bool
+    skip_etcd: bool
+    work_dir: pathlib.Path
+    profile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One result printed beside its baseline from the same run.
+
+    ``ratio`` is ``value / baseline``. ``target`` is the bound the ratio should
+    meet, compared with ``target_op`` (``">="``, ``">"``, ``"<="`` or ``"<"``); None prints the
+    ratio for reference only.
+    """
+
+    name: str
+    value: float
+    unit: str
+    baseline_name: str
+    baseline: float
+    target: float | None = None
+    target_op: str = ">="
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline if self.baseline else float("inf")
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        compare = {">=": float.__ge__, ">": float.__gt__, "<=": float.__le__, "<": float.__lt__}[self.target_op]
+        return bool(compare(float(self.ratio), float(self.target)))
+
+    def line(self) -> str:
+        """Format the figure as one line: value, baseline, ratio and target."""
+        if self.target is None:
+            verdict = "(reference, no target)"
+        else:
+            verdict = f"(target {self.target_op} {self.target:.2f}: {'met' if self.met else 'MISSED'})"
+        text = (
+            f"{self.name} {format_number(self.value)}{self.unit}"
+            f" | {self.baseline_name} {format_number(self.baseline)}{self.unit}"
+            f" | ratio {self.ratio:.2f} {verdict}"
+        )
+        if self.note:
+            text += f"  [{self.note}]"
+        return text
+
+
+def format_number(value: float) -> str:
+    """Format a figure with thousands separators, and decimals only below 100."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.2f}"
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago (for etcd, which takes no port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def python_command(module: str, *args: str) -> list[str]:
+    """Return the command that runs ``python -m module args`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def child_environment() -> dict[str, str]:
+    """Return the environment for benchmark children: the repository root on ``sys.path``."""
+    environment = dict(os.environ)
+    path = environment.get("PYTHONPATH", "")
+    environment["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    return environment
+
+
+def run_json(command: Sequence[str], timeout_seconds: float) -> dict:
+    """Run a child that prints one JSON object as its last stdout line, and return it.
+
+    Raises:
+        RuntimeError: The child failed, timed out or printed no JSON; the
+            message carries its stderr.
+    """
+    try:
+        finished = subprocess.run(
+            list(command),
+            capture_output=True,
+            text=True,
+            timeout=timeout_seconds,
+            env=child_environment(),
+            cwd=REPO_ROOT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(command)} timed out after {timeout_seconds:g} s") from exc
+    lines = finished.stdout.strip().splitlines()
+    if finished.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{' '.join(command)} exited with {finished.returncode}:\n{finished.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1])
+
+
+class ServerProcess:
+    """A server child that writes its port to a file once it serves, stopped with SIGTERM."""
+
+    def __init__(self, command: Sequence[str], port_file: pathlib.Path, log_path: pathlib.Path) -> None:
+        self.command = list(command)
+        self.port_file = port_file
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_seconds: float = 30.0) -> ServerProcess:
+        """Start the child and wait for its port file.
+
+        Raises:
+            RuntimeError: The child exited or wrote no port in time; the
+                message carries its log.
+        """
+        self.port_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(), cwd=REPO_ROOT
+            )
+        deadline = time.monotonic() + timeout_seconds
+        while not self.port_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.command[2]} exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.command[2]} wrote no port within {timeout_seconds:g} s:\n{self.log()}")
+            time.sleep(0.02)
+        self.port = int(self.port_file.read_text())
+        return self
+
+    def cpu_seconds(self) -> float:
+        """Return the CPU time (user + system, all threads) the child has used so far."""
+        return process_cpu_seconds(self.process.pid if self.process else 0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """Send SIGTERM, wait up to 15 s, then SIGKILL."""
+        stop_process(self.process)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU time of a live process, all threads, from ``/proc``."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name in field 2 may contain spaces; the fields after it do not.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Stop a child this benchmark started: SIGTERM, up to 15 s, then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

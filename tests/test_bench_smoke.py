@@ -1,0 +1,37 @@
+"""Smoke test of the benchmark entry point: ``python -m bench --quick`` runs and prints its ratios.
+
+It checks only that the benchmarks still run and print each figure beside its
+baseline. It asserts no time or rate because those depend on the machine.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+RATIO_LINE = re.compile(r"^(?P<name>.+?) [0-9][0-9,.]*.* \| (?P<baseline>.+?) [0-9][0-9,.]*.* \| ratio [0-9]+\.[0-9]{2} ")
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_prints_ratios() -> None:
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "throughput", "scale"]
+    if shutil.which("etcd") is None:
+        command.append("--skip-etcd")
+
+    finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+
+    output = finished.stdout
+    assert finished.returncode == 0, f"exit status {finished.returncode}\nstdout:\n{output}\nstderr:\n{finished.stderr[-3000:]}"
+    ratio_lines = [line for line in output.splitlines() if RATIO_LINE.match(line)]
+    names = {RATIO_LINE.match(line).group("baseline") for line in ratio_lines}  # type: ignore[union-attr]
+    assert "bare grpcio unary echo" in names, output
+    assert "dict of slotted records + deadline heap" in names, output
+    assert "p99 budget" in names, output
+    if shutil.which("etcd") is not None:
+        assert "etcd keep-alives/s" in names, output
