@@ -400,9 +400,21 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
         drive: Callable[[Callable[..., Any], Any, Any], Awaitable[Any]],
         *,
         streaming_requests: bool,
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-        # gRPC awaits a coroutine function for every call shape, so the
-        # wrapper is one for all four; streamed responses go out by write().
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+        # Streamed responses go out by write() in every shape. Wrappers of
+        # response-streaming methods are still async generators (that yield
+        # nothing), because interceptors around ours, such as
+        # opentelemetry-instrumentation-grpc, iterate those handlers with
+        # "async for" and fail on a coroutine.
+        if drive is _drive_stream_response:
+
+            async def enforced_stream(argument: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await self._handle(behavior, method, drive, argument, context, streaming_requests)
+                return
+                yield  # unreachable: marks this function as an async generator
+
+            return enforced_stream
+
         async def enforced(argument: Any, context: grpc.aio.ServicerContext) -> Any:
             return await self._handle(behavior, method, drive, argument, context, streaming_requests)
 
@@ -429,6 +441,7 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
                 "refused %s on lease %s: %s", method, refusal.fingerprint or "(none)", refusal.reason.value
             )
             _telemetry.add_refusal_event(span, _telemetry.REFUSED_EVENT, refusal, method)
+            enforcer.metrics.record_refusal(refusal)
             await _abort(context, refusal)
             raise AssertionError("context.abort returned") from None
         if entry is EXEMPT:

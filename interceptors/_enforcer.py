@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 import grpc
 
 from session_authority.clients._errors import AuthorityError
-from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason, fingerprint, lease_digest
+from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason, fingerprint, lease_digest, peer_identity
 from session_authority.clients._types import (
     LeaseInfo,
     LeaseState,
@@ -42,6 +42,7 @@ from session_authority.interceptors import _errors
 from session_authority.interceptors._authority_link import AuthorityLink
 from session_authority.interceptors._cache import ExpiringLru
 from session_authority.interceptors._errors import LeaseRefused
+from session_authority.interceptors._telemetry import EnforcerMetrics
 from session_authority.interceptors._timer import Timer
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class EnforcerConfig:
         reconnect_backoff_initial_seconds: First delay before reconnecting a
             broken watch stream; it doubles up to the maximum, with jitter.
         reconnect_backoff_max_seconds: Largest reconnect delay.
+        meter_provider: An ``opentelemetry.metrics.MeterProvider`` for the
+            enforcer's metrics; None means the global meter provider.
     """
 
     authority_target: str | None = None
@@ -127,6 +130,7 @@ class EnforcerConfig:
     exempt_patterns: tuple[str, ...] = DEFAULT_EXEMPT_PATTERNS
     reconnect_backoff_initial_seconds: float = 0.05
     reconnect_backoff_max_seconds: float = 2.0
+    meter_provider: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.authority_target is None) == (self.authority_channel is None):
@@ -238,13 +242,17 @@ def read_lease_id(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) 
 
 
 def default_caller_identity(context: Any) -> str | None:
-    """Return the first TLS peer identity of a call, or None when the transport authenticated none."""
-    if context.peer_identity_key() is None:
-        return None
-    identities = context.peer_identities() or ()
-    if not identities:
-        return None
-    return identities[0].decode("utf-8", "replace")
+    """Return the TLS peer's certificate identity (SPIFFE ID, else common name), or None without one.
+
+    The authority derives a grant's principal by the same rule, so the
+    rightful holder of a lease always passes this check.
+    """
+    try:
+        return peer_identity(context.auth_context() or {})
+    except ValueError as exc:
+        # Principals never contain spaces, so this matches no lease and the
+        # call is refused as a principal mismatch that names the problem.
+        return f"invalid client certificate: {exc}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -523,6 +531,7 @@ class Enforcer:
             clock=clock,
         )
         self._timer = Timer(clock)
+        self.metrics = EnforcerMetrics(config.meter_provider)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -764,6 +773,7 @@ class Enforcer:
         sent_at = self._clock()
         try:
             result = self._link.validate(lease_id, method, caller)
+            answered_at = self._clock()
         except (AuthorityError, ValueError) as exc:
             logger.warning("Validate of lease %s failed: %s", fingerprint(lease_id), exc)
             with self._lock:
@@ -778,7 +788,7 @@ class Enforcer:
         with self._lock:
             self._pending.pop(lease_id, None)
             cut = self._apply_validation(lease_id, method, result, sent_at)
-        self._run_cut_offs(cut)
+        self._run_cut_offs(cut, answered_at)
         future.set_result(None)
 
     def _apply_validation(
@@ -835,12 +845,16 @@ class Enforcer:
             self._schedule_callbacks(list(self._callbacks), info)
         return [(call, refusal) for call in calls]
 
-    def _run_cut_offs(self, cut: list[tuple[CallHandle, LeaseRefused]]) -> None:
+    def _run_cut_offs(self, cut: list[tuple[CallHandle, LeaseRefused]], ended_at: float) -> None:
+        # ended_at is the lease end as this enforcer learned it: when the news
+        # arrived (watch, renewal or Validate reply) or the local deadline.
         for call, refusal in cut:
             try:
                 call.cut_off(refusal)
             except Exception:  # noqa: BLE001 - one call failing to end must not spare the others
                 logger.exception("could not cut off a call on lease %s", refusal.fingerprint)
+                continue
+            self.metrics.record_cut_off(refusal, self._clock() - ended_at)
 
     def _schedule_callbacks(self, callbacks: list[SessionEndCallback], info: SessionEndInfo) -> None:
         if self._closed:
@@ -867,9 +881,11 @@ class Enforcer:
                 return
             now = self._clock()
             cut: list[tuple[CallHandle, LeaseRefused]] = []
+            ended_at = now
             flush = False
             next_check: float | None = None
             if now >= entry.max_deadline:
+                ended_at = entry.max_deadline
                 # No renewal moves the max-duration cap, so this end is final.
                 self._ended.put(entry.lease_id, (EndReason.MAX_DURATION, entry.fingerprint), now)
                 cut = self._finish_entry(entry, _errors.ended(EndReason.MAX_DURATION, entry.fingerprint), session_end=True)
@@ -877,6 +893,7 @@ class Enforcer:
                 next_check = entry.max_deadline
             elif now >= entry.deadline:
                 if now >= entry.deadline + self._staleness_bound():
+                    ended_at = entry.deadline + self._staleness_bound()
                     refusal = _errors.unreachable(entry.fingerprint, "no renewal answer from the authority")
                     cut = self._finish_entry(entry, refusal, session_end=False)
                 else:
@@ -893,7 +910,7 @@ class Enforcer:
                 self._timer.schedule(next_check, lambda: self._check_entry(entry))
         if flush:
             self._link.request_flush()
-        self._run_cut_offs(cut)
+        self._run_cut_offs(cut, ended_at)
 
     # -- staleness ---------------------------------------------------------------
 
@@ -932,7 +949,7 @@ class Enforcer:
                     refusal = _errors.unreachable(entry.fingerprint, "no word from the authority within the staleness bound")
                     cut.extend(self._finish_entry(entry, refusal, session_end=False))
         self._link.cancel_watch()
-        self._run_cut_offs(cut)
+        self._run_cut_offs(cut, due)
 
     # -- LinkListener ------------------------------------------------------------
 
@@ -983,9 +1000,10 @@ class Enforcer:
             entry = self._by_digest.get(event.lease.digest)
             if entry is None:
                 return
-            self._ended.put(entry.lease_id, (reason, entry.fingerprint), self._clock())
+            received_at = self._clock()
+            self._ended.put(entry.lease_id, (reason, entry.fingerprint), received_at)
             cut = self._finish_entry(entry, _errors.ended(reason, entry.fingerprint), session_end=True)
-        self._run_cut_offs(cut)
+        self._run_cut_offs(cut, received_at)
 
     def collect_renewals(self, now: float) -> list[tuple[object, str, float]]:
         """Return the leases with activity not yet reported, or with a probe requested (reporter thread)."""
@@ -1023,7 +1041,7 @@ class Enforcer:
                         f"session lease {entry.fingerprint} is not known to the authority", fingerprint=entry.fingerprint
                     )
                     cut.extend(self._finish_entry(entry, refusal, session_end=False))
-        self._run_cut_offs(cut)
+        self._run_cut_offs(cut, now)
 
     def renewals_failed(self, tokens: Sequence[object], error: BaseException) -> None:
         """Queue the entries of a failed batch again (KeepAlive reader or reporter thread)."""

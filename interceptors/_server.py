@@ -49,22 +49,28 @@ except ImportError:  # pragma: no cover - every supported grpcio has them
 _warned_no_internals = False
 
 
-def _send_status_now(context: Any, refusal: LeaseRefused) -> None:
-    """Send the refusal as the final status of a call from any thread."""
+def _send_status_now(context: Any, refusal: LeaseRefused) -> bool:
+    """Send the refusal as the final status of a call from any thread.
+
+    Returns:
+        True when this sent the status; False when the call had already ended
+        or, on a grpcio without the internals, was only cancelled.
+    """
     state = getattr(context, "_state", None)
     rpc_event = getattr(context, "_rpc_event", None)
     if not _INTERNALS or state is None or rpc_event is None:
         _cancel_without_internals(context)
-        return
+        return False
     details = refusal.details.encode("utf-8")
     with state.condition:
         if not _grpc_server._is_rpc_state_active(state):
-            return
+            return False
         kept = tuple(item for item in state.trailing_metadata or () if item[0] != refusal.trailing_metadata()[0][0])
         state.trailing_metadata = kept + refusal.trailing_metadata()
         state.code = refusal.code
         state.details = details
         _grpc_server._abort(state, rpc_event.call, _cygrpc.StatusCode.unauthenticated, details)
+    return True
 
 
 def _cancel_without_internals(context: Any) -> None:
@@ -110,7 +116,8 @@ class _SyncCall:
                 return
             self.refusal = refusal
         _telemetry.add_refusal_event(self._span, _telemetry.CUT_OFF_EVENT, refusal, self._method)
-        _send_status_now(self._context, refusal)
+        if _send_status_now(self._context, refusal):
+            _telemetry.report_status(self._context, refusal)
 
     def finish(self) -> bool:
         """Mark the handler done; False when the call was cut off first."""
@@ -253,6 +260,7 @@ class LeaseServerInterceptor(grpc.ServerInterceptor):
                 "refused %s on lease %s: %s", method, refusal.fingerprint or "(none)", refusal.reason.value
             )
             _telemetry.add_refusal_event(span, _telemetry.REFUSED_EVENT, refusal, method)
+            enforcer.metrics.record_refusal(refusal)
             context.set_trailing_metadata(refusal.trailing_metadata())
             context.abort(refusal.code, refusal.details)
             raise AssertionError("context.abort returned") from None
