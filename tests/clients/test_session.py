@@ -22,7 +22,7 @@ from session_authority.clients._session import (
     end_reason_of_rejection,
 )
 from session_authority.clients._types import GrantedLease, LeaseInfo, LeaseState
-from interceptors._client_support import FAST_RECONNECT_OPTIONS, TcpProxy
+from client_support import FAST_RECONNECT_OPTIONS, TcpProxy
 
 
 

@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from interceptors._client_support import (
+from client_support import (
     BIDI,
     CLIENT_STREAM,
     FAST_RECONNECT_OPTIONS,

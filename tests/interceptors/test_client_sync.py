@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from interceptors._client_support import (
+from client_support import (
     BIDI,
     CLIENT_STREAM,
     FAST_RECONNECT_OPTIONS,
