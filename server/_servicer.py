@@ -312,7 +312,8 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
                 self._limiter.release(principal)
             logger.error("grant for %s in tier %s not stored: %s", principal, tier.name, exc)
             raise Unavailable(f"the lease could not be stored: {exc}; retry later") from exc
-        logger.info("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
+        # Grants are in the audit log; one INFO line per grant would dominate a burst.
+        logger.debug("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
         return pb.GrantResponse(lease_id=lease_id, lease=lease_to_proto(lease))
 
     def _acquire_grant_slot(self, principal: str) -> None:
