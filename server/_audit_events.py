@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -118,8 +119,12 @@ class SessionRecorder:
     :class:`AuditSink`, which retries a failed write until it lands. Ends are
     queued in the table's end order (``SessionEnd.sequence``), whichever
     threads report them. An end of a lease whose grant write has not settled
-    waits for it, so the grant record comes first. Nothing here waits for
-    the disk, so leases end on time while the audit log is failing.
+    waits for it, so the grant record comes first. With
+    ``ends_wait_for_store`` an end's records also wait until the lease
+    store's write of that end has settled (:meth:`end_settled`), so a crash
+    cannot leave an ``end`` record for a lease that the store still has as
+    live. Nothing here waits for the disk, so leases end on time while the
+    audit log is failing.
 
     Telemetry: the ``session.end`` span is emitted from the sink's
     ``on_written`` callback, so it carries the record's seq and hash. Without
@@ -134,15 +139,31 @@ class SessionRecorder:
         telemetry: Spans and metrics.
         first_sequence: Sequence number of the next end the table reports
             (``table.sequence + 1`` when the recorder is attached).
+        ends_wait_for_store: Hold each end's records until
+            :meth:`end_settled` reports the store write of that end. Set it
+            only when the store calls :meth:`end_settled` for every end;
+            otherwise end records are never written.
     """
 
-    def __init__(self, sink: AuditSink | None, telemetry: SessionTelemetry, first_sequence: int) -> None:
+    def __init__(
+        self,
+        sink: AuditSink | None,
+        telemetry: SessionTelemetry,
+        first_sequence: int,
+        *,
+        ends_wait_for_store: bool = False,
+    ) -> None:
         self.sink = sink
         self.telemetry = telemetry
         self._lock = threading.Lock()
         self._next_sequence = first_sequence
         self._out_of_order: dict[int, _SeenEnd] = {}
         self._pending_grants: dict[bytes, _PendingGrant] = {}
+        self._ends_wait_for_store = ends_wait_for_store
+        # Ends in the order they were released, waiting for their store write.
+        self._awaiting_store: collections.deque[_SeenEnd] = collections.deque()
+        # Digests whose end write settled before or after the end was released.
+        self._store_settled: set[bytes] = set()
 
     # -- start-up ---------------------------------------------------------
 
@@ -208,9 +229,29 @@ class SessionRecorder:
                         lease.fingerprint,
                     )
                 return
-            self._submit(*grant_event(lease), None)
+            if self.sink is not None:
+                self._submit(*grant_event(lease), None)
             for seen in pending.waiting_ends:
-                self._record_end_locked(seen)
+                self._release_end_locked(seen)
+
+    def end_settled(self, digest: bytes, future: concurrent.futures.Future[None]) -> None:
+        """Release the records of a lease's end once the store write of that end has settled.
+
+        Called from the thread that completes the store write, possibly
+        before :meth:`on_end` reports the same end.
+        """
+        if not future.cancelled() and future.exception() is not None:
+            # NOTE: the store retries a failed end write for as long as the
+            # authority runs. If the authority crashes before that write
+            # lands, the audit log contains an end that the store does not.
+            logger.warning(
+                "end of lease %s not yet stored (%s); its audit records are written anyway",
+                digest[:6].hex(),
+                future.exception(),
+            )
+        with self._lock:
+            self._store_settled.add(digest)
+            self._drain_awaiting_store_locked()
 
     def on_end(self, end: SessionEnd) -> None:
         seen = _SeenEnd(end, otel_context.get_current(), time.time_ns())
@@ -225,7 +266,7 @@ class SessionRecorder:
                 if pending is not None:
                     pending.waiting_ends.append(ready)
                 else:
-                    self._record_end_locked(ready)
+                    self._release_end_locked(ready)
             if len(self._out_of_order) > 1000:
                 logger.error(
                     "%d lease ends wait for end %d, which was never reported; audit records are delayed",
@@ -234,6 +275,23 @@ class SessionRecorder:
                 )
 
     # -- internals (lock held) --------------------------------------------
+
+    def _release_end_locked(self, seen: _SeenEnd) -> None:
+        if not self._ends_wait_for_store:
+            self._record_end_locked(seen)
+            return
+        self._awaiting_store.append(seen)
+        self._drain_awaiting_store_locked()
+
+    def _drain_awaiting_store_locked(self) -> None:
+        # Waiting at the head keeps the records in end order; an end whose
+        # write settled first waits behind it.
+        while self._awaiting_store:
+            digest = self._awaiting_store[0].end.lease.digest
+            if digest not in self._store_settled:
+                return
+            self._store_settled.discard(digest)
+            self._record_end_locked(self._awaiting_store.popleft())
 
     def _record_end_locked(self, seen: _SeenEnd) -> None:
         lease = seen.end.lease

@@ -17,7 +17,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from session_authority.v1 import session_authority_pb2 as pb
-from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
 from ._audit import AuditLog, AuditSink
 from ._audit_events import SessionRecorder
@@ -26,8 +25,8 @@ from ._clock import Clock, SystemClock
 from ._limits import PrincipalLimiter
 from ._policy import Policy
 from ._scheduler import ExpiryScheduler
-from ._servicer import AuthorityServicer
-from ._store import LeaseStore, SqliteLeaseStore, StoredLease
+from ._servicer import AuthorityServicer, add_servicer_to_server
+from ._store import LeaseStore, SqliteLeaseStore, StoredLease, StoreError
 from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseTable, SessionEnd
 from ._telemetry import SessionTelemetry
 from ._watch import WatchHub
@@ -186,6 +185,11 @@ class Persistence:
             int(lease.end_reason) if lease.end_reason is not None else 0,
             lease.revoked_by,
         )
+        recorder = self.recorder
+        if recorder is not None:
+            # The end's audit record waits for the store, so a crash can never
+            # leave the audit log ahead of the store with another reason.
+            future.add_done_callback(lambda done, digest=lease.digest: recorder.end_settled(digest, done))
         if lease.end_reason in (EndReason.REVOKED, EndReason.RELEASED):
             # Only revokes and releases wait for the write; keep the future
             # until the servicer picks it up.
@@ -273,7 +277,9 @@ class Authority:
         self.telemetry.lease_restored(row.tier for row in rows if row.ended_at is None)
         if config.data_dir is not None and config.audit:
             self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
-        self.recorder = SessionRecorder(self.audit_sink, self.telemetry, self.table.sequence + 1)
+        self.recorder = SessionRecorder(
+            self.audit_sink, self.telemetry, self.table.sequence + 1, ends_wait_for_store=self.store is not None
+        )
         self.persistence.recorder = self.recorder
         # Records that a crash kept from the log are written again first.
         # The log skips the event IDs it already contains.
@@ -314,7 +320,7 @@ class Authority:
         if config.audit_fail_closed:
             self._close_grants_while_audit_fails()
         server = grpc.aio.server()
-        pb_grpc.add_SessionAuthorityServicer_to_server(self.servicer, server)
+        add_servicer_to_server(self.servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -396,6 +402,17 @@ class Authority:
         logger.info("audit log %s closed at seq %d, last hash %s", log.directory, log.last_seq, log.last_hash)
         log.close()
 
+    def flush(self, timeout_seconds: float = 10.0) -> bool:
+        """Wait until queued store writes and the audit records they release have landed.
+
+        For tests and tools; may block, so do not call it on the event loop.
+        """
+        if isinstance(self.store, SqliteLeaseStore):
+            self.store.flush(timeout_seconds)
+        if self.audit_sink is not None:
+            return self.audit_sink.flush(timeout_seconds)
+        return True
+
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
@@ -411,6 +428,13 @@ class Authority:
         if self.persistence is not None:
             self.persistence.housekeeping()
         loop = asyncio.get_running_loop()
+        if isinstance(self.store, SqliteLeaseStore):
+            # Ends release their audit records only once stored, so the store
+            # is flushed before the audit log closes.
+            try:
+                await loop.run_in_executor(None, self.store.flush, 10.0)
+            except StoreError:
+                logger.exception("lease store did not flush before stop; a restart writes the records")
         await loop.run_in_executor(None, self._close_audit)
         if self.store is not None:
             await loop.run_in_executor(None, self.store.close)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -158,13 +159,73 @@ def check_method(method: str) -> str:
 # -- the servicer -------------------------------------------------------------
 
 
+class UndecodableRequest:
+    """Stands in for a request message that failed to parse.
+
+    grpc.aio answers a deserializer exception with UNKNOWN, so the
+    deserializer returns this instead and the handler rejects it with
+    INVALID_ARGUMENT.
+    """
+
+    __slots__ = ("message_name", "error")
+
+    def __init__(self, message_name: str, error: Exception) -> None:
+        self.message_name = message_name
+        self.error = error
+
+
+def checked_request(request: Any) -> Any:
+    """Return ``request``, or raise ``InvalidArgument`` for one that failed to parse."""
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument(
+            f"the request is not a valid serialized {request.message_name} ({request.error});"
+            " send a message built from session_authority.proto"
+        )
+    return request
+
+
+def _safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(name, exc)
+
+    return deserialize
+
+
+def add_servicer_to_server(servicer: AuthorityServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer like the generated helper, but with deserializers that never raise."""
+    service = pb.DESCRIPTOR.services_by_name["SessionAuthority"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        elif method.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_safe_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def _rpc(handler: _Handler) -> _Handler:
     """Turn ``AuthorityError`` into a status and log unexpected errors, in one place."""
 
     @functools.wraps(handler)
     async def unary(self: AuthorityServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await handler(self, request, context)
+            return await handler(self, checked_request(request), context)
         except AuthorityError as exc:
             await _abort(context, handler.__name__, exc)
 
@@ -177,7 +238,7 @@ def _stream_rpc(handler: _Handler) -> _Handler:
     @functools.wraps(handler)
     async def streaming(self: AuthorityServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            async for response in handler(self, request, context):
+            async for response in handler(self, checked_request(request), context):
                 yield response
         except AuthorityError as exc:
             await _abort(context, handler.__name__, exc)
@@ -338,6 +399,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     ) -> AsyncIterator[pb.KeepAliveResponse]:
         try:
             async for request in request_iterator:
+                request = checked_request(request)
                 answers = self._renew_entries(
                     request.entries, f"message {request.sequence}: entries", strict=False
                 )
@@ -391,7 +453,8 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             except Exception as exc:
                 logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
                 raise Unavailable(
-                    f"the lease ended but the end could not be stored: {exc}; it stays ended"
+                    f"the lease ended, but storing the end failed: {exc}; the authority retries the"
+                    " write, and until it lands a restart of the authority would bring the lease back"
                 ) from exc
             logger.info(
                 "lease %s %s by %s", lease.fingerprint, "released" if request.release else "revoked", revoked_by

@@ -122,6 +122,18 @@ _Operation = Callable[[sqlite3.Connection], None]
 _NOTHING: object = object()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PendingEnd:
+    ended_at: float
+    ended_wall: float
+    end_reason: int
+    revoked_by: str
+
+
+def _write_nothing(connection: sqlite3.Connection) -> None:
+    """Stand for a write whose data the commit takes from the pending sets."""
+
+
 class SqliteLeaseStore:
     """Leases in an SQLite database in WAL mode, written by one thread.
 
@@ -146,10 +158,18 @@ class SqliteLeaseStore:
             self._connection.executescript(_SCHEMA)
             self._check_version()
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open lease store {self.path}: {exc}") from exc
+            hint = ""
+            if self.data_dir.is_dir() and not os.access(self.data_dir, os.W_OK):
+                # SQLite reports a read-only directory only as "unable to open database file".
+                hint = f"; the data directory {self.data_dir} is not writable (read-only filesystem or permissions)"
+            raise StoreError(f"cannot open lease store {self.path}: {exc}{hint}") from exc
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_lock = threading.Lock()
         self._pending_activity: dict[bytes, float] = {}
+        # Ends not yet committed, kept until a commit succeeds: an end lost to a
+        # failed write would bring the lease back alive at the next start,
+        # after its end was reported to the caller and audited.
+        self._pending_ends: dict[bytes, _PendingEnd] = {}
         self._high_water: float | None = None
         self._closed = False
         self.commits = 0
@@ -212,14 +232,17 @@ class SqliteLeaseStore:
         end_reason: int,
         revoked_by: str,
     ) -> concurrent.futures.Future[None]:
-        def write(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "UPDATE leases SET ended_at = ?, ended_wall = ?, end_reason = ?, revoked_by = ?"
-                " WHERE digest = ? AND ended_at IS NULL",
-                (ended_at, ended_wall, end_reason, revoked_by, digest),
-            )
+        """Queue a lease's end; the future fails if the next commit fails.
 
-        return self._submit(write)
+        An end whose commit failed stays queued and goes into every later
+        commit until one succeeds, so a full or failing disk delays the end
+        on disk but does not lose it while the authority runs.
+        """
+        with self._pending_lock:
+            # A lease ends once: the first end reported wins.
+            self._pending_ends.setdefault(digest, _PendingEnd(ended_at, ended_wall, end_reason, revoked_by))
+        # The commit that runs this operation also writes every pending end.
+        return self._submit(_write_nothing)
 
     def set_high_water(self, authority_time: float) -> None:
         with self._pending_lock:
@@ -234,6 +257,17 @@ class SqliteLeaseStore:
 
         self._submit(write)
 
+    def flush(self, timeout_seconds: float) -> None:
+        """Wait until every write queued before this call has been committed.
+
+        Raises:
+            StoreError: The writes did not land within ``timeout_seconds``.
+        """
+        try:
+            self._submit(lambda connection: None).result(timeout_seconds)
+        except concurrent.futures.TimeoutError as exc:
+            raise StoreError(f"lease store {self.path} did not commit within {timeout_seconds} s") from exc
+
     def close(self) -> None:
         """Flush everything queued, stop the writer thread and close the database."""
         if self._closed:
@@ -241,6 +275,15 @@ class SqliteLeaseStore:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
+        with self._pending_lock:
+            unwritten_ends = len(self._pending_ends)
+        if unwritten_ends:
+            logger.error(
+                "lease store %s closed with %d lease ends not written; those leases read as live after the"
+                " next start until their idle or max-duration deadline",
+                self.path,
+                unwritten_ends,
+            )
         try:
             self._connection.close()
         except sqlite3.Error:
@@ -295,14 +338,25 @@ class SqliteLeaseStore:
     def _commit(self, batch: list[tuple[_Operation, concurrent.futures.Future[None]]]) -> None:
         with self._pending_lock:
             activity, self._pending_activity = self._pending_activity, {}
+            ends, self._pending_ends = self._pending_ends, {}
             high_water, self._high_water = self._high_water, None
-        if not batch and not activity and high_water is None:
+        if not batch and not activity and not ends and high_water is None:
             return
         connection = self._connection
         try:
             connection.execute("BEGIN IMMEDIATE")
             for operation, _ in batch:
                 operation(connection)
+            if ends:
+                # After the batch's grants, so an end granted and ended within one batch finds its row.
+                connection.executemany(
+                    "UPDATE leases SET ended_at = ?, ended_wall = ?, end_reason = ?, revoked_by = ?"
+                    " WHERE digest = ? AND ended_at IS NULL",
+                    [
+                        (end.ended_at, end.ended_wall, end.end_reason, end.revoked_by, digest)
+                        for digest, end in ends.items()
+                    ],
+                )
             if activity:
                 connection.executemany(
                     "UPDATE leases SET last_activity = ? WHERE digest = ? AND last_activity < ?",
@@ -326,11 +380,17 @@ class SqliteLeaseStore:
             error = StoreError(f"writing lease store {self.path} failed: {exc}")
             for _, future in batch:
                 future.set_exception(error)
-            # Activity is retried with the next batch; losing it only shortens leases.
+            # Ends, activity and the high-water mark are retried with the next
+            # batch. Losing activity only shortens leases, but a lost end would
+            # make a revoked lease live again after a restart.
             with self._pending_lock:
                 for digest, at in activity.items():
                     if at > self._pending_activity.get(digest, 0.0):
                         self._pending_activity[digest] = at
+                for digest, end in ends.items():
+                    self._pending_ends.setdefault(digest, end)
+                if high_water is not None and (self._high_water is None or high_water > self._high_water):
+                    self._high_water = high_water
             return
         for _, future in batch:
             future.set_result(None)

@@ -1,0 +1,312 @@
+"""The authority out of reach: enforcers fail closed and recover, holders ride out short outages.
+
+Two kinds of outage: the authority process is stopped and later restarted on
+the same port, or its port is black-holed (or refused) by a loopback proxy
+between the enforcer or holder and the authority while the authority keeps
+running.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from faults._proxy import ProxyMode, TcpProxy
+from session_authority.clients._client import AuthorityClient
+from session_authority.clients._keeper import LeaseKeeper
+from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY
+from session_authority.clients._session import Session, SessionState
+from session_authority.clients._types import LeaseState
+from session_authority.interceptors import EnforcerConfig, LeaseServerInterceptor
+
+STALENESS_BOUND_SECONDS = 1.0
+RECOVERY_TIMEOUT_SECONDS = 15.0
+"""Maximum wait for an enforcer or holder to work again once the authority is back."""
+
+ECHO_METHOD = "/test.Fault/Echo"
+
+# Short channel backoff, so that a client notices the returned authority within
+# about a second instead of after gRPC's default backoff of up to two minutes.
+FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
+
+
+class ProtectedServer:
+    """A ``grpc.server`` on loopback with one unary method behind a :class:`LeaseServerInterceptor`."""
+
+    def __init__(self, authority_target: str) -> None:
+        config = EnforcerConfig(
+            authority_target=authority_target,
+            staleness_bound_seconds=STALENESS_BOUND_SECONDS,
+            activity_batch_interval_seconds=0.05,
+            reconnect_backoff_initial_seconds=0.05,
+            reconnect_backoff_max_seconds=0.5,
+            validate_timeout_seconds=1.0,
+        )
+        self.interceptor = LeaseServerInterceptor(config)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+        self.server = grpc.server(self.executor, interceptors=[self.interceptor])
+        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Fault", {"Echo": handler})])
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+
+    def call(self, lease_id: str) -> tuple[grpc.StatusCode, str, str | None]:
+        """Call the protected method; return the status, its details and the end-reason trailer."""
+        method = self.channel.unary_unary(ECHO_METHOD)
+        try:
+            _, call = method.with_call(b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5)
+        except grpc.RpcError as exc:
+            trailers = {item.key: item.value for item in exc.trailing_metadata() or ()}
+            return exc.code(), exc.details() or "", trailers.get(END_REASON_TRAILER_KEY)
+        return call.code(), "", None
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=None).wait(10)
+        self.executor.shutdown(wait=True)
+        self.interceptor.close()
+
+
+def wait_for_call(
+    server: ProtectedServer,
+    lease_id: str,
+    accept: Callable[[tuple[grpc.StatusCode, str, str | None]], bool],
+    timeout_seconds: float,
+    description: str,
+) -> tuple[grpc.StatusCode, str, str | None]:
+    """Call every 50 ms until ``accept`` returns True for an outcome; fail after ``timeout_seconds``."""
+    deadline = time.monotonic() + timeout_seconds
+    outcome = server.call(lease_id)
+    while not accept(outcome):
+        assert time.monotonic() < deadline, f"{description} not seen within {timeout_seconds} s; last outcome {outcome}"
+        time.sleep(0.05)
+        outcome = server.call(lease_id)
+    return outcome
+
+
+def is_unreachable(outcome: tuple[grpc.StatusCode, str, str | None]) -> bool:
+    return outcome[0] is grpc.StatusCode.UNAUTHENTICATED and outcome[2] == "authority_unreachable"
+
+
+def is_ok(outcome: tuple[grpc.StatusCode, str, str | None]) -> bool:
+    return outcome[0] is grpc.StatusCode.OK
+
+
+@pytest.fixture
+def proxy(authority_process) -> Iterator[TcpProxy]:  # type: ignore[no-untyped-def]
+    running = TcpProxy(authority_process.target)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def direct_client(authority_process) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
+    client = AuthorityClient(authority_process.target, principal="svc-fault", timeout_seconds=5, options=FAST_RECONNECT)
+    yield client
+    client.close()
+
+
+# -- enforcer ---------------------------------------------------------------------
+
+
+def test_enforcer_rejects_then_recovers_on_restart(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
+    lease_id = direct_client.grant("standard").lease_id
+    server = ProtectedServer(authority_process.target)
+    try:
+        assert server.call(lease_id)[0] is grpc.StatusCode.OK
+
+        assert authority_process.stop() == 0
+        rejected = wait_for_call(server, lease_id, is_unreachable, STALENESS_BOUND_SECONDS + 5, "authority_unreachable")
+        authority_process.restart()
+        recovered = wait_for_call(server, lease_id, is_ok, RECOVERY_TIMEOUT_SECONDS, "an admitted call")
+    finally:
+        server.stop()
+
+    assert rejected[0] is grpc.StatusCode.UNAUTHENTICATED
+    assert rejected[2] == "authority_unreachable"
+    assert "authority_unreachable" in rejected[1]
+    assert recovered[0] is grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("fault", [ProxyMode.BLACKHOLE, ProxyMode.REFUSE], ids=lambda mode: mode.value)
+def test_enforcer_rejects_then_recovers_behind_proxy(proxy, direct_client, fault: ProxyMode) -> None:  # type: ignore[no-untyped-def]
+    lease_id = direct_client.grant("standard").lease_id
+    server = ProtectedServer(proxy.target)
+    try:
+        assert server.call(lease_id)[0] is grpc.StatusCode.OK
+
+        proxy.set_mode(fault)
+        started = time.monotonic()
+        rejected = wait_for_call(server, lease_id, is_unreachable, STALENESS_BOUND_SECONDS + 5, "authority_unreachable")
+        rejected_after = time.monotonic() - started
+        proxy.set_mode(ProxyMode.PASS)
+        recovered = wait_for_call(server, lease_id, is_ok, RECOVERY_TIMEOUT_SECONDS, "an admitted call")
+    finally:
+        server.stop()
+
+    assert rejected[2] == "authority_unreachable"
+    # The watch stream was silent for at most one heartbeat (0.2 s) before
+    # the fault, so the enforcer cannot have given up much earlier than the bound.
+    assert rejected_after >= STALENESS_BOUND_SECONDS - 0.3
+    assert recovered[0] is grpc.StatusCode.OK
+
+
+def test_enforcer_admits_cached_lease_before_bound(proxy, direct_client) -> None:  # type: ignore[no-untyped-def]
+    lease_id = direct_client.grant("standard").lease_id
+    server = ProtectedServer(proxy.target)
+    try:
+        assert server.call(lease_id)[0] is grpc.StatusCode.OK
+
+        proxy.set_mode(ProxyMode.BLACKHOLE)
+        started = time.monotonic()
+        during = server.call(lease_id)
+        elapsed = time.monotonic() - started
+        proxy.set_mode(ProxyMode.PASS)
+    finally:
+        server.stop()
+
+    if elapsed >= STALENESS_BOUND_SECONDS - 0.3:
+        pytest.skip(f"the call took {elapsed:.2f} s, too close to the staleness bound to decide")
+    assert during[0] is grpc.StatusCode.OK
+
+
+# -- holder -----------------------------------------------------------------------
+
+
+class ActiveSession:
+    """A :class:`Session` in tier ``standard`` whose holder marks activity every 50 ms."""
+
+    IDLE_TIMEOUT_SECONDS = 8.0
+    """Renewals go out every third of this, so an outage of about 5 s fits before the local deadline."""
+
+    def __init__(self, target: str, *, idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS) -> None:
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.client = AuthorityClient(target, principal="holder-fault", timeout_seconds=2, options=FAST_RECONNECT)
+        # A renewal reply later than this counts as a failure, so a black hole
+        # shorter than the default timeout is still noticed as one.
+        self.keeper = LeaseKeeper(renewal_timeout_seconds=0.5)
+        self.ends: list[str] = []
+        self.session = Session(
+            self.client,
+            tier="standard",
+            idle_timeout_seconds=idle_timeout_seconds,
+            keeper=self.keeper,
+            on_end=lambda reason: self.ends.append(reason.value),
+        ).open()
+        assert self.session.lease_id is not None
+        self.lease_id: str = self.session.lease_id
+
+    def active_for(self, seconds: float) -> list[SessionState]:
+        """Mark activity for ``seconds``; return the states seen meanwhile."""
+        states = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.session.mark_activity()
+            states.append(self.session.state)
+            time.sleep(0.05)
+        return states
+
+    def renewed_since(self, moment: float, timeout_seconds: float) -> bool:
+        """Mark activity until a renewal reply received after ``moment`` moved the local deadline; return whether one did.
+
+        Only a renewal sent after ``moment`` can put the local deadline more
+        than 80 % of the idle timeout past it.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            self.session.mark_activity()
+            remaining = self.session.remaining_seconds or 0.0
+            if time.monotonic() + remaining > moment + self.idle_timeout_seconds * 0.8:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self.session.close()
+        self.keeper.close()
+        self.client.close()
+
+
+def test_holder_survives_authority_restart(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
+    holder = ActiveSession(authority_process.target)
+    try:
+        holder.active_for(0.5)
+
+        assert authority_process.stop() == 0
+        # Long enough that the first renewal (a third of the idle timeout after the grant) falls in the outage.
+        during = holder.active_for(2.5)
+        authority_process.restart()
+        back_at = time.monotonic()
+        renewed = holder.renewed_since(back_at, RECOVERY_TIMEOUT_SECONDS)
+        at_authority = direct_client.time_to_live(holder.lease_id)
+        ends = list(holder.ends)
+        failed = holder.keeper.stats.renewals_failed
+    finally:
+        holder.close()
+
+    assert failed > 0, "no renewal failed, so the outage was never felt"
+    assert set(during) == {SessionState.ALIVE}
+    assert renewed, "the holder did not renew after the authority came back"
+    assert ends == []
+    assert at_authority.state is LeaseState.ALIVE
+    assert at_authority.idle_for_seconds < 2.0
+
+
+@pytest.mark.parametrize("fault", [ProxyMode.BLACKHOLE, ProxyMode.REFUSE], ids=lambda mode: mode.value)
+def test_holder_survives_proxy_outage(proxy, direct_client, fault: ProxyMode) -> None:  # type: ignore[no-untyped-def]
+    holder = ActiveSession(proxy.target)
+    try:
+        holder.active_for(0.5)
+
+        proxy.set_mode(fault)
+        # The first renewal goes out about 2.7 s after the grant; the keeper may
+        # notice its missing reply up to 1.5 s later.
+        during = holder.active_for(4.0)
+        proxy.set_mode(ProxyMode.PASS)
+        back_at = time.monotonic()
+        renewed = holder.renewed_since(back_at, RECOVERY_TIMEOUT_SECONDS)
+        at_authority = direct_client.time_to_live(holder.lease_id)
+        ends = list(holder.ends)
+        failed = holder.keeper.stats.renewals_failed
+    finally:
+        holder.close()
+
+    assert failed > 0, "no renewal failed, so the outage was never felt"
+    assert set(during) == {SessionState.ALIVE}
+    assert renewed, "the holder did not renew after the proxy passed traffic again"
+    assert ends == []
+    assert at_authority.state is LeaseState.ALIVE
+    assert at_authority.idle_for_seconds < 2.0
+
+
+def test_holder_ends_unreachable_after_deadline(proxy, direct_client) -> None:  # type: ignore[no-untyped-def]
+    holder = ActiveSession(proxy.target, idle_timeout_seconds=2.0)
+    try:
+        holder.active_for(0.3)
+
+        proxy.set_mode(ProxyMode.BLACKHOLE)
+        states = holder.active_for(4.0)
+        ended_reason = holder.session.end_reason
+        proxy.set_mode(ProxyMode.PASS)
+        at_authority = direct_client.time_to_live(holder.lease_id)
+    finally:
+        holder.close()
+
+    assert states[0] is SessionState.ALIVE
+    assert states[-1] is SessionState.ENDED
+    assert ended_reason is not None
+    assert ended_reason.value == "authority_unreachable"
+    # The renewals never arrived, so the authority ended the lease at its
+    # idle deadline, which lies after the holder's conservative local one.
+    assert at_authority.state is LeaseState.ENDED
+    assert at_authority.end_reason is not None
+    assert at_authority.end_reason.value == "idle_timeout"
