@@ -301,6 +301,10 @@ class LeaseKeeper:
                 next_wake = min(next_wake, due_at)
         for start in range(0, len(due), MAX_BATCH_ENTRIES):
             self._send(entry, link, due[start : start + MAX_BATCH_ENTRIES], now)
+        # Read the in-flight batches again: the ones just sent must time out
+        # on schedule too, not a full idle sleep later.
+        with self._condition:
+            in_flight = [batch.timeout_at for batch in entry.in_flight]
         for timeout_at in in_flight:
             next_wake = min(next_wake, timeout_at)
         return next_wake
