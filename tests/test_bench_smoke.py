@@ -35,3 +35,20 @@ def test_bench_quick_prints_ratios() -> None:
     assert "p99 budget" in names, output
     if shutil.which("etcd") is not None:
         assert "etcd keep-alives/s" in names, output
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_enforcement_prints_ratios() -> None:
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "interceptors", "cutoff"]
+
+    finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280, check=False)
+
+    output = finished.stdout
+    assert finished.returncode == 0, f"exit status {finished.returncode}\nstdout:\n{output}\nstderr:\n{finished.stderr[-3000:]}"
+    assert "failed to run" not in output, output
+    ratio_lines = [line for line in output.splitlines() if RATIO_LINE.match(line)]
+    names = {RATIO_LINE.match(line).group("baseline") for line in ratio_lines}  # type: ignore[union-attr]
+    assert "pass-through interceptor" in names, output
+    assert "bare grpcio" in names, output
+    assert "p99 budget" in names, output
+    assert "bare grpcio aio server ending its own calls" in names, output

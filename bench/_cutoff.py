@@ -1,0 +1,501 @@
+"""Cut-off latency: from a lease's end to clients seeing ``UNAUTHENTICATED`` on open streams.
+
+One protected server (``grpc.aio.server`` with :class:`AioLeaseServerInterceptor`,
+or ``grpc.server`` with :class:`LeaseServerInterceptor`) serves a
+server-streaming method whose handler sends its initial metadata and then
+waits without sending anything. Several client processes open streams to it
+under one or a few leases, wait until every stream has its initial metadata
+(so the enforcer has admitted it), and then record when each stream ends.
+The server, the clients, the authority and this process all run on one
+machine, so their clocks are the same clocks:
+
+- ``revoke``: this process calls ``Revoke`` and reads ``CLOCK_MONOTONIC``
+  when the call returns; each client reads ``CLOCK_MONOTONIC`` when its
+  stream ends. On Linux that clock is one system-wide clock, the same for
+  every process outside a time namespace.
+- ``idle``: the leases are in a tier with a 1 s idle timeout and the streams
+  carry no messages, so the leases idle out. The expected end is the
+  authority's own deadline. After the end, ``TimeToLive`` reports it as
+  ``ended_at`` (wall time). Each client reads ``CLOCK_REALTIME`` when its
+  stream ends. The authority maps its monotonic deadline to wall time from a
+  reading taken at grant, a few seconds earlier, so a wall-clock step in
+  between would shift these figures (NTP slewing moves them by under 1 ms).
+
+Children: ``python -m bench._cutoff serve ...`` and ``python -m bench._cutoff
+streams ...``; ``run`` starts them. Every call has a deadline, so every
+child ends by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import pathlib
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import IO, Any
+
+import grpc
+
+from ._common import Figure, Options, ServerProcess, child_environment, python_command, stop_process, REPO_ROOT
+from ._interceptors import write_port
+
+HOLD = "/bench.Cut/Hold"
+END_ALL = "/bench.Cut/EndAll"
+LEASE_KEY = "session-lease"
+HOLD_SECONDS = 60.0
+"""A handler waits at most this long; a stream that is never cut off ends then."""
+
+STREAM_TIMEOUT_SECONDS = 30.0
+"""Client deadline of every stream."""
+
+BUDGET_MS = 50.0
+"""Target for the p99 cut-off delay."""
+
+POLICY = """\
+version = 1
+default_tier = "standard"
+
+[limits]
+max_live_leases_per_principal = 0
+grants_per_second_per_principal = 0
+
+[tiers.standard]
+idle_timeout = "5m"
+max_duration = "8h"
+
+[tiers.idle1]
+idle_timeout = "1s"
+max_duration = "1m"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """One cut-off measurement: server kind, what ends the leases, and the stream layout."""
+
+    kind: str
+    trigger: str
+    streams: int
+    clients: int
+    leases: int
+
+    @property
+    def label(self) -> str:
+        if self.kind == "aio-bare":
+            return f"aio, no interceptor, {self.streams:,} streams"
+        leases = "1 lease" if self.leases == 1 else f"{self.leases} leases"
+        return f"{self.kind}, {self.streams:,} streams, {leases}"
+
+
+def scenarios(options: Options) -> list[Scenario]:
+    aio_streams, aio_clients = (100, 2) if options.quick else (1000, 4)
+    return [
+        Scenario("aio", "revoke", aio_streams, aio_clients, 1),
+        Scenario("aio", "idle", aio_streams, aio_clients, 4),
+        Scenario("aio-bare", "server", aio_streams, aio_clients, 1),
+        Scenario("sync", "revoke", 100, 2, 1),
+        Scenario("sync", "idle", 100, 2, 4),
+    ]
+
+
+# -- protected server (child process) ------------------------------------------------
+
+
+def serve_aio(authority: str, port_file: pathlib.Path, profile_path: pathlib.Path | None = None, *, bare: bool = False) -> None:
+    """Serve ``Hold`` behind the aio lease interceptor, or with ``bare`` serve ``Hold`` and ``EndAll`` without it.
+
+    The bare server is the baseline: ``EndAll`` wakes every held call, which
+    then aborts itself with ``UNAUTHENTICATED``, as fast as grpcio ends
+    calls from inside their own handlers.
+    """
+    from session_authority.interceptors import AioLeaseServerInterceptor, EnforcerConfig
+
+    release: list[asyncio.Event] = []
+
+    async def hold(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await context.send_initial_metadata(())
+        if not bare:
+            await asyncio.sleep(HOLD_SECONDS)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(release[-1].wait(), HOLD_SECONDS)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "ended by the server", (("session-end-reason", "revoked"),))
+        yield b""  # unreachable: marks this function as an async generator
+
+    async def end_all(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        event = release[-1]
+        release.append(asyncio.Event())
+        event.set()
+        return b""
+
+    async def main() -> None:
+        release.append(asyncio.Event())
+        interceptor = None if bare else AioLeaseServerInterceptor(EnforcerConfig(authority_target=authority))
+        server = grpc.aio.server(interceptors=[interceptor] if interceptor else [])
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "bench.Cut",
+                    {
+                        "Hold": grpc.unary_stream_rpc_method_handler(hold),
+                        "EndAll": grpc.unary_unary_rpc_method_handler(end_all),
+                    },
+                )
+            ]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        write_port(port_file, port)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        await server.stop(0.5)
+        if interceptor is not None:
+            await interceptor.aclose()
+
+    if profile_path is None:
+        asyncio.run(main())
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    asyncio.run(main())
+    profile.disable()
+    profile.dump_stats(str(profile_path))
+
+
+def serve_sync(authority: str, port_file: pathlib.Path, workers: int) -> None:
+    import concurrent.futures
+
+    from session_authority.interceptors import EnforcerConfig, LeaseServerInterceptor
+
+    def hold(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.send_initial_metadata(())
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        ended.wait(HOLD_SECONDS)
+        return
+        yield b""  # unreachable: marks this function as a generator
+
+    interceptor = LeaseServerInterceptor(EnforcerConfig(authority_target=authority))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    server = grpc.server(executor, interceptors=[interceptor])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("bench.Cut", {"Hold": grpc.unary_stream_rpc_method_handler(hold)})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    write_port(port_file, port)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    stopping.wait()
+    server.stop(0.5).wait(5)
+    executor.shutdown(wait=False, cancel_futures=True)
+    interceptor.close()
+
+
+# -- stream client (child process) ----------------------------------------------------
+
+
+async def hold_streams(target: str, count: int) -> dict[str, Any]:
+    """Open ``count`` streams under the leases read from stdin and record how each ends.
+
+    Protocol on stdout: ``connected`` once the channel is ready, ``ready`` once
+    every stream has its initial metadata, then one JSON line with the results.
+    Stdin brings one JSON line ``{"leases": [...]}`` after ``connected``.
+    """
+    async with grpc.aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout=STREAM_TIMEOUT_SECONDS)
+        print("connected", flush=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        leases: list[str] = json.loads(line)["leases"]
+        hold = channel.unary_stream(HOLD)
+        calls = [
+            hold(b"", metadata=((LEASE_KEY, leases[index % len(leases)]),), timeout=STREAM_TIMEOUT_SECONDS)
+            for index in range(count)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), STREAM_TIMEOUT_SECONDS)
+        print("ready", flush=True)
+
+        async def ending(index: int, call: Any) -> dict[str, Any]:
+            code = await call.code()
+            monotonic_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            realtime_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            return {
+                "lease": index % len(leases),
+                "code": code.name,
+                "monotonic_ns": monotonic_ns,
+                "realtime_ns": realtime_ns,
+            }
+
+        ends = await asyncio.gather(*(ending(index, call) for index, call in enumerate(calls)))
+    return {"ends": ends}
+
+
+# -- the benchmark (parent process) ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def authority(work_dir: pathlib.Path) -> Iterator[ServerProcess]:
+    policy = work_dir / "policy.toml"
+    policy.write_text(POLICY)
+    command = python_command(
+        "session_authority.server._main",
+        "--insecure-dev",
+        "--listen", "127.0.0.1:0",
+        "--data-dir", str(work_dir / "authority-data"),
+        "--policy", str(policy),
+        "--port-file", str(work_dir / "authority.port"),
+    )  # fmt: skip
+    with ServerProcess(command, work_dir / "authority.port", work_dir / "authority.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def protected_server(
+    work_dir: pathlib.Path, kind: str, authority_target: str, workers: int, profile: pathlib.Path | None = None
+) -> Iterator[ServerProcess]:
+    command = python_command(
+        "bench._cutoff", "serve",
+        "--kind", kind,
+        "--authority", authority_target,
+        "--workers", str(workers),
+        "--port-file", str(work_dir / f"{kind}-server.port"),
+        *(["--profile", str(profile)] if profile is not None else []),
+    )  # fmt: skip
+    with ServerProcess(command, work_dir / f"{kind}-server.port", work_dir / f"{kind}-server.log") as server:
+        yield server
+
+
+class StreamClients:
+    """The client processes of one scenario, driven over their stdin and stdout."""
+
+    def __init__(self, target: str, scenario: Scenario, log_dir: pathlib.Path) -> None:
+        self.processes: list[subprocess.Popen[str]] = []
+        self.logs: list[pathlib.Path] = []
+        share, extra = divmod(scenario.streams, scenario.clients)
+        for index in range(scenario.clients):
+            log = log_dir / f"client-{scenario.kind}-{scenario.trigger}-{index}.log"
+            self.logs.append(log)
+            with open(log, "ab") as stderr:
+                self.processes.append(
+                    subprocess.Popen(
+                        python_command("bench._cutoff", "streams", "--target", target, "--count", str(share + (index < extra))),
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=stderr,
+                        text=True,
+                        env=child_environment(),
+                        cwd=REPO_ROOT,
+                    )
+                )
+
+    def expect(self, word: str, timeout_seconds: float) -> None:
+        """Wait until every client has printed ``word``."""
+        deadline = time.monotonic() + timeout_seconds
+        for process, log in zip(self.processes, self.logs):
+            assert process.stdout is not None
+            line = read_line(process.stdout, deadline)
+            if line.strip() != word:
+                raise RuntimeError(
+                    f"a stream client printed {line.strip()!r} instead of {word!r}:\n{log.read_text()[-3000:]}"
+                )
+
+    def send_leases(self, leases: list[str]) -> None:
+        for process in self.processes:
+            assert process.stdin is not None
+            process.stdin.write(json.dumps({"leases": leases}) + "\n")
+            process.stdin.flush()
+
+    def results(self, timeout_seconds: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_seconds
+        ends: list[dict[str, Any]] = []
+        for process, log in zip(self.processes, self.logs):
+            assert process.stdout is not None
+            line = read_line(process.stdout, deadline)
+            if not line:
+                raise RuntimeError(f"a stream client printed no result:\n{log.read_text()[-3000:]}")
+            ends.extend(json.loads(line)["ends"])
+        return ends
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process(process)  # type: ignore[arg-type]
+
+
+def read_line(stream: IO[str], deadline: float) -> str:
+    """Read one line from a child's stdout, giving up at ``deadline``."""
+    remaining = deadline - time.monotonic()
+    ready, _, _ = select.select([stream], [], [], max(0.0, remaining))
+    if not ready:
+        raise RuntimeError("a stream client printed nothing before its deadline; see its log in the work directory")
+    return stream.readline()
+
+
+def measure(scenario: Scenario, server: ServerProcess, authority_target: str, work_dir: pathlib.Path) -> list[float]:
+    """Run one scenario once; return each stream's cut-off delay in milliseconds."""
+    from session_authority.clients import AuthorityClient, EndReason
+
+    tier = "idle1" if scenario.trigger == "idle" else "standard"
+    clients = StreamClients(server.target, scenario, work_dir)
+    try:
+        clients.expect("connected", 60.0)
+        with AuthorityClient(authority_target) as authority_client:
+            leases = [
+                authority_client.grant(tier=tier, principal="bench-cutoff").lease_id for _ in range(scenario.leases)
+            ]
+            clients.send_leases(leases)
+            clients.expect("ready", STREAM_TIMEOUT_SECONDS)
+            expected_ns: list[int] = []
+            if scenario.trigger == "revoke":
+                for lease in leases:
+                    authority_client.revoke(lease)
+                    expected_ns.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            elif scenario.trigger == "server":
+                with grpc.insecure_channel(server.target) as channel:
+                    channel.unary_unary(END_ALL)(b"", timeout=STREAM_TIMEOUT_SECONDS)
+                expected_ns.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            ends = clients.results(STREAM_TIMEOUT_SECONDS + 10.0)
+            if scenario.trigger == "idle":
+                for lease in leases:
+                    info = authority_client.time_to_live(lease)
+                    if info.end_reason is not EndReason.IDLE_TIMEOUT or info.ended_at is None:
+                        raise RuntimeError(f"a lease of the idle scenario ended with {info.end_reason}, not idle_timeout")
+                    expected_ns.append(round(info.ended_at.timestamp() * 1e9))
+    finally:
+        clients.stop()
+    wrong = [end["code"] for end in ends if end["code"] != "UNAUTHENTICATED"]
+    if wrong:
+        raise RuntimeError(f"{len(wrong)} of {len(ends)} streams ended with {sorted(set(wrong))}, not UNAUTHENTICATED")
+    clock = "realtime_ns" if scenario.trigger == "idle" else "monotonic_ns"
+    return [(end[clock] - expected_ns[end["lease"]]) / 1e6 for end in ends]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def run(options: Options) -> list[Figure]:
+    """Measure cut-off delays after Revoke and after an idle deadline; return the figures.
+
+    Every scenario runs once per round, in turn, so a busy spell on the
+    machine falls on all of them alike. The delays of all rounds are pooled.
+    """
+    rounds = 1 if options.quick else 3
+    plan = scenarios(options)
+    delays: dict[Scenario, list[float]] = {scenario: [] for scenario in plan}
+    with contextlib.ExitStack() as stack:
+        authority_server = stack.enter_context(authority(options.work_dir))
+        servers: dict[str, ServerProcess] = {}
+        for kind in dict.fromkeys(scenario.kind for scenario in plan):
+            workers = max(scenario.streams for scenario in plan if scenario.kind == kind) + 16
+            profile = options.work_dir / f"{kind}.prof" if options.profile and kind == "aio" else None
+            servers[kind] = stack.enter_context(
+                protected_server(options.work_dir, kind, authority_server.target, workers, profile)
+            )
+        for _ in range(rounds):
+            for scenario in plan:
+                delays[scenario].extend(measure(scenario, servers[scenario.kind], authority_server.target, options.work_dir))
+    if options.profile:
+        print_profile(options.work_dir / "aio.prof")
+    figures: list[Figure] = []
+    baseline = next(scenario for scenario in plan if scenario.kind == "aio-bare")
+    for scenario in plan:
+        figures.extend(scenario_figures(scenario, delays[scenario], rounds))
+        if scenario.kind == "aio":
+            figures.extend(baseline_figures(scenario, delays[scenario], delays[baseline]))
+    return figures
+
+
+def print_profile(path: pathlib.Path, top: int = 20) -> None:
+    """Print the aio server's event-loop thread by own time (cProfile), all scenarios together."""
+    import io
+    import pstats
+
+    if not path.exists():
+        print(f"profile of the aio protected server: {path} was not written")
+        return
+    output = io.StringIO()
+    pstats.Stats(str(path), stream=output).sort_stats("tottime").print_stats(top)
+    table = output.getvalue()
+    print("-- profile of the aio protected server, event-loop thread, by own time (cProfile):")
+    print(table[table.index("ncalls") :].rstrip() if "ncalls" in table else table)
+
+
+def scenario_figures(scenario: Scenario, delays: list[float], rounds: int) -> list[Figure]:
+    start = {"revoke": "Revoke returning", "idle": "idle deadline", "server": "EndAll returning"}[scenario.trigger]
+    note = f"{len(delays):,} streams over {rounds} round(s); min {min(delays):.2f} ms"
+    has_target = scenario.kind != "aio-bare"
+    return [
+        Figure(
+            name=f"cut-off after {start} {label} ({scenario.label})",
+            value=value,
+            unit=" ms",
+            baseline_name="p99 budget",
+            baseline=BUDGET_MS,
+            target=1.0 if label == "p99" and has_target else None,
+            target_op="<",
+            note=note if label == "p50" else "",
+        )
+        for label, value in (
+            ("p50", statistics.median(delays)),
+            ("p99", percentile(delays, 0.99)),
+            ("max", max(delays)),
+        )
+    ]
+
+
+def baseline_figures(scenario: Scenario, delays: list[float], baseline: list[float]) -> list[Figure]:
+    start = "Revoke returning" if scenario.trigger == "revoke" else "idle deadline"
+    return [
+        Figure(
+            name=f"cut-off after {start} {label} ({scenario.label})",
+            value=pick(delays),
+            unit=" ms",
+            baseline_name="bare grpcio aio server ending its own calls",
+            baseline=pick(baseline),
+            note="lower is better",
+        )
+        for label, pick in (("p50", statistics.median), ("p99", lambda values: percentile(values, 0.99)))
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench._cutoff", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the holding method behind the lease interceptor")
+    serve.add_argument("--kind", choices=("aio", "sync", "aio-bare"), required=True)
+    serve.add_argument("--authority", required=True, help="host:port of the authority")
+    serve.add_argument("--workers", type=int, default=128, help="worker threads of the sync server")
+    serve.add_argument("--port-file", type=pathlib.Path, required=True)
+    serve.add_argument("--profile", type=pathlib.Path, help="aio only: write a cProfile of the event-loop thread here at exit")
+    streams = commands.add_parser("streams", help="hold streams open and report how they end, as JSON")
+    streams.add_argument("--target", required=True)
+    streams.add_argument("--count", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.kind.startswith("aio"):
+            serve_aio(args.authority, args.port_file, args.profile, bare=args.kind == "aio-bare")
+        else:
+            serve_sync(args.authority, args.port_file, args.workers)
+    else:
+        print(json.dumps(asyncio.run(hold_streams(args.target, args.count))), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
