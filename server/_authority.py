@@ -52,7 +52,7 @@ class AuthorityConfig:
         authenticator: Decides who is asking, for grants and admin calls.
         admin_everyone: Treat every caller as admin (insecure development mode).
         server_credentials: TLS credentials; None serves plaintext.
-        heartbeat_interval_seconds: Longest silence on a watch stream.
+        heartbeat_interval_seconds: Maximum silence on a watch stream.
         ended_retention_seconds: How long ended leases are reported as ended
             rather than not found.
         clock: Time source; tests pass a ``ManualClock``.

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="longest silence on a watch stream before a heartbeat (default 1.0)",
+        help="maximum silence on a watch stream before a heartbeat is sent (default 1.0)",
     )
     parser.add_argument(
         "--ended-retention",

@@ -47,7 +47,7 @@ RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 """Trailing metadata key of the back-off suggested with ``RESOURCE_EXHAUSTED``, in milliseconds."""
 
 MAX_RENEW_ENTRIES = 10_000
-"""Most entries in one Renew request or KeepAlive message."""
+"""Maximum number of entries in one Renew request or KeepAlive message."""
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -131,7 +131,7 @@ def check_lease_id(lease_id: str, field: str) -> bytes:
 
     Leases are looked up by this SHA-256 digest, never by the ID itself, so no code compares a
     presented ID with a stored one. A dictionary lookup that takes longer for a digest sharing a
-    prefix with a stored digest tells an attacker about digests only, and inverting SHA-256 to
+    prefix with a stored digest reveals information about digests only, and inverting SHA-256 to
     turn that into bytes of a 128-bit ID is infeasible. So these lookups need no constant-time
     comparison, unlike the API key check (``hmac.compare_digest`` in ``_auth``).
     """
@@ -162,7 +162,7 @@ def check_method(method: str) -> str:
 class UndecodableRequest:
     """Stands in for a request message that failed to parse.
 
-    grpc.aio answers a deserializer exception with UNKNOWN, so the
+    grpc.aio turns a deserializer exception into UNKNOWN, so the
     deserializer returns this instead and the handler rejects it with
     INVALID_ARGUMENT.
     """
@@ -247,7 +247,7 @@ def _stream_rpc(handler: _Handler) -> _Handler:
 
 
 async def _abort(context: grpc.aio.ServicerContext, rpc: str, exc: AuthorityError) -> None:
-    logger.debug("%s refused: %s: %s", rpc, exc.code.name, exc.details)
+    logger.debug("%s rejected: %s: %s", rpc, exc.code.name, exc.details)
     if exc.trailing_metadata:
         context.set_trailing_metadata(exc.trailing_metadata)
     await context.abort(exc.code, exc.details)
@@ -265,7 +265,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         authenticator: Decides who a caller is, for grants and admin calls.
         persistence: Store writes for grants, ends and activity.
         hub: Fan-out of ends to watchers.
-        heartbeat_interval_seconds: Longest silence on a watch stream.
+        heartbeat_interval_seconds: Maximum silence on a watch stream.
         admin_everyone: Treat every authenticated caller as admin
             (insecure development mode only).
         limiter: Per-principal limits on live leases and grant rate; None
@@ -309,11 +309,11 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     def _renew_entries(
         self, entries: Sequence[pb.RenewEntry], field: str, *, strict: bool
     ) -> list[LeaseSnapshot]:
-        """Renew a batch, answers in order.
+        """Renew a batch and return the results in entry order.
 
         With ``strict`` a malformed entry fails the whole request. Without it
         (the shared KeepAlive stream, which carries many holders' leases) a
-        malformed entry is answered as not found and the others go through.
+        malformed entry gets a not-found result and the others go through.
         """
         if len(entries) > MAX_RENEW_ENTRIES:
             raise InvalidArgument(
@@ -332,7 +332,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             except InvalidArgument as exc:
                 if strict:
                     raise
-                logger.debug("keep-alive entry answered as not found: %s", exc.details)
+                logger.debug("keep-alive entry returned as not found: %s", exc.details)
                 # An empty digest matches no lease.
                 checked.append((b"", 0.0))
         answers = self._table.renew_many(checked)

@@ -66,7 +66,7 @@ class LeaseStore(Protocol):
     """Durable home of the lease table.
 
     ``save_grant`` and ``save_end`` return futures that complete once the
-    write is durable; the authority answers a grant or a revoke only after
+    write is durable; the authority replies to a grant or a revoke only after
     that. ``save_activity`` is write-behind: losing it in a crash makes a
     lease end earlier than it would have, never later. Methods may be called
     from any thread and must not block on I/O.
@@ -140,7 +140,7 @@ class SqliteLeaseStore:
     Writes are queued and the writer thread commits whatever has queued up in
     one transaction, so a burst of grants shares one fsync (group commit).
     With ``synchronous=FULL`` a committed transaction survives a power loss;
-    grants and ends are answered only after their commit.
+    replies to grants and ends wait for their commit.
 
     Args:
         data_dir: Directory for ``leases.db`` (created if missing).

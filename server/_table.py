@@ -24,7 +24,7 @@ MAX_LEASE_ID_LENGTH = 256
 
 
 class EndReason(enum.IntEnum):
-    """Why a lease ended; the values equal the wire enum ``EndReason``."""
+    """Reason a lease ended; the values equal the wire enum ``EndReason``."""
 
     IDLE_TIMEOUT = 1
     MAX_DURATION = 2
@@ -34,7 +34,7 @@ class EndReason(enum.IntEnum):
 
 
 class LeaseState(enum.IntEnum):
-    """Whether a lease lives; the values equal the wire enum ``LeaseState``."""
+    """State of a lease; the values equal the wire enum ``LeaseState``."""
 
     ALIVE = 1
     ENDED = 2
@@ -177,7 +177,7 @@ NOT_FOUND = LeaseSnapshot(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionEnd:
-    """A lease end as told to listeners; ``sequence`` increases by one per end."""
+    """A lease end as passed to listeners; ``sequence`` increases by one per end."""
 
     sequence: int
     lease: LeaseSnapshot
@@ -377,7 +377,7 @@ class LeaseTable:
         The idle deadline becomes ``now - idle_for + idle_timeout`` unless it is
         already later; it never passes the max deadline. A lease whose deadline
         has passed ends here, before the scheduler gets to it, so a renewal
-        never answers alive after the deadline.
+        never returns alive after the deadline.
         """
         idle_for = max(0.0, idle_for)
         with self._lock:
@@ -392,7 +392,7 @@ class LeaseTable:
         return snapshot
 
     def renew_many(self, entries: Iterable[tuple[bytes, float]]) -> list[LeaseSnapshot]:
-        """Renew several leases under one lock acquisition, answers in order."""
+        """Renew several leases under one lock acquisition; results are in entry order."""
         answers: list[LeaseSnapshot] = []
         ended: list[SessionEnd] = []
         with self._lock:

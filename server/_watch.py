@@ -18,10 +18,6 @@ DEFAULT_SUBSCRIBER_BACKLOG = 100_000
 """Ends queued for one slow watcher before its stream is closed."""
 
 
-class SubscriberOverflow(Exception):
-    """A watcher fell further behind than its backlog allows."""
-
-
 class Subscription:
     """One watch stream's queue. Owned by the event loop thread."""
 
