@@ -28,6 +28,10 @@ from session_authority.interceptors import AioLeaseServerInterceptor, EnforcerCo
 
 logger = logging.getLogger(__name__)
 
+# gRPC enables SO_REUSEPORT by default; a second copy of a service must not
+# silently take half of this one's calls.
+NO_PORT_SHARING = [("grpc.so_reuseport", 0)]
+
 TELEMETRY_SERVICE = demo_pb2.DESCRIPTOR.services_by_name["Telemetry"].full_name
 STOP_GRACE_SECONDS = 1.0
 
@@ -82,7 +86,11 @@ def serve_telemetry(args: argparse.Namespace) -> None:
         signal.signal(signum, lambda *_: stop.set())
 
     interceptor = LeaseServerInterceptor(enforcer_config(args.authority))
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16), interceptors=[interceptor])
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=16),
+        interceptors=[interceptor],
+        options=NO_PORT_SHARING,
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     demo_pb2_grpc.add_TelemetryServicer_to_server(TelemetryService(), server)
@@ -107,7 +115,7 @@ async def _serve_payments(args: argparse.Namespace) -> None:
 
     # The constructor blocks while it fetches the policy, before any call arrives.
     interceptor = AioLeaseServerInterceptor(enforcer_config(args.authority))
-    server = grpc.aio.server(interceptors=[interceptor])
+    server = grpc.aio.server(interceptors=[interceptor], options=NO_PORT_SHARING)
     demo_pb2_grpc.add_PaymentsServicer_to_server(PaymentsService(), server)
     port = bind(server, args.listen)
     await server.start()

@@ -319,7 +319,9 @@ class Authority:
         )
         if config.audit_fail_closed:
             self._close_grants_while_audit_fails()
-        server = grpc.aio.server()
+        # gRPC enables SO_REUSEPORT by default, which would let a second
+        # authority bind the same port and take half the calls.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_servicer_to_server(self.servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -328,12 +330,18 @@ class Authority:
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        if config.server_credentials is not None:
-            port = server.add_secure_port(config.listen, config.server_credentials)
-        else:
-            port = server.add_insecure_port(config.listen)
+        try:
+            if config.server_credentials is not None:
+                port = server.add_secure_port(config.listen, config.server_credentials)
+            else:
+                port = server.add_insecure_port(config.listen)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise RuntimeError(f"cannot listen on {config.listen}: the address is in use or invalid")
+            raise RuntimeError(
+                f"cannot listen on {config.listen}: the address is in use (another authority?) or invalid;"
+                " stop the other process or choose another --listen address"
+            )
         await server.start()
         self._server = server
         self.port = port

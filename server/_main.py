@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import pathlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -33,6 +34,41 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "session-authority-data"
 
 
+def seconds_between(minimum: float, maximum: float) -> Callable[[str], float]:
+    """Return an argparse type for a number of seconds in [minimum, maximum]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not (math.isfinite(value) and minimum <= value <= maximum):
+            raise argparse.ArgumentTypeError(f"{text} s is outside the allowed range {minimum:g} s to {maximum:g} s")
+        return value
+
+    return parse
+
+
+def port_number(text: str) -> int:
+    """Parse a TCP port for argparse: 0 (pick a free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0 to 65535")
+    return value
+
+
+def listen_address(text: str) -> str:
+    """Check a HOST:PORT listen address for argparse, so a bad port is named as such."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, for example 127.0.0.1:50051")
+    port_number(port)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -48,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen",
+        type=listen_address,
         default=env("SESSION_AUTHORITY_LISTEN", DEFAULT_LISTEN),
         help=f"HOST:PORT to serve on; port 0 picks a free one (env SESSION_AUTHORITY_LISTEN, default {DEFAULT_LISTEN})",
     )
@@ -103,14 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--heartbeat-interval",
-        type=float,
+        type=seconds_between(0.05, 3600.0),
         default=1.0,
         metavar="SECONDS",
         help="maximum silence on a watch stream before a heartbeat is sent (default 1.0)",
     )
     parser.add_argument(
         "--ended-retention",
-        type=float,
+        type=seconds_between(0.0, 30 * 86400.0),
         default=3600.0,
         metavar="SECONDS",
         help="how long ended leases are reported as ended rather than not found (default 3600)",
@@ -125,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prometheus-port",
-        type=int,
+        type=port_number,
         default=int(env("SESSION_AUTHORITY_PROMETHEUS_PORT")) if env("SESSION_AUTHORITY_PROMETHEUS_PORT") else None,
         metavar="PORT",
         help="serve OpenTelemetry metrics for Prometheus at http://HOST:PORT/metrics; 0 picks a free port"
@@ -231,6 +268,12 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
         logger.warning(
             "insecure development mode: any caller may claim any principal and every caller is admin;"
             " never use this in production"
+        )
+    elif config.server_credentials is None and not is_loopback_address(config.listen):
+        logger.warning(
+            "serving plaintext on %s: API keys and lease IDs cross the network unencrypted;"
+            " pass --tls-cert and --tls-key",
+            config.listen,
         )
     # Handlers go in before the port file appears, because whoever waits for
     # that file may send SIGTERM at once.

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -294,6 +295,8 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._admin_everyone = admin_everyone
         self._limiter = limiter
         self.grant_gate: Callable[[], str | None] = lambda: None
+        self._auth_log_at = -math.inf
+        self._auth_log_suppressed = 0
 
     # -- helpers ---------------------------------------------------------------
 
@@ -301,7 +304,23 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         try:
             return self._authenticator.authenticate(caller_info_from_context(context), requested_principal)
         except AuthenticationError as exc:
+            self._log_rejected_authentication(context.peer(), str(exc))
             raise Unauthenticated(str(exc)) from exc
+
+    def _log_rejected_authentication(self, peer: str, reason: str) -> None:
+        # At most one line per second, with a count of the lines held back,
+        # so a flood of bad keys is visible without filling the log.
+        now = time.monotonic()
+        if now - self._auth_log_at < 1.0:
+            self._auth_log_suppressed += 1
+            return
+        suppressed, self._auth_log_suppressed, self._auth_log_at = self._auth_log_suppressed, 0, now
+        logger.warning(
+            "authentication rejected from %s: %s (%d more rejections in the previous second not logged)",
+            peer,
+            reason,
+            suppressed,
+        )
 
     def _is_admin(self, principal: str) -> bool:
         return self._admin_everyone or self._policy.is_admin(principal)

@@ -186,3 +186,39 @@ def test_serve_without_authentication_refused(tmp_path) -> None:  # type: ignore
 
     assert result.returncode != 0
     assert "no authentication configured; pass --api-keys FILE" in result.stderr
+
+
+def test_second_authority_on_same_port_fails(authority_process, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = subprocess.run(
+        [sys.executable, "-m", "session_authority.server._main", "--insecure-dev", "--listen",
+         authority_process.target, "--data-dir", str(tmp_path / "second")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1
+    assert f"cannot listen on {authority_process.target}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--heartbeat-interval", "0", "0 s is outside the allowed range 0.05 s to 3600 s"),
+        ("--heartbeat-interval", "nan", "nan s is outside the allowed range"),
+        ("--ended-retention", "-1", "-1 s is outside the allowed range"),
+        ("--prometheus-port", "99999", "port 99999 is outside 0 to 65535"),
+        ("--listen", "127.0.0.1:99999", "port 99999 is outside 0 to 65535"),
+        ("--listen", "50051", "'50051' is not HOST:PORT"),
+    ],
+)
+def test_serve_flag_out_of_range_rejected(tmp_path, flag: str, value: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    result = subprocess.run(
+        [sys.executable, "-m", "session_authority.server._main", "--insecure-dev", "--data-dir", str(tmp_path), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert message in result.stderr

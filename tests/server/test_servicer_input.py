@@ -337,3 +337,20 @@ def test_keep_alive_stream_matches_sequences(stub: pb_grpc.SessionAuthorityStub)
 
     assert [a.sequence for a in answers] == [1, 2, 3, 4, 5]
     assert [len(a.leases) for a in answers] == [1, 2, 3, 4, 5]
+
+
+def test_rejected_keys_logged_once_per_second(
+    keyed_authority: AuthorityThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="session_authority.server._servicer")
+
+    with grpc.insecure_channel(keyed_authority.target) as channel:
+        stub = pb_grpc.SessionAuthorityStub(channel)
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError):
+                stub.Grant(pb.GrantRequest(), metadata=[("authorization", "Bearer wrong-key")], timeout=5)
+
+    lines = [r.getMessage() for r in caplog.records if "authentication rejected" in r.getMessage()]
+    assert len(lines) == 1
+    assert "unknown API key" in lines[0]
+    assert "wrong-key" not in lines[0]
