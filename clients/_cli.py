@@ -25,6 +25,7 @@ from session_authority.clients._client import AuthorityClient
 from session_authority.clients._common import read_pem_file
 from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
 from session_authority.clients._types import (
+    MAX_DURATION_SECONDS,
     HeartbeatEvent,
     LeaseInfo,
     LeaseState,
@@ -51,6 +52,18 @@ TLS_CA_ENV = "SESSION_AUTHORITY_TLS_CA"
 TLS_CERT_ENV = "SESSION_AUTHORITY_TLS_CLIENT_CERT"
 TLS_KEY_ENV = "SESSION_AUTHORITY_TLS_CLIENT_KEY"
 DEFAULT_TIMEOUT_SECONDS = 5.0
+MAX_SEQUENCE = 2**64 - 1
+"""``after_sequence`` is a uint64 on the wire."""
+
+STDIN_LEASE_ID = "-"
+
+# gRPC target schemes passed to the channel unchanged.
+_TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+_LEASE_ID_HELP = (
+    "the lease ID printed by 'lease grant', or - to read it from the first line of "
+    "standard input; an ID given here shows in the process list and shell history"
+)
 
 _FORWARDED_COMMANDS = ("serve", "audit", "demo")
 
@@ -175,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument(
         "--after-sequence",
-        type=_non_negative_int,
+        type=_sequence,
         default=0,
         metavar="N",
-        help="replay the ends after this sequence number (default: 0, only new ends)",
+        help=(
+            "replay the ends after this sequence number (default: 0, only new ends); without "
+            "the matching --instance-id the authority replays nothing, and a warning says so"
+        ),
     )
     watch.add_argument(
         "--instance-id",
@@ -322,7 +338,7 @@ def _add_lease_commands(
     )
     grant.add_argument(
         "--idle-timeout",
-        type=_non_negative_float,
+        type=_duration_seconds,
         default=None,
         metavar="SECONDS",
         help="ask for a shorter idle timeout than the tier's",
@@ -332,10 +348,10 @@ def _add_lease_commands(
     renew = lease_commands.add_parser(
         "renew", parents=[global_options], help="record activity on a lease"
     )
-    renew.add_argument("lease_id", metavar="LEASE_ID")
+    renew.add_argument("lease_id", metavar="LEASE_ID", help=_LEASE_ID_HELP)
     renew.add_argument(
         "--idle-for",
-        type=_non_negative_float,
+        type=_duration_seconds,
         default=0.0,
         metavar="SECONDS",
         help="how long ago the activity happened (default: 0, now)",
@@ -346,7 +362,7 @@ def _add_lease_commands(
         "revoke", parents=[global_options], help="end a lease now"
     )
     target = revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("lease_id", metavar="LEASE_ID", nargs="?", default=None)
+    target.add_argument("lease_id", metavar="LEASE_ID", nargs="?", default=None, help=_LEASE_ID_HELP)
     target.add_argument(
         "--fingerprint",
         metavar="FP",
@@ -361,9 +377,16 @@ def _add_lease_commands(
     revoke.set_defaults(handler=_lease_revoke)
 
     ttl = lease_commands.add_parser(
-        "ttl", parents=[global_options], help="describe a lease without renewing it"
+        "ttl",
+        parents=[global_options],
+        help="describe a lease without renewing it",
+        description=(
+            "Describe a lease without renewing it. An alive or ended lease prints its row and "
+            "exits 0 (an ended lease shows its end reason); a lease the authority has no "
+            f"record of exits {EXIT_REJECTED}."
+        ),
     )
-    ttl.add_argument("lease_id", metavar="LEASE_ID")
+    ttl.add_argument("lease_id", metavar="LEASE_ID", help=_LEASE_ID_HELP)
     ttl.set_defaults(handler=_lease_ttl)
 
     list_ = lease_commands.add_parser("list", parents=[global_options], help="list live leases")
@@ -404,8 +427,35 @@ class _Context:
             self._client.close()
 
     def target(self) -> str:
-        target: str = getattr(self.args, "authority", None) or os.environ.get(TARGET_ENV) or ""
-        return target or DEFAULT_TARGET
+        """Return the validated target from ``--authority``, the variable or the default.
+
+        Raises:
+            UsageError: The target is neither ``HOST:PORT`` nor a target with a known gRPC scheme.
+        """
+        flag_target: str | None = getattr(self.args, "authority", None)
+        if flag_target is not None:
+            return check_target(flag_target, "--authority")
+        env_target = os.environ.get(TARGET_ENV)
+        if env_target:
+            return check_target(env_target, TARGET_ENV)
+        return DEFAULT_TARGET
+
+    def lease_id(self) -> str | None:
+        """Return the LEASE_ID argument, read from standard input when it is ``-``.
+
+        Raises:
+            UsageError: ``-`` was given and standard input has no lease ID on its first line.
+        """
+        lease_id: str | None = self.args.lease_id
+        if lease_id != STDIN_LEASE_ID:
+            return lease_id
+        line = sys.stdin.readline().strip()
+        if not line:
+            raise UsageError(
+                "LEASE_ID is - but the lease ID is missing from the first line of standard "
+                "input; pipe the ID printed by 'lease grant'"
+            )
+        return line
 
     def caller_principal(self) -> str | None:
         principal = getattr(self.args, "caller_principal", None) or os.environ.get(PRINCIPAL_ENV)
@@ -504,7 +554,9 @@ def _lease_grant(context: _Context) -> int:
 @_with_client
 def _lease_renew(context: _Context) -> int:
     args = context.args
-    result = context.client().renew([(args.lease_id, args.idle_for)])
+    lease_id = context.lease_id()
+    assert lease_id is not None  # LEASE_ID is required by the parser.
+    result = context.client().renew([(lease_id, args.idle_for)])
     _print_leases(context, result.leases)
 
     lease = result.leases[0]
@@ -522,7 +574,7 @@ def _lease_renew(context: _Context) -> int:
 def _lease_revoke(context: _Context) -> int:
     args = context.args
     result = context.client().revoke(
-        args.lease_id, fingerprint=args.fingerprint, release=args.release
+        context.lease_id(), fingerprint=args.fingerprint, release=args.release
     )
 
     if result.lease.state is LeaseState.NOT_FOUND:
@@ -540,7 +592,17 @@ def _lease_revoke(context: _Context) -> int:
 
 @_with_client
 def _lease_ttl(context: _Context) -> int:
-    lease = context.client().time_to_live(context.args.lease_id)
+    lease_id = context.lease_id()
+    assert lease_id is not None  # LEASE_ID is required by the parser.
+    lease = context.client().time_to_live(lease_id)
+
+    # An ended lease is still a real lease with a state and reason, so only an unknown lease fails.
+    if lease.state is LeaseState.NOT_FOUND:
+        _print_error(
+            "TimeToLive failed: the authority has no record of this lease (state not_found); "
+            "check the ID printed by 'lease grant'"
+        )
+        return EXIT_REJECTED
     _print_leases(context, [lease])
     return EXIT_OK
 
@@ -567,8 +629,12 @@ def _watch(context: _Context) -> int:
         after_sequence=args.after_sequence, instance_id=args.instance_id
     )
     printed = 0
+    warned = False
     try:
         for event in stream:
+            if event.reset and not warned:
+                _print_reset_warning(args.after_sequence)
+                warned = True
             if isinstance(event, HeartbeatEvent) and not args.heartbeats:
                 continue
             _print_event(context, event)
@@ -789,6 +855,52 @@ def _format_time(moment: datetime.datetime) -> str:
     )
 
 
+def _print_reset_warning(after_sequence: int) -> None:
+    print(
+        f"{PROG}: warning: the authority could not replay every end after sequence "
+        f"{after_sequence} (another authority run, a sequence it has not reached, or ends too "
+        "old to keep); ends since then may be "
+        "missing, and the ones that follow are shown",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def check_target(target: str, source: str) -> str:
+    """Return a gRPC target unchanged if it is ``HOST:PORT`` or carries a known scheme.
+
+    Args:
+        target: The target as given.
+        source: The option or variable it came from, for the error message.
+
+    Raises:
+        UsageError: The target is empty, has no port, or its port is not in 1 to 65535.
+    """
+    expected = (
+        "expected HOST:PORT with a port from 1 to 65535 (such as 127.0.0.1:50051 or "
+        "[::1]:50051), or a gRPC target such as unix:/path/to/socket or dns:///host:port"
+    )
+    if target.startswith(_TARGET_SCHEMES):
+        if target.split(":", 1)[1].strip("/"):
+            return target
+        raise UsageError(f"{source} {target!r} is missing the address after the scheme; {expected}")
+    if target.startswith("["):
+        host, _, port = target[1:].partition("]")
+        if not port.startswith(":"):
+            raise UsageError(f"{source} {target!r} is not a valid target; {expected}")
+        port = port[1:]
+    else:
+        host, _, port = target.rpartition(":")
+        if ":" in host:
+            raise UsageError(
+                f"{source} {target!r} is not a valid target (put an IPv6 address in "
+                f"brackets); {expected}"
+            )
+    if not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{source} {target!r} is not a valid target; {expected}")
+    return target
+
+
 def _print_error(message: str) -> None:
     one_line = " ".join(message.split())
     print(f"{PROG}: error: {one_line}", file=sys.stderr)
@@ -815,6 +927,28 @@ def _parse_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
+    return value
+
+
+def _duration_seconds(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_DURATION_SECONDS} seconds (the protobuf Duration limit), "
+            f"got {text!r}"
+        )
+    return value
+
+
+def _sequence(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEQUENCE:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_SEQUENCE} (2^64-1), got {text!r}"
+        )
     return value
 
 

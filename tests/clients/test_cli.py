@@ -386,3 +386,159 @@ def test_cli_runs_as_module(target: str) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("Z")
+
+
+RESET_WARNING_START = "session-authority: warning: the authority could not replay every end after sequence 5 "
+
+
+def test_cli_watch_other_instance_warns_reset(target: str) -> None:
+    result = run_cli(
+        "--authority", target, "watch", "--after-sequence", "5", "--instance-id", "other-run", "--heartbeats", "--count", "1"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(" reset")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(RESET_WARNING_START)
+
+
+def test_cli_watch_reset_warns_json(target: str) -> None:
+    process = subprocess.Popen(
+        [str(SCRIPT), "--authority", target, "watch", "--after-sequence", "5", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        assert process.stderr is not None
+        warning = process.stderr.readline()
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=RUN_TIMEOUT_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert warning.startswith(RESET_WARNING_START)
+    assert stdout == ""
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("lease_id", ["no-such-lease", "%%garbage%%"])
+def test_cli_ttl_unknown_lease_exits_1(target: str, lease_id: str) -> None:
+    result = run_cli("--authority", target, "lease", "ttl", lease_id)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        "session-authority: error: TimeToLive failed: the authority has no record of this lease "
+        "(state not_found); check the ID printed by 'lease grant'\n"
+    )
+
+
+def test_cli_ttl_ended_lease_json_exits_0(target: str) -> None:
+    lease_id = str(grant_json(target)["lease_id"])
+    run_cli("--authority", target, "lease", "revoke", lease_id)
+
+    result = run_cli("--authority", target, "lease", "ttl", lease_id, "--json")
+
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["state"] == "ended"
+    assert record["end_reason"] == "revoked"
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1:99999", "127.0.0.1:0", "", "127.0.0.1", "localhost:http", "::1:50051", "[::1]", "unix:"]
+)
+def test_cli_invalid_authority_exits_2(value: str) -> None:
+    result = run_cli("--authority", value, "now")
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"session-authority: error: --authority {value!r} ")
+    assert "expected HOST:PORT with a port from 1 to 65535" in result.stderr
+
+
+def test_cli_invalid_target_variable_exits_2() -> None:
+    env = clean_env()
+    env["SESSION_AUTHORITY_TARGET"] = "127.0.0.1:70000"
+
+    result = run_cli("now", env=env)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("session-authority: error: SESSION_AUTHORITY_TARGET '127.0.0.1:70000' ")
+
+
+def test_cli_scheme_target_passed_unchanged(tmp_path: pathlib.Path) -> None:
+    result = run_cli("--authority", f"unix:{tmp_path / 'no-socket'}", "now", "--timeout", "1")
+
+    assert result.returncode == 3
+    assert result.stderr.startswith("session-authority: error: Now failed: UNAVAILABLE: ")
+
+
+def test_cli_idle_for_too_large_names_flag() -> None:
+    result = run_cli("lease", "renew", "some-lease", "--idle-for", "1e308")
+
+    assert result.returncode == 2
+    assert "argument --idle-for: must be at most 315576000000 seconds" in result.stderr
+    assert "idle_for_seconds" not in result.stderr
+
+
+def test_cli_after_sequence_too_large_exits_2() -> None:
+    result = run_cli("watch", "--after-sequence", "99999999999999999999999")
+
+    assert result.returncode == 2
+    assert (
+        "argument --after-sequence: must be a whole number from 0 to 18446744073709551615 (2^64-1), "
+        "got '99999999999999999999999'"
+    ) in result.stderr
+
+
+def run_cli_with_input(text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=RUN_TIMEOUT_SECONDS,
+    )
+
+
+def test_cli_lease_id_dash_reads_stdin(target: str) -> None:
+    granted = grant_json(target)
+    lease_id = str(granted["lease_id"])
+
+    ttl = run_cli_with_input(lease_id + "\n", "--authority", target, "lease", "ttl", "-", "--json")
+    renew = run_cli_with_input(lease_id + "\n", "--authority", target, "lease", "renew", "-", "--json")
+    revoke = run_cli_with_input(lease_id + "\n", "--authority", target, "lease", "revoke", "-", "--json")
+
+    assert ttl.returncode == 0, ttl.stderr
+    assert json.loads(ttl.stdout)["fingerprint"] == granted["fingerprint"]
+    assert renew.returncode == 0, renew.stderr
+    assert json.loads(renew.stdout)["state"] == "alive"
+    assert revoke.returncode == 0, revoke.stderr
+    assert json.loads(revoke.stdout)["end_reason"] == "revoked"
+
+
+def test_cli_lease_id_dash_empty_stdin_exits_2() -> None:
+    result = run_cli_with_input("", "lease", "ttl", "-")
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        "session-authority: error: LEASE_ID is - but the lease ID is missing from the first line of "
+        "standard input; pipe the ID printed by 'lease grant'\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["renew", "revoke", "ttl"])
+def test_cli_lease_id_help_mentions_stdin(command: str) -> None:
+    result = run_cli("lease", command, "--help")
+
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "or - to read it from the first line of standard input" in text
+    assert "shows in the process list and shell history" in text
