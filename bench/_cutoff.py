@@ -20,10 +20,17 @@ machine, so their clocks are the same clocks:
   stream ends. The authority maps its monotonic deadline to wall time from a
   reading taken at grant, a few seconds earlier, so a wall-clock step in
   between would shift these figures (NTP slewing moves them by under 1 ms).
+- ``holders``: a child process holds N sessions (``Session`` or ``AioSession``,
+  one lease each, all sharing one authority client) and opens one ``Hold``
+  stream per session through the aio server, via the session's
+  interceptor. This process revokes the leases one by one and reads
+  ``CLOCK_MONOTONIC`` just before each ``Revoke`` is sent and when it returns.
+  The child reads the same clock in each ``on_end`` callback and when each
+  stream ends.
 
-Children: ``python -m bench._cutoff serve ...`` and ``python -m bench._cutoff
-streams ...``; ``run`` starts them. Every call has a deadline, so every
-child ends by itself.
+Children: ``python -m bench._cutoff serve ...``, ``python -m bench._cutoff
+streams ...`` and ``python -m bench._cutoff holders ...``; ``run`` starts
+them. Every call has a deadline, so every child ends by itself.
 """
 
 from __future__ import annotations
@@ -246,6 +253,265 @@ async def hold_streams(target: str, count: int) -> dict[str, Any]:
     return {"ends": ends}
 
 
+# -- lease holders (child process) ----------------------------------------------------
+
+
+HOLDER_PRINCIPAL = "bench-cutoff-holders"
+WATCH_PROBES = 10
+"""Probe leases a holder process revokes, one after another, until its watch stream reports one."""
+
+WATCH_PROBE_SECONDS = 1.0
+"""How long a holder process waits for the watch stream to report a probe lease's end."""
+
+
+def _now_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def hold_sessions_sync(authority_target: str, target: str, count: int) -> dict[str, Any]:
+    """Hold ``count`` sync sessions, each with one ``Hold`` stream, and record how each learns of its end.
+
+    Protocol on stdout: one JSON line ``{"leases": [...]}`` once every session
+    has a lease, its stream is admitted and the shared watch stream is
+    subscribed. Then one JSON line with the results.
+
+    NOTE: ``on_end`` fires on whichever comes first, the watch stream or the
+    stream's ``UNAUTHENTICATED`` reply, and the results do not record which.
+    """
+    from session_authority.clients import AuthorityClient, EndReason, Session
+
+    ended: list[threading.Event] = [threading.Event() for _ in range(count)]
+    on_end_ns: list[int | None] = [None] * count
+    reasons: list[str | None] = [None] * count
+    stream_ends: list[dict[str, Any] | None] = [None] * count
+
+    def on_end_of(index: int) -> Any:
+        def on_end(reason: EndReason) -> None:
+            if on_end_ns[index] is None:
+                on_end_ns[index] = _now_ns()
+                reasons[index] = reason.value
+            ended[index].set()
+
+        return on_end
+
+    with AuthorityClient(authority_target) as client, grpc.insecure_channel(target) as base:
+        sessions = [
+            Session(client, principal=HOLDER_PRINCIPAL, watch=True, on_end=on_end_of(index)).open()
+            for index in range(count)
+        ]
+        streams_done = [threading.Event() for _ in range(count)]
+
+        def done_of(index: int) -> Any:
+            def done(call: Any) -> None:
+                stream_ends[index] = {"code": call.code().name, "monotonic_ns": _now_ns()}
+                streams_done[index].set()
+
+            return done
+
+        calls = []
+        for index, session in enumerate(sessions):
+            channel = grpc.intercept_channel(base, session.interceptor())
+            call = channel.unary_stream(HOLD)(b"", timeout=STREAM_TIMEOUT_SECONDS)
+            call.initial_metadata()
+            call.add_done_callback(done_of(index))
+            calls.append(call)
+        await_watch_sync(client)
+        print(json.dumps({"leases": [session.lease_id for session in sessions]}), flush=True)
+        deadline = time.monotonic() + STREAM_TIMEOUT_SECONDS
+        for event in (*ended, *streams_done):
+            event.wait(max(0.0, deadline - time.monotonic()))
+        for session in sessions:
+            session.close()
+    return {"on_end_ns": on_end_ns, "reasons": reasons, "streams": stream_ends}
+
+
+def await_watch_sync(client: Any) -> None:
+    """Return once the client's shared watch stream reports ends, proven with probe leases.
+
+    The watch stream starts from now, so an end that happens before it is
+    subscribed never reaches it. A probe session is opened and its lease
+    revoked until the probe's ``on_end`` fires. Call it while other sessions
+    hold leases through ``client``: the keeper closes a client's streams
+    when its last lease ends, so probes alone would never find a watch.
+    """
+    from session_authority.clients import Session
+
+    for _ in range(WATCH_PROBES):
+        seen = threading.Event()
+        probe = Session(client, principal=HOLDER_PRINCIPAL, watch=True, on_end=lambda reason: seen.set()).open()
+        client.revoke(probe.lease_id)
+        if seen.wait(WATCH_PROBE_SECONDS):
+            probe.close()
+            return
+        probe.close()
+    raise RuntimeError(f"the watch stream reported none of {WATCH_PROBES} probe revokes")
+
+
+async def hold_sessions_aio(authority_target: str, target: str, count: int) -> dict[str, Any]:
+    """Hold ``count`` ``AioSession`` holders, one channel each; otherwise like :func:`hold_sessions_sync`."""
+    from session_authority.clients import AioAuthorityClient, AioSession, EndReason
+
+    ended = [asyncio.Event() for _ in range(count)]
+    on_end_ns: list[int | None] = [None] * count
+    reasons: list[str | None] = [None] * count
+
+    def on_end_of(index: int) -> Any:
+        def on_end(reason: EndReason) -> None:
+            if on_end_ns[index] is None:
+                on_end_ns[index] = _now_ns()
+                reasons[index] = reason.value
+            ended[index].set()
+
+        return on_end
+
+    async def await_watch(client: AioAuthorityClient) -> None:
+        for _ in range(WATCH_PROBES):
+            seen = asyncio.Event()
+            probe = await AioSession(client, principal=HOLDER_PRINCIPAL, watch=True, on_end=lambda reason: seen.set()).open()
+            await client.revoke(probe.lease_id)
+            try:
+                await asyncio.wait_for(seen.wait(), WATCH_PROBE_SECONDS)
+                await probe.close()
+                return
+            except asyncio.TimeoutError:
+                await probe.close()
+        raise RuntimeError(f"the watch stream reported none of {WATCH_PROBES} probe revokes")
+
+    async with AioAuthorityClient(authority_target) as client:
+        sessions = [
+            await AioSession(client, principal=HOLDER_PRINCIPAL, watch=True, on_end=on_end_of(index)).open()
+            for index in range(count)
+        ]
+        channels = [grpc.aio.insecure_channel(target, interceptors=session.aio_interceptors()) for session in sessions]
+        calls = [channel.unary_stream(HOLD)(b"", timeout=STREAM_TIMEOUT_SECONDS) for channel in channels]
+        await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), STREAM_TIMEOUT_SECONDS)
+        await await_watch(client)
+
+        async def ending(call: Any) -> dict[str, Any]:
+            code = await call.code()
+            return {"code": code.name, "monotonic_ns": _now_ns()}
+
+        stream_tasks = [asyncio.ensure_future(ending(call)) for call in calls]
+        print(json.dumps({"leases": [session.lease_id for session in sessions]}), flush=True)
+        await asyncio.wait_for(
+            asyncio.gather(*(event.wait() for event in ended), *stream_tasks), STREAM_TIMEOUT_SECONDS
+        )
+        stream_ends = [task.result() for task in stream_tasks]
+        for session in sessions:
+            await session.close()
+        for channel in channels:
+            await channel.close()
+    return {"on_end_ns": on_end_ns, "reasons": reasons, "streams": stream_ends}
+
+
+# -- holders (parent side) ------------------------------------------------------------
+
+
+def holder_counts(options: Options) -> dict[str, int]:
+    """Return the number of holders per API: ``sync`` (``Session``) and ``aio`` (``AioSession``)."""
+    count = 20 if options.quick else 100
+    return {"sync": count, "aio": count}
+
+
+def measure_holders(
+    api: str, count: int, server: ServerProcess, authority_target: str, work_dir: pathlib.Path
+) -> tuple[list[float], list[float], list[float]]:
+    """Revoke the leases of ``count`` holders one by one; return the holders' and the streams' delays in ms.
+
+    Each list has one delay per lease. The first is the ``on_end`` time minus
+    the time its ``Revoke`` returned. The second is the ``on_end`` time minus
+    the time just before ``Revoke`` was sent. The third is the end of the
+    lease's one ``Hold`` stream through the protected server minus the time
+    ``Revoke`` returned.
+    """
+    from session_authority.clients import AuthorityClient
+
+    log = work_dir / f"holders-{api}.log"
+    with open(log, "ab") as stderr:
+        process = subprocess.Popen(
+            python_command(
+                "bench._cutoff", "holders",
+                "--api", api,
+                "--authority", authority_target,
+                "--target", server.target,
+                "--count", str(count),
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=child_environment(),
+            cwd=REPO_ROOT,
+        )
+    try:
+        assert process.stdout is not None
+        line = read_line(process.stdout, time.monotonic() + 60.0)
+        if not line:
+            raise RuntimeError(f"a holder process printed no leases:\n{log.read_text()[-3000:]}")
+        leases: list[str] = json.loads(line)["leases"]
+        revoked_ns: list[int] = []
+        sent_ns: list[int] = []
+        with AuthorityClient(authority_target) as authority_client:
+            for lease in leases:
+                sent_ns.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+                authority_client.revoke(lease)
+                revoked_ns.append(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        line = read_line(process.stdout, time.monotonic() + STREAM_TIMEOUT_SECONDS + 10.0)
+        if not line:
+            raise RuntimeError(f"a holder process printed no result:\n{log.read_text()[-3000:]}")
+        result = json.loads(line)
+    finally:
+        stop_process(process)  # type: ignore[arg-type]
+    missing = [index for index, value in enumerate(result["on_end_ns"]) if value is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {count} {api} holders never had on_end called")
+    reasons = sorted({reason for reason in result["reasons"] if reason != "revoked"})
+    if reasons:
+        raise RuntimeError(f"{api} holders ended with reasons {reasons}; expected only 'revoked'")
+    wrong = sorted({end["code"] for end in result["streams"] if end is None or end["code"] != "UNAUTHENTICATED"} - {None})
+    if wrong or None in result["streams"]:
+        raise RuntimeError(f"{api} holders' streams ended with {wrong or 'no status'}, not UNAUTHENTICATED")
+    holder_delays = [(value - revoked) / 1e6 for value, revoked in zip(result["on_end_ns"], revoked_ns)]
+    from_sent = [(value - sent) / 1e6 for value, sent in zip(result["on_end_ns"], sent_ns)]
+    stream_delays = [(end["monotonic_ns"] - revoked) / 1e6 for end, revoked in zip(result["streams"], revoked_ns)]
+    return holder_delays, from_sent, stream_delays
+
+
+def holder_figures(
+    api: str, count: int, delays_of: tuple[list[float], list[float], list[float]], rounds: int
+) -> list[Figure]:
+    """Return p50, p99 and max of the holders' ``on_end`` delays and of their streams' cut-off delays.
+
+    The delays from ``Revoke`` being sent carry no target: they include the
+    ``Revoke`` call itself, and bound the delays from above.
+    """
+    kind = "Session" if api == "sync" else "AioSession"
+    holder_delays, from_sent, stream_delays = delays_of
+    figures: list[Figure] = []
+    for what, delays, has_target in (
+        (f"on_end of {api} holders after Revoke returning", holder_delays, True),
+        (f"on_end of {api} holders after Revoke sent", from_sent, False),
+        (f"cut-off of one stream per {api} holder after Revoke returning", stream_delays, True),
+    ):
+        note = f"{len(delays):,} leases over {rounds} round(s), {count} {kind}s sharing one client; min {min(delays):.2f} ms"
+        figures.extend(
+            Figure(
+                name=f"{what} {label} (aio server, {count} leases revoked one by one)",
+                value=value,
+                unit=" ms",
+                baseline_name="p99 budget",
+                baseline=BUDGET_MS,
+                target=1.0 if label == "p99" and has_target else None,
+                target_op="<",
+                note=note if label == "p50" else "",
+            )
+            for label, value in (
+                ("p50", statistics.median(delays)),
+                ("p99", percentile(delays, 0.99)),
+                ("max", max(delays)),
+            )
+        )
+    return figures
+
 # -- the benchmark (parent process) ---------------------------------------------------
 
 
@@ -399,6 +665,10 @@ def run(options: Options) -> list[Figure]:
     rounds = 1 if options.quick else 3
     plan = scenarios(options)
     delays: dict[Scenario, list[float]] = {scenario: [] for scenario in plan}
+    holders = holder_counts(options)
+    holder_delays_of: dict[str, tuple[list[float], list[float], list[float]]] = {
+        api: ([], [], []) for api in holders
+    }
     with contextlib.ExitStack() as stack:
         authority_server = stack.enter_context(authority(options.work_dir))
         servers: dict[str, ServerProcess] = {}
@@ -411,6 +681,10 @@ def run(options: Options) -> list[Figure]:
         for _ in range(rounds):
             for scenario in plan:
                 delays[scenario].extend(measure(scenario, servers[scenario.kind], authority_server.target, options.work_dir))
+            for api, count in holders.items():
+                measured = measure_holders(api, count, servers["aio"], authority_server.target, options.work_dir)
+                for pooled, new in zip(holder_delays_of[api], measured):
+                    pooled.extend(new)
     if options.profile:
         print_profile(options.work_dir / "aio.prof")
     figures: list[Figure] = []
@@ -419,6 +693,8 @@ def run(options: Options) -> list[Figure]:
         figures.extend(scenario_figures(scenario, delays[scenario], rounds))
         if scenario.kind == "aio":
             figures.extend(baseline_figures(scenario, delays[scenario], delays[baseline]))
+    for api, count in holders.items():
+        figures.extend(holder_figures(api, count, holder_delays_of[api], rounds))
     return figures
 
 
@@ -487,8 +763,21 @@ def main(argv: list[str] | None = None) -> None:
     streams = commands.add_parser("streams", help="hold streams open and report how they end, as JSON")
     streams.add_argument("--target", required=True)
     streams.add_argument("--count", type=int, required=True)
+
+    holders = commands.add_parser("holders", help="hold sessions, each with one stream, and report how they learn of their ends, as JSON")
+    holders.add_argument("--api", choices=("sync", "aio"), required=True)
+    holders.add_argument("--authority", required=True, help="host:port of the authority")
+    holders.add_argument("--target", required=True, help="host:port of the protected server")
+    holders.add_argument("--count", type=int, required=True)
+
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if args.command == "holders":
+        if args.api == "sync":
+            result = hold_sessions_sync(args.authority, args.target, args.count)
+        else:
+            result = asyncio.run(hold_sessions_aio(args.authority, args.target, args.count))
+        print(json.dumps(result), flush=True)
+    elif args.command == "serve":
         if args.kind.startswith("aio"):
             serve_aio(args.authority, args.port_file, args.profile, bare=args.kind == "aio-bare")
         else:
