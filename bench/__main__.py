@@ -4,7 +4,8 @@ Each figure line reads ``NAME VALUE | BASELINE_NAME BASELINE | ratio R
 (target ...)``. The baseline comes from the same run on the same machine, so
 the ratio is the result; absolute numbers depend on the machine. The exit
 status is 0 when every selected benchmark ran, whether or not its targets
-were met, and 1 when one failed to run.
+were met, and 1 when one failed to run or when a PASS/FAIL check of the
+load test failed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from . import _authority_throughput, _etcd, _scale
+from . import _authority_throughput, _etcd, _load_test, _scale
 from ._common import Figure, Options
 
 Benchmark = Callable[[Options], list[Figure]]
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark | None]] = {
     "throughput": ("authority grant and renewal throughput", _authority_throughput.run),
     "scale": ("memory per lease and expiry timeliness", _scale.run),
     "cutoff": ("cut-off latency (bench/_cutoff.py)", optional_benchmark("_cutoff")),
+    "load": ("bounded load test with PASS/FAIL checks (bench/_load_test.py)", optional_benchmark("_load_test")),
 }
 
 
@@ -110,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.monotonic()
             try:
                 figures = benchmark(options)
+            except _load_test.ChecksFailed as exc:
+                failed += 1
+                print(f"{name}: FAIL: {exc}", flush=True)
+                continue
             except Exception:  # noqa: BLE001 - report the failure and go on with the next benchmark
                 failed += 1
                 print(f"{name}: failed to run:\n{traceback.format_exc()}", flush=True)

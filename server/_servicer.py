@@ -385,7 +385,13 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         lease_id, lease = self._table.grant(principal, tier.name, idle_timeout, tier.max_duration_seconds)
         try:
-            await asyncio.wrap_future(self._persistence.save_grant(lease))
+            # Shielded: a caller that gives up must not cancel the store write.
+            # The lease then stays granted, unclaimed, and idles out like any
+            # lease whose reply was lost.
+            await asyncio.shield(asyncio.wrap_future(self._persistence.save_grant(lease)))
+        except asyncio.CancelledError:
+            logger.debug("grant of lease %s cancelled by the caller; the unclaimed lease idles out", lease.fingerprint)
+            raise
         except Exception as exc:
             self._table.discard(lease.digest)
             if self._limiter is not None:
@@ -468,7 +474,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=False)
         if not already_ended:
             try:
-                await asyncio.wrap_future(self._persistence.end_written(digest))
+                await asyncio.shield(asyncio.wrap_future(self._persistence.end_written(digest)))
             except Exception as exc:
                 logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
                 raise Unavailable(

@@ -331,7 +331,12 @@ class SqliteLeaseStore:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = _NOTHING
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception:  # noqa: BLE001 - the only writer thread must outlive any one batch
+                logger.exception("lease store writer failed on a batch of %d writes; continuing", len(batch))
+                for _, future in batch:
+                    _settle(future, StoreError(f"writing lease store {self.path} failed unexpectedly"))
             if stopping:
                 return
 
@@ -379,7 +384,7 @@ class SqliteLeaseStore:
                 logger.debug("rollback after failed write found no transaction", exc_info=True)
             error = StoreError(f"writing lease store {self.path} failed: {exc}")
             for _, future in batch:
-                future.set_exception(error)
+                _settle(future, error)
             # Ends, activity and the high-water mark are retried with the next
             # batch. Losing activity only shortens leases, but a lost end would
             # make a revoked lease live again after a restart.
@@ -393,4 +398,19 @@ class SqliteLeaseStore:
                     self._high_water = high_water
             return
         for _, future in batch:
+            _settle(future, None)
+
+
+def _settle(future: concurrent.futures.Future[None], error: Exception | None) -> None:
+    """Complete a write's future unless its waiter already cancelled it.
+
+    A cancelled waiter does not cancel the write itself: the row is committed
+    (or not) all the same, and only nobody is told.
+    """
+    try:
+        if error is None:
             future.set_result(None)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        logger.debug("lease store write finished after its waiter cancelled it")

@@ -52,3 +52,21 @@ def test_bench_quick_enforcement_prints_ratios() -> None:
     assert "bare grpcio" in names, output
     assert "p99 budget" in names, output
     assert "bare grpcio aio server ending its own calls" in names, output
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_load_checks_pass() -> None:
+    command = [sys.executable, "-m", "bench", "--quick", "--only", "load"]
+
+    finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=100, check=False)
+
+    output = finished.stdout
+    assert finished.returncode == 0, f"exit status {finished.returncode}\nstdout:\n{output}\nstderr:\n{finished.stderr[-3000:]}"
+    lines = output.splitlines()
+    assert not [line for line in lines if line.startswith("FAIL")], output
+    passed = [line for line in lines if line.startswith("PASS ")]
+    assert any(line.startswith("PASS calls admitted after the enforcer had learned their lease ended: 0 of") for line in passed), output
+    assert any(line.startswith("PASS ended leases without an end record: 0 of") for line in passed), output
+    assert "PASS leases with more than one end record: 0" in passed, output
+    assert any(line.startswith("PASS audit verify: OK:") for line in passed), output
+    assert any(line.startswith("PASS authority RSS after warm-up") for line in passed), output

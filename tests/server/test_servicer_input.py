@@ -354,3 +354,19 @@ def test_rejected_keys_logged_once_per_second(
     assert len(lines) == 1
     assert "unknown API key" in lines[0]
     assert "wrong-key" not in lines[0]
+
+
+def test_cancelled_grants_leave_store_working(authority) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(authority.target) as channel:
+        stub = pb_grpc.SessionAuthorityStub(channel)
+        stub.Now(pb.NowRequest(), timeout=5)
+        for _ in range(200):
+            try:
+                stub.Grant(pb.GrantRequest(principal="svc-a"), timeout=0.001)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        granted = stub.Grant(pb.GrantRequest(principal="svc-a"), timeout=5)
+
+    assert granted.lease.state == pb.LEASE_STATE_ALIVE
+    assert authority.authority.flush(10)
