@@ -551,6 +551,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     async def WatchSessionEnds(
         self, request: pb.WatchSessionEndsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchSessionEndsResponse]:
+        # NOTE: any authenticated principal may watch, and ends name other principals' leases.
         watcher = self._authenticate(context)
         subscription, replay, reset = self._hub.subscribe(request.after_sequence, request.instance_id)
         logger.info("watch stream opened by %s (%d watching)", watcher, self._hub.subscriber_count)
