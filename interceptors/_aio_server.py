@@ -37,7 +37,7 @@ from session_authority.interceptors._enforcer import (
     EXEMPT,
     Enforcer,
     EnforcerConfig,
-    SessionEndCallback,
+    EnforcingInterceptor,
     _Entry,
     close_responses,
     reset_current_lease,
@@ -300,7 +300,7 @@ def _is_async_behavior(behavior: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
 
 
-class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
+class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor):
     """Enforces session leases on a ``grpc.aio.server``: admission, activity and cut-off of calls in flight.
 
     Add it with ``grpc.aio.server(interceptors=[AioLeaseServerInterceptor(...)])``.
@@ -334,25 +334,8 @@ class AioLeaseServerInterceptor(grpc.aio.ServerInterceptor):
         sync_handler_executor: concurrent.futures.Executor | None = None,
         **settings: Any,
     ) -> None:
-        if config is None:
-            config = EnforcerConfig(**settings)
-        elif settings:
-            raise TypeError("pass either config= or keyword settings, not both")
+        super().__init__(config, **settings)
         self._sync_handler_executor = sync_handler_executor
-        self._enforcer = Enforcer(config).start()
-
-    @property
-    def enforcer(self) -> Enforcer:
-        """The enforcement core (cache, registry, link to the authority)."""
-        return self._enforcer
-
-    def on_session_end(self, callback: SessionEndCallback) -> SessionEndCallback:
-        """Register a callback for leases that had calls here and ended; see :meth:`Enforcer.on_session_end`."""
-        return self._enforcer.on_session_end(callback)
-
-    def close(self) -> None:
-        """Stop the enforcer's background threads (blocks); call after the server stopped."""
-        self._enforcer.close()
 
     async def aclose(self) -> None:
         """Like :meth:`close`, without blocking the event loop."""

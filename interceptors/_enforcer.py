@@ -1074,3 +1074,34 @@ class Enforcer:
         """True while the watch stream has been silent past the staleness bound."""
         with self._lock:
             return self._stale
+
+
+class EnforcingInterceptor:
+    """Surface shared by the sync and aio server interceptors: one started ``Enforcer``.
+
+    Args:
+        config: The enforcer's settings; or pass them as keyword arguments.
+
+    Raises:
+        TypeError: Both ``config`` and keyword settings were given.
+    """
+
+    def __init__(self, config: EnforcerConfig | None = None, **settings: Any) -> None:
+        if config is None:
+            config = EnforcerConfig(**settings)
+        elif settings:
+            raise TypeError("pass either config= or keyword settings, not both")
+        self._enforcer = Enforcer(config).start()
+
+    @property
+    def enforcer(self) -> Enforcer:
+        """The enforcement core (cache, registry, link to the authority)."""
+        return self._enforcer
+
+    def on_session_end(self, callback: SessionEndCallback) -> SessionEndCallback:
+        """Register a callback for leases that had calls here and ended; see :meth:`Enforcer.on_session_end`."""
+        return self._enforcer.on_session_end(callback)
+
+    def close(self) -> None:
+        """Stop the enforcer's background threads (blocks); call after the server stopped."""
+        self._enforcer.close()

@@ -27,8 +27,7 @@ from session_authority.interceptors import _telemetry
 from session_authority.interceptors._enforcer import (
     EXEMPT,
     Enforcer,
-    EnforcerConfig,
-    SessionEndCallback,
+    EnforcingInterceptor,
     _Entry,
     close_responses,
     reset_current_lease,
@@ -166,7 +165,7 @@ class _Requests:
         return self.__next__()
 
 
-class LeaseServerInterceptor(grpc.ServerInterceptor):
+class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
     """Enforces session leases on a ``grpc.server``: admission, activity and cut-off of calls in flight.
 
     Add it with ``grpc.server(executor, interceptors=[LeaseServerInterceptor(...)])``.
@@ -188,26 +187,6 @@ class LeaseServerInterceptor(grpc.ServerInterceptor):
     Raises:
         ValueError: A setting is invalid.
     """
-
-    def __init__(self, config: EnforcerConfig | None = None, **settings: Any) -> None:
-        if config is None:
-            config = EnforcerConfig(**settings)
-        elif settings:
-            raise TypeError("pass either config= or keyword settings, not both")
-        self._enforcer = Enforcer(config).start()
-
-    @property
-    def enforcer(self) -> Enforcer:
-        """The enforcement core (cache, registry, link to the authority)."""
-        return self._enforcer
-
-    def on_session_end(self, callback: SessionEndCallback) -> SessionEndCallback:
-        """Register a callback for leases that had calls here and ended; see :meth:`Enforcer.on_session_end`."""
-        return self._enforcer.on_session_end(callback)
-
-    def close(self) -> None:
-        """Stop the enforcer's background threads; call after the server stopped."""
-        self._enforcer.close()
 
     def intercept_service(
         self,
