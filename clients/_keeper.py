@@ -25,13 +25,13 @@ MAX_BATCH_ENTRIES = 1000
 """Renewal entries per ``KeepAlive`` message; the authority rejects larger messages."""
 
 DEFAULT_RENEWAL_TIMEOUT_SECONDS = 5.0
-"""Longest wait for a renewal reply before the batch counts as failed and the stream is reopened."""
+"""Maximum wait for a renewal reply before the batch counts as failed and the stream is reopened."""
 
 MIN_RENEWAL_TIMEOUT_SECONDS = 0.25
 """Shortest wait for a renewal reply, however short the idle timeouts are."""
 
 MAX_SLEEP_SECONDS = 1.0
-"""Longest the keeper thread sleeps between two looks at its leases."""
+"""Maximum time the keeper thread sleeps between two looks at its leases."""
 
 WatchedEndCallback = Callable[[str, EndReason], None]
 """Called with a lease digest and the reason when the watch stream reports an end."""
@@ -121,7 +121,7 @@ class LeaseKeeper:
 
     Args:
         clock: Monotonic clock; must share ``time.monotonic``'s time base.
-        renewal_timeout_seconds: Longest wait for a renewal reply. Each
+        renewal_timeout_seconds: Maximum wait for a renewal reply. Each
             batch waits at most a third of the shortest idle timeout in it,
             and at least 0.25 s.
     """

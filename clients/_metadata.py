@@ -19,7 +19,7 @@ FINGERPRINT_LENGTH = 12
 
 
 class EndReason(str, enum.Enum):
-    """Why a session ended, as it appears in the ``session-end-reason`` trailer."""
+    """Reason a session ended, as it appears in the ``session-end-reason`` trailer."""
 
     IDLE_TIMEOUT = "idle_timeout"
     MAX_DURATION = "max_duration"

@@ -72,7 +72,7 @@ class SessionEnded(Exception):
 
 
 class SessionState(str, enum.Enum):
-    """Where a session is in its life."""
+    """Stage of a session's life."""
 
     PENDING = "pending"
     """No lease yet: the first call or ``open()`` grants one."""

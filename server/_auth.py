@@ -360,7 +360,7 @@ def is_loopback_address(listen: str) -> bool:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        # Without brackets, the colons of an IPv6 address cannot be told apart from the port separator.
+        # Without brackets, the colons of an IPv6 address cannot be distinguished from the port separator.
         return False
     if host.lower() == "localhost":
         return True

@@ -62,7 +62,7 @@ class AuthorityConfig:
             audit log cannot be written. Ends and renewals go on.
         audit_log_factory: Opens the audit log of a directory; tests pass
             one that injects write failures.
-        audit_max_backoff_seconds: Longest wait between retries of a
+        audit_max_backoff_seconds: Maximum wait between retries of a
             failed audit write.
         tracer_provider: Where spans go; None uses the global provider
             (a no-op unless the process installed the SDK).

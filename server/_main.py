@@ -275,7 +275,7 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
             " pass --tls-cert and --tls-key",
             config.listen,
         )
-    # Handlers go in before the port file appears, because whoever waits for
+    # Handlers go in before the port file appears, because a process waiting for
     # that file may send SIGTERM at once.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -405,7 +405,7 @@ def _settle(future: concurrent.futures.Future[None], error: Exception | None) ->
     """Complete a write's future unless its waiter already cancelled it.
 
     A cancelled waiter does not cancel the write itself: the row is committed
-    (or not) all the same, and only nobody is told.
+    (or not) all the same, and only the result goes unreported.
     """
     try:
         if error is None:

@@ -350,7 +350,7 @@ class LeaseTable:
     def discard(self, digest: bytes) -> None:
         """Forget a lease whose grant was never acknowledged (its store write failed).
 
-        No end is reported: nobody ever held the lease.
+        No end is reported, because no holder ever received the lease ID.
         """
         with self._lock:
             self._live.pop(digest, None)

@@ -1,7 +1,7 @@
 """The identity of a TLS peer, as both the authority and enforcers read it.
 
 Both sides must derive the same principal from a client certificate, or an
-enforcer would refuse the rightful holder of a lease; so the rule lives here,
+enforcer would reject the rightful holder of a lease. So the rule lives here,
 beside the wire contract.
 """
 
