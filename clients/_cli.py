@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import sys
 from typing import Any, Callable, Sequence, TextIO
 
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(arguments)
+        args = parser.parse_args(_lease_ids_after_separator(arguments, parser))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
@@ -137,6 +138,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REJECTED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+_LEASE_ID_PATTERN = re.compile(r"-[A-Za-z0-9_-]{21}")
+"""A lease ID that begins with '-': 22 URL-safe characters, as the authority issues them."""
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Return every option string of a parser and of its subcommands' parsers."""
+    found: set[str] = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                found |= _option_strings(subparser)
+    return found
+
+
+def _lease_ids_after_separator(arguments: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Move lease IDs that begin with '-' behind a '--' separator.
+
+    One lease ID in 64 begins with '-' (the URL-safe alphabet includes it),
+    and argparse would read it as an unknown option. After '--' it is read as
+    the LEASE_ID positional.
+    """
+    if "--" in arguments:
+        return arguments
+    options = _option_strings(parser)
+    lease_ids = [a for a in arguments if _LEASE_ID_PATTERN.fullmatch(a) and a.split("=", 1)[0] not in options]
+    if not lease_ids:
+        return arguments
+    return [a for a in arguments if a not in lease_ids] + ["--", *lease_ids]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -542,3 +542,16 @@ def test_cli_lease_id_help_mentions_stdin(command: str) -> None:
     text = " ".join(result.stdout.split())
     assert "or - to read it from the first line of standard input" in text
     assert "shows in the process list and shell history" in text
+
+
+@pytest.mark.parametrize("command", [["lease", "ttl"], ["lease", "renew"], ["lease", "revoke"]])
+def test_cli_lease_id_starting_with_dash(command: list[str]) -> None:
+    from session_authority.clients._cli import _lease_ids_after_separator, build_parser
+
+    lease_id = "-yYiAbCdEfGhIjKlMnOpQr"
+
+    arguments = _lease_ids_after_separator([*command, lease_id, "--json"], build_parser())
+    args = build_parser().parse_args(arguments)
+
+    assert args.lease_id == lease_id
+    assert args.json is True
