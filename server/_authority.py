@@ -26,7 +26,7 @@ from ._limits import PrincipalLimiter
 from ._policy import Policy
 from ._scheduler import ExpiryScheduler
 from ._servicer import AuthorityServicer, add_servicer_to_server
-from ._store import LeaseStore, SqliteLeaseStore, StoredLease, StoreError
+from ._store import ClockAnchor, ClockAnchorStore, LeaseStore, SqliteLeaseStore, StoredLease, StoreError
 from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseTable, SessionEnd
 from ._telemetry import SessionTelemetry
 from ._watch import WatchHub
@@ -98,8 +98,11 @@ class Persistence:
     """Writes grants, ends and activity of the lease table to its store.
 
     Store rows use authority time: the table's monotonic reading plus an
-    offset chosen at start-up so that it never runs behind any time persisted
-    before (see ``_store``). Without a store every write completes at once.
+    offset chosen at start-up (see ``_store``). On the boot of the clock
+    anchor saved in the store the offset is the saved one, so a restart adds
+    no time to any lease. Otherwise it is chosen so that authority time never
+    runs behind any time persisted before. Without a store every write
+    completes at once.
     """
 
     def __init__(self, table: LeaseTable, store: LeaseStore | None, high_water: float) -> None:
@@ -107,11 +110,46 @@ class Persistence:
         self._store = store
         # Set by the authority, and called when each grant write settles.
         self.recorder: SessionRecorder | None = None
-        clock = table.clock
-        anchor = max(clock.wall(), high_water)
-        self.offset = anchor - clock.monotonic()
+        self.offset = self._choose_offset(high_water)
         self._end_futures: dict[bytes, concurrent.futures.Future[None]] = {}
         self._lock = threading.Lock()
+
+    def _choose_offset(self, high_water: float) -> float:
+        """Return authority time minus monotonic time for this run, saving it as the store's clock anchor.
+
+        It blocks while the store reads its anchor, so it runs once, at start-up.
+        """
+        clock = self._table.clock
+        store = self._store if isinstance(self._store, ClockAnchorStore) else None
+        boot_id = clock.boot_id()
+        saved = store.load_clock_anchor() if store is not None else None
+        monotonic = clock.monotonic()
+        if saved is not None and saved.boot_id == boot_id:
+            # The monotonic clock has run on since the crash or stop, so the
+            # saved offset counts the downtime exactly. The wall clock is not
+            # read, because a step or slew of it while the authority was down
+            # would shift every restored deadline by as much.
+            if monotonic + saved.offset >= high_water:
+                logger.info("authority time continues on the monotonic clock of boot %s", boot_id)
+                return saved.offset
+            logger.warning(
+                "the saved clock anchor of boot %s puts authority time %.3f s behind the stored high-water"
+                " mark (a monotonic clock that is not the one the anchor was saved with); anchoring on"
+                " the wall clock instead",
+                boot_id,
+                high_water - (monotonic + saved.offset),
+            )
+        # The monotonic clock is read first, so a pause before the wall
+        # reading makes the offset larger, which only shortens restored leases.
+        offset = max(clock.wall(), high_water) - monotonic
+        if store is not None and boot_id is not None:
+            store.save_clock_anchor(ClockAnchor(boot_id=boot_id, offset=offset))
+        logger.info(
+            "authority time anchored on the wall clock (saved anchor: %s, boot: %s)",
+            saved.boot_id if saved is not None else "none",
+            boot_id or "unknown",
+        )
+        return offset
 
     def to_authority_time(self, monotonic: float) -> float:
         return monotonic + self.offset

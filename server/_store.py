@@ -2,9 +2,13 @@
 
 Persisted times are on the *authority time* scale: seconds since the Unix
 epoch as measured by the authority's monotonic clock from an anchor taken at
-start-up. The anchor is ``max(wall clock, highest time ever persisted)``, so
-authority time never runs backwards across restarts, and a restart can only
-shorten a lease, never lengthen it, whatever the wall clock did meanwhile.
+start-up. A start on the same boot as the anchor saved in the store takes that
+anchor again, so authority time goes on with the monotonic clock. A restart
+then neither lengthens nor shortens a lease, whatever the wall clock did.
+Any other start (the first one, one after a reboot, or one on a store that
+keeps no anchor) anchors at ``max(wall clock, highest time ever persisted)``,
+so authority time never runs backwards. A wall clock that fell behind while
+the authority was down then lengthens leases by up to that lag.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +56,19 @@ class StoredLease:
     ended_wall: float | None = None
     end_reason: int | None = None
     revoked_by: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClockAnchor:
+    """The mapping from one boot's monotonic clock to authority time.
+
+    Attributes:
+        boot_id: ``Clock.boot_id()`` of the monotonic clock it maps.
+        offset: Authority time minus monotonic time, in seconds.
+    """
+
+    boot_id: str
+    offset: float
 
 
 @dataclasses.dataclass(slots=True)
@@ -94,6 +111,24 @@ class LeaseStore(Protocol):
     def purge_ended_before(self, authority_time: float) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ClockAnchorStore(Protocol):
+    """A lease store that also keeps the authority's clock anchor.
+
+    With such a store, an authority restarted on the same boot takes the
+    saved anchor again instead of anchoring on the wall clock (see the module
+    docstring). ``load_clock_anchor`` is called once at start-up and may
+    block. ``save_clock_anchor`` may be called from any thread and must not
+    block on I/O. It must make the anchor durable no later than any write
+    queued after it, so that every row is read back with the offset it was
+    written with.
+    """
+
+    def load_clock_anchor(self) -> ClockAnchor | None: ...
+
+    def save_clock_anchor(self, anchor: ClockAnchor) -> None: ...
 
 
 _SCHEMA = """
@@ -171,6 +206,7 @@ class SqliteLeaseStore:
         # after its end was reported to the caller and audited.
         self._pending_ends: dict[bytes, _PendingEnd] = {}
         self._high_water: float | None = None
+        self._clock_anchor: ClockAnchor | None = None
         self._closed = False
         self.commits = 0
         """Transactions committed so far; grouping keeps this far below the write count."""
@@ -196,6 +232,20 @@ class SqliteLeaseStore:
         leases = [StoredLease(*row) for row in rows]
         high_water = float(high_water_row[0]) if high_water_row else 0.0
         return StoredState(leases=leases, high_water=high_water)
+
+    def load_clock_anchor(self) -> ClockAnchor | None:
+        """Read the clock anchor saved by the latest authority on this store, or None if none was saved."""
+        try:
+            meta = dict(
+                self._connection.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('clock_boot_id', 'clock_offset')"
+                ).fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read lease store {self.path}: {exc}") from exc
+        if "clock_boot_id" not in meta or "clock_offset" not in meta:
+            return None
+        return ClockAnchor(boot_id=meta["clock_boot_id"], offset=float(meta["clock_offset"]))
 
     # -- writes --------------------------------------------------------------
 
@@ -248,6 +298,11 @@ class SqliteLeaseStore:
         with self._pending_lock:
             if self._high_water is None or authority_time > self._high_water:
                 self._high_water = authority_time
+
+    def save_clock_anchor(self, anchor: ClockAnchor) -> None:
+        """Queue the clock anchor. It is committed no later than any write queued after this call."""
+        with self._pending_lock:
+            self._clock_anchor = anchor
 
     def purge_ended_before(self, authority_time: float) -> None:
         def write(connection: sqlite3.Connection) -> None:
@@ -345,11 +400,18 @@ class SqliteLeaseStore:
             activity, self._pending_activity = self._pending_activity, {}
             ends, self._pending_ends = self._pending_ends, {}
             high_water, self._high_water = self._high_water, None
-        if not batch and not activity and not ends and high_water is None:
+            anchor, self._clock_anchor = self._clock_anchor, None
+        if not batch and not activity and not ends and high_water is None and anchor is None:
             return
         connection = self._connection
         try:
             connection.execute("BEGIN IMMEDIATE")
+            if anchor is not None:
+                connection.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    [("clock_boot_id", anchor.boot_id), ("clock_offset", repr(anchor.offset))],
+                )
             for operation, _ in batch:
                 operation(connection)
             if ends:
@@ -385,9 +447,10 @@ class SqliteLeaseStore:
             error = StoreError(f"writing lease store {self.path} failed: {exc}")
             for _, future in batch:
                 _settle(future, error)
-            # Ends, activity and the high-water mark are retried with the next
-            # batch. Losing activity only shortens leases, but a lost end would
-            # make a revoked lease live again after a restart.
+            # Ends, activity, the high-water mark and the clock anchor are
+            # retried with the next batch. Losing activity only shortens
+            # leases, but a lost end would make a revoked lease live again
+            # after a restart.
             with self._pending_lock:
                 for digest, at in activity.items():
                     if at > self._pending_activity.get(digest, 0.0):
@@ -396,6 +459,8 @@ class SqliteLeaseStore:
                     self._pending_ends.setdefault(digest, end)
                 if high_water is not None and (self._high_water is None or high_water > self._high_water):
                     self._high_water = high_water
+                if anchor is not None and self._clock_anchor is None:
+                    self._clock_anchor = anchor
             return
         for _, future in batch:
             _settle(future, None)
