@@ -1,14 +1,16 @@
 """Server interceptor for ``grpc.aio.server`` that enforces session leases on every call shape.
 
-Cutting off a call on an aio server: the wrapper runs the handler in a child
-task named ``session-lease-handler <method>``. When the lease ends, the
-enforcer's thread schedules a cancel of that task on the server's event loop;
-the wrapper, still running in gRPC's own task for the RPC, then aborts the
-call with ``UNAUTHENTICATED``, the details and the ``session-end-reason``
-trailer. The cancel reaches the handler wherever it waits: reading the next
-request, writing, sleeping or awaiting anything else. Streamed responses of
-async generators are written by the wrapper with ``context.write``, so every
-message in either direction passes through it and counts as activity.
+Cutting off a call on an aio server: the wrapper runs the handler in gRPC's
+own task for the RPC, with every step in a copy of the task's context
+(``_RunInContext``), so a call costs no extra task. When the lease ends, the
+enforcer's thread queues the cut-off for the server's event loop, which
+cancels the task of every call of that lease in one callback. The wrapper
+catches the cancellation and aborts the call with ``UNAUTHENTICATED``, the
+details and the ``session-end-reason`` trailer. The cancellation reaches the
+handler wherever it waits: reading the next request, writing, sleeping or
+awaiting anything else. Streamed responses of async generators are written
+by the wrapper with ``context.write``, so every message in either direction
+passes through it and counts as activity.
 
 Sync handlers (plain functions and sync generators) are legal on aio servers
 too. The wrapper runs them on a worker thread (the loop's default executor, or
@@ -28,7 +30,7 @@ import contextvars
 import inspect
 import logging
 import threading
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 
 import grpc
 
@@ -40,54 +42,109 @@ from session_authority.interceptors._enforcer import (
     EnforcingInterceptor,
     _Entry,
     close_responses,
-    reset_current_lease,
     set_current_lease,
 )
 from session_authority.interceptors._errors import LeaseRefused
 
 logger = logging.getLogger(__name__)
 
-HANDLER_TASK_PREFIX = "session-lease-handler"
-"""Name prefix of the child tasks that run handlers under an enforced lease."""
+
+class _CutOffQueue:
+    """Cut-offs waiting to run on one event loop.
+
+    The enforcer ends every call of a lease in one pass from its own thread.
+    Queuing them here wakes the loop once per pass instead of once per call,
+    and the loop then cancels every handler in one callback.
+    """
+
+    __slots__ = ("loop", "_lock", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[_AioCall, LeaseRefused]] = []
+
+    def put(self, call: _AioCall, refusal: LeaseRefused) -> None:
+        """Queue a cut-off. Safe from any thread."""
+        with self._lock:
+            wake = not self._pending
+            self._pending.append((call, refusal))
+        if not wake:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:
+            logger.debug("event loop closed before a cut-off of lease %s could run", refusal.fingerprint)
+
+    def _run(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for call, refusal in pending:
+            call.cut_off_on_loop(refusal)
 
 
 class _AioCall:
-    """One admitted call on an aio server, as stored in the enforcer's registry."""
+    """One admitted call on an aio server, as stored in the enforcer's registry.
 
-    __slots__ = ("_loop", "_method", "_span", "_lock", "_pending", "task", "finished", "stopped", "refusal")
+    The handler runs in gRPC's own task for the RPC. A cut-off cancels that
+    task while the handler runs, and the wrapper catches the cancellation and
+    aborts the call.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, method: str, span: Any) -> None:
-        self._loop = loop
+    __slots__ = (
+        "_queue",
+        "_task",
+        "_method",
+        "admission_context",
+        "_lock",
+        "_pending",
+        "handler_context",
+        "running",
+        "finished",
+        "stopped",
+        "refusal",
+    )
+
+    def __init__(self, queue: _CutOffQueue, task: asyncio.Task[Any] | None, method: str) -> None:
+        self._queue = queue
+        self._task = task
         self._method = method
-        self._span = span
-        self._lock = threading.Lock()
+        # Copying a context costs far less than reading the active span, so
+        # the span is looked up only if the call is cut off.
+        self.admission_context = contextvars.copy_context()
+        # Only a sync handler's thread waits on the loop, so only _run_sync creates the lock.
+        self._lock: threading.Lock | None = None
         self._pending: concurrent.futures.Future[Any] | None = None
-        self.task: asyncio.Task[Any] | None = None
+        self.handler_context: contextvars.Context | None = None
+        self.running = False
         self.finished = False
         self.stopped = False
         self.refusal: LeaseRefused | None = None
 
     def cut_off(self, refusal: LeaseRefused) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._cut_off_on_loop, refusal)
-        except RuntimeError:
-            logger.debug("event loop closed before a cut-off of lease %s could run", refusal.fingerprint)
+        self._queue.put(self, refusal)
 
-    def _cut_off_on_loop(self, refusal: LeaseRefused) -> None:
+    def cut_off_on_loop(self, refusal: LeaseRefused) -> None:
+        """Record the refusal and cancel the handler if it runs (event loop thread)."""
         if self.finished or self.refusal is not None:
             return
-        if self.task is not None and self.task.done():
-            return
         self.refusal = refusal
-        _telemetry.add_refusal_event(self._span, _telemetry.CUT_OFF_EVENT, refusal, self._method)
+        _telemetry.add_cut_off_event(self.admission_context, self.handler_context, refusal, self._method)
         self.stop()
-        if self.task is not None:
-            self.task.cancel()
+        if self.running and self._task is not None:
+            self._task.cancel()
+
+    def enable_waits(self) -> None:
+        """Prepare :meth:`wait_on_loop` for a sync handler; call before its thread starts."""
+        if self._lock is None:
+            self._lock = threading.Lock()
 
     def stop(self) -> None:
         """Wake a sync handler that waits on the loop and make its later waits raise. Safe from any thread."""
+        self.stopped = True
+        if self._lock is None:
+            return
         with self._lock:
-            self.stopped = True
             pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -98,18 +155,20 @@ class _AioCall:
         Raises:
             grpc.RpcError: The call was cut off or cancelled before or while waiting.
         """
-        with self._lock:
+        lock = self._lock
+        assert lock is not None, "enable_waits() was not called"
+        with lock:
             if self.stopped:
                 coroutine.close()
                 raise _ended_error(self.refusal)
-            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._queue.loop)
             self._pending = future
         try:
             return future.result()
         except concurrent.futures.CancelledError:
             raise _ended_error(self.refusal) from None
         finally:
-            with self._lock:
+            with lock:
                 if self._pending is future:
                     self._pending = None
 
@@ -336,6 +395,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
     ) -> None:
         super().__init__(config, **settings)
         self._sync_handler_executor = sync_handler_executor
+        self._queue: _CutOffQueue | None = None
 
     async def aclose(self) -> None:
         """Like :meth:`close`, without blocking the event loop."""
@@ -352,6 +412,9 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         method = handler_call_details.method
         if self._enforcer.is_exempt(method):
             return handler
+        return self._enforced_handler(method, handler, self._wrap_handler)
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._wrap(handler.stream_stream, method, _drive_stream_response, streaming_requests=True),
@@ -389,23 +452,34 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         # nothing), because interceptors around ours, such as
         # opentelemetry-instrumentation-grpc, iterate those handlers with
         # "async for" and fail on a coroutine.
+        is_async = _is_async_behavior(behavior)
         if drive is _drive_stream_response:
 
             async def enforced_stream(argument: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self._handle(behavior, method, drive, argument, context, streaming_requests)
+                await self._handle(behavior, is_async, method, drive, argument, context, streaming_requests)
                 return
                 yield  # unreachable: marks this function as an async generator
 
             return enforced_stream
 
         async def enforced(argument: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self._handle(behavior, method, drive, argument, context, streaming_requests)
+            return await self._handle(behavior, is_async, method, drive, argument, context, streaming_requests)
 
         return enforced
+
+    def _cut_off_queue(self, task: asyncio.Task[Any] | None) -> _CutOffQueue:
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        queue = self._queue
+        if queue is None or queue.loop is not loop:
+            # A grpc.aio server runs on one loop, so this changes only when
+            # the interceptor serves a server on another loop.
+            queue = self._queue = _CutOffQueue(loop)
+        return queue
 
     async def _handle(
         self,
         behavior: Callable[..., Any],
+        is_async: bool,
         method: str,
         drive: Callable[[Callable[..., Any], Any, Any], Awaitable[Any]],
         argument: Any,
@@ -413,9 +487,8 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         streaming_requests: bool,
     ) -> Any:
         enforcer = self._enforcer
-        loop = asyncio.get_running_loop()
-        span = _telemetry.current_span()
-        call = _AioCall(loop, method, span)
+        task = asyncio.current_task()
+        call = _AioCall(self._cut_off_queue(task), task, method)
         try:
             lease_id = enforcer.read_lease_id(context.invocation_metadata())
             entry = await enforcer.admit_async(lease_id, method, enforcer.caller_principal(context), call)
@@ -423,47 +496,54 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
             logger.debug(
                 "refused %s on lease %s: %s", method, refusal.fingerprint or "(none)", refusal.reason.value
             )
-            _telemetry.add_refusal_event(span, _telemetry.REFUSED_EVENT, refusal, method)
+            _telemetry.add_refusal_event(_telemetry.current_span(), _telemetry.REFUSED_EVENT, refusal, method)
             enforcer.metrics.record_refusal(refusal)
             await _abort(context, refusal)
             raise AssertionError("context.abort returned") from None
         if entry is EXEMPT:
-            if not _is_async_behavior(behavior):
+            if not is_async:
                 return await self._run_sync(behavior, drive, argument, context, call, None, streaming_requests)
             return await drive(behavior, argument, context)
         assert isinstance(entry, _Entry)
 
         try:
-            if call.refusal is not None:
-                await _abort(context, call.refusal)
-            if _is_async_behavior(behavior):
+            if is_async:
                 if streaming_requests:
                     argument = _Requests(argument, enforcer, entry)
                 handler_run = drive(behavior, argument, _Context(context, enforcer, entry))
             else:
                 handler_run = self._run_sync(behavior, drive, argument, context, call, entry, streaming_requests)
-            token = set_current_lease(enforcer.lease_context(entry))
+            handler_context = call.admission_context.copy()
+            handler_context.run(set_current_lease, enforcer.lease_context(entry))
+            call.handler_context = handler_context
+            # Nothing was awaited since admission registered the call, so no
+            # cut-off has run yet. From here on a cut-off cancels this task.
+            call.running = True
+            result = None
             try:
-                task = loop.create_task(handler_run, name=f"{HANDLER_TASK_PREFIX} {method}")
-            finally:
-                reset_current_lease(token)
-            call.task = task
-            try:
-                await asyncio.wait({task})
+                result = await _RunInContext(handler_run, handler_context)
             except asyncio.CancelledError:
-                # gRPC cancelled the RPC (client cancel, deadline or
-                # shutdown): stop the handler too, and leave the status to gRPC.
                 call.stop()
-                task.cancel()
-                await asyncio.wait({task})
-                raise
-            call.finished = True
+                if call.refusal is None or _uncancel(task) > 0:
+                    # gRPC cancelled the RPC (client cancel, deadline or
+                    # shutdown): leave the status to gRPC.
+                    raise
+            except Exception as exc:
+                if call.refusal is None:
+                    raise
+                logger.debug("handler of a cut-off call raised %r", exc)
+                _uncancel(task)
+            else:
+                if call.refusal is not None:
+                    # The handler swallowed the cancellation and returned.
+                    _uncancel(task)
+            finally:
+                call.running = False
+                call.finished = True
             call.stop()
             if call.refusal is not None:
-                if not task.cancelled() and task.exception() is not None:
-                    logger.debug("handler of a cut-off call raised %r", task.exception())
                 await _abort(context, call.refusal)
-            return task.result()
+            return result
         finally:
             enforcer.release(entry, call)
 
@@ -482,6 +562,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         # handler's next wait on the loop raises or it checks is_active().
         enforcer = self._enforcer
         loop = asyncio.get_running_loop()
+        call.enable_waits()
         touch: Callable[[], None] = (lambda: enforcer.touch(entry)) if entry is not None else (lambda: None)
         if streaming_requests:
             argument = _SyncRequests(argument, call, touch)
@@ -494,6 +575,53 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         else:
             run = lambda: _run_sync_unary_response(behavior, argument, sync_context)
         return await loop.run_in_executor(self._sync_handler_executor, handler_context.run, run)
+
+
+def _uncancel(task: asyncio.Task[Any] | None) -> int:
+    """Withdraw the cancel request of a cut-off and return how many cancel requests are left (0 before Python 3.11)."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is None:
+        return 0
+    return int(uncancel())
+
+
+class _RunInContext:
+    """An awaitable that runs a coroutine with each of its steps in the given ``contextvars.Context``.
+
+    It drives the coroutine the way an ``asyncio.Task`` does, but inside the
+    awaiting task, so the handler needs no task of its own. Everything the
+    task sends or throws in (a cancellation among them) reaches the coroutine.
+    While it waits, any thread can read the handler's context variables from
+    ``context``.
+    """
+
+    __slots__ = ("_coroutine", "_context")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        self._coroutine = coroutine
+        self._context = context
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coroutine = self._coroutine
+        run = self._context.run
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is None:
+                    step = run(coroutine.send, value)
+                else:
+                    step = run(coroutine.throw, error)
+            except StopIteration as stop:
+                return stop.value
+            value = error = None
+            try:
+                value = yield step
+            except GeneratorExit:
+                run(coroutine.close)
+                raise
+            except BaseException as exc:  # noqa: BLE001 - handed on to the coroutine, which decides
+                error = exc
 
 
 async def _abort(context: grpc.aio.ServicerContext, refusal: LeaseRefused) -> None:

@@ -65,6 +65,7 @@ STALENESS_HEARTBEATS = 3
 
 _MIN_PROBE_INTERVAL_SECONDS = 0.02
 _MAX_VALIDATION_ROUNDS = 3
+_MAX_WRAPPED_HANDLERS = 1024
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
@@ -1092,6 +1093,30 @@ class EnforcingInterceptor:
         elif settings:
             raise TypeError("pass either config= or keyword settings, not both")
         self._enforcer = Enforcer(config).start()
+        self._wrapped_handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def _enforced_handler(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler],
+    ) -> grpc.RpcMethodHandler:
+        """Return ``wrap(handler, method)``, built once per method and handler.
+
+        A generic handler returns the same handler object for a method on
+        every call, so its wrapper is reused. An interceptor after ours that
+        builds a new handler per call replaces the entry each time. Safe from
+        any thread: a race builds one wrapper twice.
+        """
+        cached = self._wrapped_handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(handler, method)
+        if len(self._wrapped_handlers) >= _MAX_WRAPPED_HANDLERS:
+            # A catch-all generic handler serves any method name a client sends.
+            self._wrapped_handlers.clear()
+        self._wrapped_handlers[method] = (handler, wrapped)
+        return wrapped
 
     @property
     def enforcer(self) -> Enforcer:

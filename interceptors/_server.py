@@ -17,6 +17,7 @@ turns False at the cut-off so such a handler can stop early.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from typing import Any, Callable, Iterator
@@ -30,7 +31,6 @@ from session_authority.interceptors._enforcer import (
     EnforcingInterceptor,
     _Entry,
     close_responses,
-    reset_current_lease,
     set_current_lease,
 )
 from session_authority.interceptors._errors import LeaseRefused
@@ -98,23 +98,37 @@ def _registered_rpc_error(context: Any) -> grpc.RpcError:
 class _SyncCall:
     """One admitted call on a sync server, as stored in the enforcer's registry."""
 
-    __slots__ = ("_context", "_method", "_span", "_lock", "_finished", "refusal", "_error")
+    __slots__ = (
+        "_context",
+        "_method",
+        "admission_context",
+        "_lock",
+        "_finished",
+        "refusal",
+        "_error",
+        "handler_context",
+    )
 
-    def __init__(self, context: Any, method: str, span: Any) -> None:
+    def __init__(self, context: Any, method: str) -> None:
         self._context = context
         self._method = method
-        self._span = span
+        # Copying a context costs far less than reading the active span, so
+        # the span is looked up only if the call is cut off.
+        self.admission_context = contextvars.copy_context()
         self._lock = threading.Lock()
         self._finished = False
         self.refusal: LeaseRefused | None = None
         self._error: grpc.RpcError | None = None
+        # The context the handler runs in, set before it starts. A cut-off
+        # reads the RPC span of an instrumentation placed after ours from it.
+        self.handler_context: contextvars.Context | None = None
 
     def cut_off(self, refusal: LeaseRefused) -> None:
         with self._lock:
             if self._finished or self.refusal is not None:
                 return
             self.refusal = refusal
-        _telemetry.add_refusal_event(self._span, _telemetry.CUT_OFF_EVENT, refusal, self._method)
+        _telemetry.add_cut_off_event(self.admission_context, self.handler_context, refusal, self._method)
         if _send_status_now(self._context, refusal):
             _telemetry.report_status(self._context, refusal)
 
@@ -199,6 +213,9 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
         method = handler_call_details.method
         if self._enforcer.is_exempt(method):
             return handler
+        return self._enforced_handler(method, handler, self._wrap_handler)
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._stream_stream(handler.stream_stream, method),
@@ -229,16 +246,15 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
         # Returns (call, entry), or (None, EXEMPT); on refusal it aborts the
         # call through the public API, which raises.
         enforcer = self._enforcer
-        span = _telemetry.current_span()
         try:
             lease_id = enforcer.read_lease_id(context.invocation_metadata())
-            call = _SyncCall(context, method, span)
+            call = _SyncCall(context, method)
             entry = enforcer.admit(lease_id, method, enforcer.caller_principal(context), call)
         except LeaseRefused as refusal:
             logger.debug(
                 "refused %s on lease %s: %s", method, refusal.fingerprint or "(none)", refusal.reason.value
             )
-            _telemetry.add_refusal_event(span, _telemetry.REFUSED_EVENT, refusal, method)
+            _telemetry.add_refusal_event(_telemetry.current_span(), _telemetry.REFUSED_EVENT, refusal, method)
             enforcer.metrics.record_refusal(refusal)
             context.set_trailing_metadata(refusal.trailing_metadata())
             context.abort(refusal.code, refusal.details)
@@ -295,18 +311,25 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
 
         return stream_stream
 
+    def _handler_context(self, call: _SyncCall, entry: _Entry) -> contextvars.Context:
+        # The handler's code runs in a copy of the worker's context, where
+        # current_lease() is set; the worker's own context never changes.
+        handler_context = call.admission_context.copy()
+        handler_context.run(set_current_lease, self._enforcer.lease_context(entry))
+        call.handler_context = handler_context
+        return handler_context
+
     def _run_unary_response(
         self, call: _SyncCall, entry: _Entry, behavior: Callable[..., Any], argument: Any, context: Any
     ) -> Any:
-        token = set_current_lease(self._enforcer.lease_context(entry))
+        handler_context = self._handler_context(call, entry)
         try:
-            response = behavior(argument, context)
+            response = handler_context.run(behavior, argument, context)
         except Exception:
             if call.refusal is not None:
                 raise call.rpc_error() from None
             raise
         finally:
-            reset_current_lease(token)
             self._enforcer.release(entry, call)
         if not call.finish():
             raise call.rpc_error()
@@ -316,34 +339,28 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
         self, call: _SyncCall, entry: _Entry, behavior: Callable[..., Any], argument: Any, context: Any
     ) -> Iterator[Any]:
         enforcer = self._enforcer
-        lease_context = enforcer.lease_context(entry)
+        handler_context = self._handler_context(call, entry)
         responses: Iterator[Any] | None = None
         try:
-            token = set_current_lease(lease_context)
             try:
-                responses = iter(behavior(argument, context))
+                responses = iter(handler_context.run(behavior, argument, context))
             except Exception:
                 if call.refusal is not None:
                     raise call.rpc_error() from None
                 raise
-            finally:
-                reset_current_lease(token)
             while True:
                 if call.refusal is not None:
                     raise call.rpc_error()
-                # The context variable is set only while the handler's code
-                # runs: this generator's frame shares the worker's context.
-                token = set_current_lease(lease_context)
+                # Every step of the handler's generator runs in its context,
+                # because this generator's frame shares the worker's context.
                 try:
-                    response = next(responses)
+                    response = handler_context.run(next, responses)
                 except StopIteration:
                     break
                 except Exception:
                     if call.refusal is not None:
                         raise call.rpc_error() from None
                     raise
-                finally:
-                    reset_current_lease(token)
                 if call.refusal is not None:
                     raise call.rpc_error()
                 enforcer.touch(entry)
@@ -353,6 +370,6 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
         finally:
             enforcer.release(entry, call)
             # A cut-off leaves the handler's generator suspended: close it
-            # here, on its own thread, so its cleanup runs now and not at
-            # garbage collection.
-            close_responses(responses)
+            # here, on its own thread and in its context, so its cleanup
+            # runs now and not at garbage collection.
+            handler_context.run(close_responses, responses)

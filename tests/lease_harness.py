@@ -16,7 +16,7 @@ import pytest
 
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY
-from session_authority.interceptors._aio_server import HANDLER_TASK_PREFIX, AioLeaseServerInterceptor
+from session_authority.interceptors._aio_server import AioLeaseServerInterceptor
 from session_authority.interceptors._enforcer import EnforcerConfig
 from session_authority.interceptors._server import LeaseServerInterceptor
 
@@ -308,7 +308,7 @@ class SyncServer:
         self.executor.shutdown(wait=True)
         self.interceptor.close()
 
-    def our_tasks(self) -> list[str]:
+    def rpc_tasks(self) -> list[str]:
         return []
 
 
@@ -347,11 +347,15 @@ class AioServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def our_tasks(self) -> list[str]:
+    def rpc_tasks(self) -> list[str]:
+        """Return the names of tasks still serving a call of the test service.
+
+        grpc.aio (checked with 1.85) runs each handler in a task named after
+        its method, such as ``HandleExceptions[/test.Lease/unary_coroutine]``.
+        """
+
         async def names() -> list[str]:
-            return [
-                task.get_name() for task in asyncio.all_tasks() if task.get_name().startswith(HANDLER_TASK_PREFIX)
-            ]
+            return [task.get_name() for task in asyncio.all_tasks() if f"/{SERVICE}/" in task.get_name()]
 
         return self._run(names())
 

@@ -246,19 +246,9 @@ def test_placed_after_cut_off_never_unknown(kind: str, form: str, authority: Any
     assert span.status.status_code is not StatusCode.ERROR, span.status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the instrumentation's span opens inside the handler call our interceptor makes and takes its code"
-        " only from abort/set_code/set_details on its own context wrapper, which the handler holds;"
-        " a cut-off sends the status from the enforcer's thread (sync) or cancels the handler task (aio),"
-        " so that span ends with rpc.grpc.status_code 0 and our event stays on the span active at admission"
-    ),
-)
-@pytest.mark.parametrize("kind", ["sync", "aio"])
-def test_placed_after_cut_off_unauthenticated(kind: str, authority: Any) -> None:
+@pytest.mark.parametrize(("kind", "form"), INNER_CASES)
+def test_placed_after_cut_off_unauthenticated(kind: str, form: str, authority: Any) -> None:
     provider, exporter = _tracing()
-    form = "unary_function" if kind == "sync" else "unary_coroutine"
     config = enforcer_config(authority.target)
 
     try:

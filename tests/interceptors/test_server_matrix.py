@@ -122,7 +122,7 @@ def test_lease_scenario(server_kind: str, form: str, scenario: str, request: pyt
                 wait_for(server.recorder.exited.is_set, 5, "handler left after the cut-off")
             else:
                 assert server.recorder.entered == []
-        wait_for(lambda: not server.our_tasks(), 5, "handler tasks finished")
+        wait_for(lambda: not server.rpc_tasks(), 5, "RPC tasks finished")
         wait_for(lambda: server.interceptor.enforcer.in_flight_count() == 0, 5, "in-flight set empty")
     finally:
         stop_keeper.set()
