@@ -10,14 +10,19 @@ hits both sides of a ratio alike.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import cProfile
 import dataclasses
 import io
 import logging
 import pathlib
 import pstats
 import statistics
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
 
 from . import _etcd
 from ._common import Figure, Options, ServerProcess, python_command, run_json
@@ -90,22 +95,23 @@ def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra
 
 
 @contextlib.contextmanager
-def authority_server(work_dir: pathlib.Path, name: str, profile: pathlib.Path | None = None) -> Iterator[ServerProcess]:
-    """Run ``session-authority serve`` with a fresh SQLite data directory."""
+def authority_server(
+    work_dir: pathlib.Path, name: str, profile_dir: pathlib.Path | None = None
+) -> Iterator[ServerProcess]:
+    """Run ``session-authority serve`` with a fresh SQLite data directory, profiled into ``profile_dir`` if given."""
     policy = work_dir / "policy.toml"
     policy.write_text(POLICY)
-    module_args = [
-        "session_authority.server._main",
+    serve_args = [
         "--insecure-dev",
         "--listen", "127.0.0.1:0",
         "--data-dir", str(work_dir / f"{name}-data"),
         "--policy", str(policy),
         "--port-file", str(work_dir / f"{name}.port"),
     ]  # fmt: skip
-    if profile is not None:
-        command = python_command("cProfile", "-o", str(profile), "-m", *module_args)
+    if profile_dir is not None:
+        command = python_command("bench._authority_throughput", "--profile-dir", str(profile_dir), *serve_args)
     else:
-        command = python_command(*module_args)
+        command = python_command("session_authority.server._main", *serve_args)
     with ServerProcess(command, work_dir / f"{name}.port", work_dir / f"{name}.log") as server:
         yield server
 
@@ -131,28 +137,71 @@ def etcd_server(options: Options) -> Iterator[tuple[_etcd.EtcdServer, pathlib.Pa
         yield server, stubs
 
 
-PROFILE_NOISE = ("select.epoll", "builtins.compile", "marshal.loads", "_imp.create_dynamic", "__build_class__", "builtins.exec", "posix.stat")
-"""Rows of idle waiting and start-up imports, left out of the printed profile."""
+PROFILED_THREADS = ("lease-store", "audit-sink")
+"""Threads of the authority profiled besides the main thread, which runs the event loop."""
+
+PROFILE_NOISE = (
+    "builtins.compile", "marshal.loads", "_imp.create_dynamic", "__build_class__", "builtins.exec", "posix.stat"
+)
+"""Rows of start-up imports, left out of the printed profile."""
 
 
-def print_profile(kind: str, path: pathlib.Path, top: int = 15) -> None:
-    """Print the functions with the most own time in the authority's event-loop thread.
+def serve_profiled(profile_dir: pathlib.Path, serve_args: Sequence[str]) -> int:
+    """Run ``session-authority serve`` with a CPU-time profile of the main thread and of each writer thread.
 
-    cProfile records only the thread that ran the module, which is the event
-    loop. The store and audit writer threads are not in the profile. Time inside grpcio's Cython
-    callbacks shows as the own time of ``Context.run``.
+    Each profile measures with ``time.thread_time``, the CPU time of the
+    thread it profiles, so time spent waiting in ``epoll`` or for the GIL
+    does not count. A wall-clock profile of the event loop shows it waiting
+    in ``select`` and hides how busy it is. On exit, which SIGTERM causes,
+    each thread's profile is written to ``<profile_dir>/<thread name>.prof``.
     """
-    if not path.exists():
-        print(f"profile of the {kind} authority: {path} was not written")
-        return
-    output = io.StringIO()
-    stats = pstats.Stats(str(path), stream=output)
-    stats.sort_stats("tottime").print_stats(top + len(PROFILE_NOISE))
-    print(f"-- profile of the {kind} authority, event-loop thread, by own time (cProfile):")
-    table = output.getvalue()
-    rows = table[table.index("ncalls") :].rstrip().splitlines() if "ncalls" in table else [table]
-    kept = [row for row in rows if not any(noise in row for noise in PROFILE_NOISE)]
-    print("\n".join(kept[: top + 1]))
+    from session_authority.server._main import serve_main
+
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    run_thread = threading.Thread.run
+
+    def run_profiled(thread: threading.Thread) -> None:
+        if thread.name not in PROFILED_THREADS:
+            run_thread(thread)
+            return
+        profile = cProfile.Profile(time.thread_time)
+        profile.enable()
+        try:
+            run_thread(thread)
+        finally:
+            profile.disable()
+            profile.dump_stats(str(profile_dir / f"{thread.name}.prof"))
+
+    threading.Thread.run = run_profiled  # type: ignore[method-assign]
+    profile = cProfile.Profile(time.thread_time)
+    profile.enable()
+    try:
+        return serve_main(list(serve_args))
+    finally:
+        profile.disable()
+        profile.dump_stats(str(profile_dir / "main.prof"))
+
+
+def print_profile(kind: str, profile_dir: pathlib.Path, top: int = 12) -> None:
+    """Print the CPU time of each profiled thread of the authority and its functions with the most own time.
+
+    Time inside grpcio's Cython callbacks shows as the own time of
+    ``Context.run``. cProfile slows every profiled Python call, so the times
+    are inflated, most in threads that make many small calls.
+    """
+    for thread in ("main", *PROFILED_THREADS):
+        path = profile_dir / f"{thread}.prof"
+        if not path.exists():
+            print(f"profile of the {kind} authority, thread {thread}: {path} was not written")
+            continue
+        output = io.StringIO()
+        stats = pstats.Stats(str(path), stream=output)
+        stats.sort_stats("tottime").print_stats(top + len(PROFILE_NOISE))
+        print(f"-- profile of the {kind} authority, thread {thread}: {stats.total_tt:.2f} s CPU; by own time:")
+        table = output.getvalue()
+        rows = table[table.index("ncalls") :].rstrip().splitlines() if "ncalls" in table else [table]
+        kept = [row for row in rows if not any(noise in row for noise in PROFILE_NOISE)]
+        print("\n".join(kept[: top + 1]))
 
 
 def median_rate(results: list[dict]) -> float:
@@ -173,7 +222,9 @@ def run(options: Options) -> list[Figure]:
     etcd_keepalives: list[dict] = []
     concurrency = ["--concurrency", str(GRANT_CONCURRENCY)]
 
-    profiles = {kind: options.work_dir / f"{kind}.prof" for kind in ("grants", "renewals")} if options.profile else {}
+    profiles: dict[str, pathlib.Path] = {}
+    if options.profile:
+        profiles = {kind: options.work_dir / f"{kind}-profile" for kind in ("grants", "renewals")}
     with contextlib.ExitStack() as stack:
         # Grants and renewals each get their own authority, so neither
         # measures a table that the other one filled.
@@ -271,3 +322,18 @@ def run(options: Options) -> list[Figure]:
     else:
         print(f"renewals/s keep-alive ({RENEWAL_BATCH:,}/msg) {renewal_rate:,.0f} (no etcd baseline in this run)")
     return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a profiled authority: ``python -m bench._authority_throughput --profile-dir DIR SERVE_ARGS...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench._authority_throughput",
+        description="Run session-authority serve with a CPU-time profile per thread (for python -m bench --profile).",
+    )
+    parser.add_argument("--profile-dir", type=pathlib.Path, required=True, help="directory for the .prof files")
+    arguments, serve_args = parser.parse_known_args(argv)
+    return serve_profiled(arguments.profile_dir, serve_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

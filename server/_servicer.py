@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -254,6 +256,60 @@ async def _abort(context: grpc.aio.ServicerContext, rpc: str, exc: AuthorityErro
     await context.abort(exc.code, exc.details)
 
 
+_Result = TypeVar("_Result")
+
+
+class _StoreReplies:
+    """Delivery of store write results from the writer thread to the event loop, with one wake-up per burst.
+
+    ``asyncio.wrap_future`` wakes the loop once per future, but the store
+    settles all the futures of one commit together. This queues them and
+    completes their loop futures in one callback. Cancelling a returned
+    future, as a caller that gives up does, leaves the store write alone.
+
+    Threading: :meth:`wait` runs on the event loop; the store calls the done
+    callbacks on its writer thread.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._settled: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any]]] = []
+
+    def wait(self, future: concurrent.futures.Future[_Result]) -> asyncio.Future[_Result]:
+        """Return a future of the running loop that completes like ``future``."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Result] = self._loop.create_future()
+        future.add_done_callback(functools.partial(self._on_settled, waiter))
+        return waiter
+
+    def _on_settled(self, waiter: asyncio.Future[Any], future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._settled.append((waiter, future))
+            first = len(self._settled) == 1
+        if not first:
+            return
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            logger.debug("a store write finished after the event loop closed; its result is dropped")
+
+    def _deliver(self) -> None:
+        with self._lock:
+            settled, self._settled = self._settled, []
+        for waiter, future in settled:
+            if waiter.done():
+                continue
+            if future.cancelled():
+                waiter.cancel()
+            elif future.exception() is not None:
+                waiter.set_exception(future.exception())
+            else:
+                waiter.set_result(future.result())
+
+
 class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     """Serves the wire contract over a lease table.
 
@@ -295,6 +351,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._admin_everyone = admin_everyone
         self._limiter = limiter
         self.grant_gate: Callable[[], str | None] = lambda: None
+        self._store_replies = _StoreReplies()
         self._auth_log_at = -math.inf
         self._auth_log_suppressed = 0
 
@@ -385,10 +442,10 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
         lease_id, lease = self._table.grant(principal, tier.name, idle_timeout, tier.max_duration_seconds)
         try:
-            # Shielded: a caller that gives up must not cancel the store write.
-            # The lease then stays granted, unclaimed, and idles out like any
-            # lease whose reply was lost.
-            await asyncio.shield(asyncio.wrap_future(self._persistence.save_grant(lease)))
+            # A caller that gives up cancels only this wait, never the store
+            # write. The lease then stays granted, unclaimed, and idles out
+            # like any lease whose reply was lost.
+            await self._store_replies.wait(self._persistence.save_grant(lease))
         except asyncio.CancelledError:
             logger.debug("grant of lease %s cancelled by the caller; the unclaimed lease idles out", lease.fingerprint)
             raise

@@ -18,16 +18,21 @@ import pytest
 
 from session_authority.server._audit import (
     CURRENT_FILE_NAME,
+    LAST_HASH_FILE_NAME,
     ZERO_HASH,
     AuditLog,
     AuditReceipt,
     AuditSink,
     AuditWriteError,
+    DuplicateEnd,
+    LastHash,
     audit_main,
     list_audit_files,
+    read_last_hash,
     tail,
     utc_isoformat,
     verify,
+    verify_replicas,
 )
 
 WALL_START = 1_796_418_597.123456  # 2026-12-04T21:09:57.123456+00:00
@@ -335,18 +340,22 @@ def test_first_record_deleted_detected(tmp_path: Path) -> None:
     assert result.error.message == "the chain starts at seq 2, expected 1 (records or files deleted from the start)"
 
 
-def test_last_record_edit_needs_expected_hash(tmp_path: Path) -> None:
-    write_records(tmp_path, 10)
-    path = tmp_path / CURRENT_FILE_NAME
-    original_last_hash = verify(tmp_path).last_hash
+def edit_last_record(path: Path) -> None:
     lines = read_lines(path)
     record = json.loads(lines[-1])
     record["reason"] = "released"
     lines[-1] = reencode(record)
     write_lines(path, lines)
 
-    without_expected = verify(tmp_path)
-    with_expected = verify(tmp_path, expected_last_hash=original_last_hash)
+
+def test_files_last_edit_needs_expected_hash(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    path = tmp_path / CURRENT_FILE_NAME
+    original_last_hash = verify(tmp_path).last_hash
+    edit_last_record(path)
+
+    without_expected = verify([path])
+    with_expected = verify([path], expected_last_hash=original_last_hash)
 
     assert without_expected.ok
     assert not with_expected.ok
@@ -355,14 +364,14 @@ def test_last_record_edit_needs_expected_hash(tmp_path: Path) -> None:
     assert with_expected.error.message.startswith("the last record's hash does not match the expected last hash")
 
 
-def test_records_cut_from_end_need_expected_hash(tmp_path: Path) -> None:
+def test_records_cut_from_files_need_expected_hash(tmp_path: Path) -> None:
     write_records(tmp_path, 10)
     path = tmp_path / CURRENT_FILE_NAME
     original_last_hash = verify(tmp_path).last_hash
     write_lines(path, read_lines(path)[:7])
 
-    assert verify(tmp_path).ok
-    assert not verify(tmp_path, expected_last_hash=original_last_hash).ok
+    assert verify([path]).ok
+    assert not verify([path], expected_last_hash=original_last_hash).ok
 
 
 def test_expected_last_hash_matching_passes(tmp_path: Path) -> None:
@@ -528,10 +537,14 @@ def test_rotation_resumes_after_reopen(tmp_path: Path) -> None:
 
 def test_reopen_after_rotation_without_current_file(tmp_path: Path) -> None:
     directory = rotated_directory(tmp_path, count=40)
-    # A crash between the rename and the creation of the new file leaves no audit.jsonl.
-    (directory / CURRENT_FILE_NAME).rename(directory / "audit-999999999999.jsonl")
-    (directory / "audit-999999999999.jsonl").unlink()
+    # A crash between the rename and the creation of the new file leaves no
+    # audit.jsonl, and last-hash.json still names the rotated file's last record.
+    (directory / CURRENT_FILE_NAME).unlink()
     files_before = list_audit_files(directory)
+    last_of_rotated = read_lines(files_before[-1])[-1]
+    (directory / LAST_HASH_FILE_NAME).write_bytes(
+        reencode({"v": 1, "seq": json.loads(last_of_rotated)["seq"], "hash": sha256_hex(last_of_rotated)}) + b"\n"
+    )
 
     with open_log(directory, max_bytes=4096) as log:
         receipt = log.append("end:after-crash", "end", end_fields(99))
@@ -855,6 +868,97 @@ def test_sink_rejects_invalid_backoff(tmp_path: Path) -> None:
             AuditSink(log, initial_backoff_seconds=1.0, max_backoff_seconds=0.5)
 
 
+class HeldFirstWrite:
+    """``before_write`` hook that keeps the first write waiting until ``release`` is set.
+
+    It notes the file size at each call. Every call of one write sees the
+    same file size, so the distinct sizes count the writes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self) -> None:
+        self.sizes.append(self.path.stat().st_size)
+        if len(self.sizes) == 1:
+            self.entered.set()
+            assert self.release.wait(timeout=10)
+
+
+def test_sink_writes_queued_records_in_one_write(tmp_path: Path) -> None:
+    hook = HeldFirstWrite(tmp_path / CURRENT_FILE_NAME)
+    log = open_log(tmp_path, before_write=hook)
+    sink = AuditSink(log)
+    receipts: list[AuditReceipt] = []
+
+    sink.submit("end:0000", "end", end_fields(0), on_written=receipts.append)
+    assert hook.entered.wait(timeout=10)
+    for index in range(1, 50):
+        sink.submit(f"end:{index:04d}", "end", end_fields(index), on_written=receipts.append)
+    hook.release.set()
+    assert sink.close(timeout_seconds=10)
+    log.close()
+
+    assert len(hook.sizes) == 50
+    assert len(set(hook.sizes)) == 2
+    assert [receipt.seq for receipt in receipts] == list(range(1, 51))
+    assert verify(tmp_path).ok
+
+
+def test_sink_batch_across_rotation_once(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    hook = HeldFirstWrite(directory / CURRENT_FILE_NAME)
+    log = open_log(directory, max_bytes=4096, before_write=hook)
+    sink = AuditSink(log)
+    receipts: list[AuditReceipt] = []
+
+    sink.submit("end:0000", "end", end_fields(0), on_written=receipts.append)
+    assert hook.entered.wait(timeout=10)
+    for index in range(1, 100):
+        sink.submit(f"end:{index:04d}", "end", end_fields(index), on_written=receipts.append)
+    hook.release.set()
+    assert sink.close(timeout_seconds=10)
+    log.close()
+
+    files = list_audit_files(directory)
+    end_ids = [
+        record["event_id"]
+        for path in files
+        for record in (json.loads(line) for line in read_lines(path))
+        if record["type"] == "end"
+    ]
+    assert len(files) > 2
+    assert end_ids == [f"end:{index:04d}" for index in range(100)]
+    assert [receipt.duplicate for receipt in receipts] == [False] * 100
+    assert verify(directory).ok
+
+
+def test_sink_drops_only_unencodable_event(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hook = HeldFirstWrite(tmp_path / CURRENT_FILE_NAME)
+    log = open_log(tmp_path, before_write=hook)
+    sink = AuditSink(log)
+    tags: list[object] = []
+
+    sink.submit("end:0", "end", end_fields(0))
+    assert hook.entered.wait(timeout=10)
+    sink.submit("end:1", "end", end_fields(1))
+    sink.submit("end:2", "end", {**end_fields(2), "tags": tags})
+    sink.submit("end:3", "end", end_fields(3))
+    # The sink copies the fields but not the list in them, so this reaches the writer.
+    tags.append(object())
+    with caplog.at_level(logging.ERROR, logger="session_authority.server._audit"):
+        hook.release.set()
+        assert sink.close(timeout_seconds=10)
+    log.close()
+
+    written = [json.loads(line)["event_id"] for line in read_lines(tmp_path / CURRENT_FILE_NAME)]
+    assert written == ["end:0", "end:1", "end:3"]
+    assert "dropping audit event end:2" in caplog.text
+
+
 # --------------------------------------------------------------------------
 # Concurrency
 
@@ -959,7 +1063,10 @@ def test_cli_verify_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     code = audit_main(["verify", str(directory)])
 
     assert code == 0
-    assert capsys.readouterr().out == f"OK: {30 + len(files) - 1} records in {len(files)} files, chain verified\n"
+    assert capsys.readouterr().out == (
+        f"OK: {30 + len(files) - 1} records in {len(files)} files, chain verified,"
+        " last record matches last-hash.json\n"
+    )
 
 
 def test_cli_verify_fail_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1046,7 +1153,351 @@ def test_cli_verify_as_subprocess(tmp_path: Path) -> None:
     tampered = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
     assert intact.returncode == 0
-    assert intact.stdout == "OK: 5 records in 1 file, chain verified\n"
+    assert intact.stdout == "OK: 5 records in 1 file, chain verified, last record matches last-hash.json\n"
     assert tampered.returncode == 1
     assert tampered.stdout.startswith("FAIL: ")
     assert tampered.stdout.endswith("line 2: seq 3 follows seq 1 (record deleted or reordered)\n")
+
+
+# --------------------------------------------------------------------------
+# last-hash.json: records cut from the end
+
+
+def cut_last_records(path: Path, count: int) -> None:
+    write_lines(path, read_lines(path)[:-count])
+
+
+def test_last_hash_file_names_last_record(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        for index in range(5):
+            log.append(f"end:{index}", "end", end_fields(index))
+        last_seq, last_hash = log.last_seq, log.last_hash
+
+    assert read_last_hash(tmp_path) == LastHash(seq=last_seq, hash=last_hash)
+    assert json.loads((tmp_path / LAST_HASH_FILE_NAME).read_bytes()) == {"v": 1, "seq": 5, "hash": last_hash}
+
+
+def test_records_cut_from_end_detected(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    cut_last_records(tmp_path / CURRENT_FILE_NAME, 3)
+
+    result = verify(tmp_path)
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.path == tmp_path / CURRENT_FILE_NAME
+    assert result.error.line == 0
+    assert result.error.message == (
+        "records were removed from the end: the log ends at seq 7, but last-hash.json records seq 10 as written"
+    )
+    assert result.records == 7
+    assert result.last_hash_file_seq == 10
+
+
+def test_last_record_edit_detected(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    edit_last_record(tmp_path / CURRENT_FILE_NAME)
+
+    result = verify(tmp_path)
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.line == 10
+    assert result.error.message == (
+        "the hash of seq 10 does not match the hash in last-hash.json"
+        " (record edited, or the records at the end replaced)"
+    )
+
+
+def test_current_file_removed_after_rotation_detected(tmp_path: Path) -> None:
+    directory = rotated_directory(tmp_path)
+    (directory / CURRENT_FILE_NAME).unlink()
+
+    result = verify(directory)
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.message.startswith("records were removed from the end: the log ends at seq ")
+
+
+def test_rotated_log_matches_last_hash_file(tmp_path: Path) -> None:
+    directory = rotated_directory(tmp_path)
+
+    result = verify(directory)
+
+    assert result.ok, result.error
+    assert result.last_hash_file_seq == result.last_seq
+
+
+def test_log_ahead_of_last_hash_file_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A crash between a durable write and the replacement of last-hash.json
+    # leaves the file naming an earlier record.
+    write_records(tmp_path, 10)
+    earlier = (tmp_path / LAST_HASH_FILE_NAME).read_bytes()
+    with open_log(tmp_path) as log:
+        log.append("end:late-1", "end", end_fields(10))
+        log.append("end:late-2", "end", end_fields(11))
+    (tmp_path / LAST_HASH_FILE_NAME).write_bytes(earlier)
+
+    result = verify(tmp_path)
+    code = audit_main(["verify", str(tmp_path)])
+
+    assert result.ok, result.error
+    assert result.last_seq == 12
+    assert result.last_hash_file_seq == 10
+    assert code == 0
+    assert capsys.readouterr().out == (
+        "OK: 12 records in 1 file, chain verified, seq 10 matches last-hash.json (written before the last 2)\n"
+    )
+
+
+def test_expected_hash_overrides_last_hash_file(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    path = tmp_path / CURRENT_FILE_NAME
+    cut_last_records(path, 3)
+    hash_after_cut = sha256_hex(read_lines(path)[-1])
+
+    result = verify(tmp_path, expected_last_hash=hash_after_cut)
+
+    assert result.ok, result.error
+    assert result.last_hash_file_seq is None
+
+
+def test_log_without_last_hash_file_verifies(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    result = verify(tmp_path)
+
+    assert result.ok, result.error
+    assert result.last_hash_file_seq is None
+
+
+def test_invalid_last_hash_file_fails_verify(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / LAST_HASH_FILE_NAME).write_bytes(b'{"v":1,"seq":3,"hash":"abc"}\n')
+
+    result = verify(tmp_path)
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.path == tmp_path / LAST_HASH_FILE_NAME
+    assert result.error.message == "invalid last-hash file: hash must be 64 lower-case hex characters, got 'abc'"
+
+
+def test_cli_verify_cut_records_as_subprocess(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    cut_last_records(tmp_path / CURRENT_FILE_NAME, 2)
+    command = [sys.executable, "-m", "session_authority.server._audit", "verify", str(tmp_path)]
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    assert finished.returncode == 1
+    assert finished.stdout == (
+        f"FAIL: {tmp_path / CURRENT_FILE_NAME}: records were removed from the end: the log ends at seq 8,"
+        " but last-hash.json records seq 10 as written\n"
+    )
+
+
+def test_cli_expected_hash_overrides_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 10)
+    path = tmp_path / CURRENT_FILE_NAME
+    cut_last_records(path, 2)
+
+    code = audit_main(["verify", str(tmp_path), "--expected-last-hash", sha256_hex(read_lines(path)[-1])])
+
+    assert code == 0
+    assert capsys.readouterr().out == "OK: 8 records in 1 file, chain verified\n"
+
+
+def test_reopen_after_records_cut_rejected(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    path = tmp_path / CURRENT_FILE_NAME
+    cut_last_records(path, 3)
+    after_cut = path.read_bytes()
+
+    with pytest.raises(
+        AuditWriteError,
+        match=r"^\[Errno \d+\] records were removed from the end of the audit log: it ends at seq 7, "
+        r"but last-hash.json records seq 10 as written",
+    ):
+        open_log(tmp_path)
+    assert path.read_bytes() == after_cut
+    assert read_last_hash(tmp_path) is not None
+    assert read_last_hash(tmp_path).seq == 10  # type: ignore[union-attr]
+
+
+def test_reopen_after_last_record_edit_rejected(tmp_path: Path) -> None:
+    write_records(tmp_path, 10)
+    edit_last_record(tmp_path / CURRENT_FILE_NAME)
+
+    with pytest.raises(AuditWriteError, match=r"audit record seq 10 does not have the hash that last-hash\.json"):
+        open_log(tmp_path)
+
+
+def test_reopen_with_invalid_last_hash_file_rejected(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / LAST_HASH_FILE_NAME).write_bytes(b"garbage\n")
+
+    with pytest.raises(AuditWriteError, match=r"cannot check the end of the audit log: .*not a JSON object"):
+        open_log(tmp_path)
+
+
+def test_open_writes_missing_last_hash_file(tmp_path: Path) -> None:
+    write_records(tmp_path, 4)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    with open_log(tmp_path) as log:
+        last_hash = log.last_hash
+
+    assert read_last_hash(tmp_path) == LastHash(seq=4, hash=last_hash)
+
+
+def test_last_hash_file_failure_keeps_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / (LAST_HASH_FILE_NAME + ".tmp")
+    with open_log(tmp_path) as log:
+        log.append("end:1", "end", end_fields(1))
+        # A directory where the temporary file goes makes every replacement fail.
+        blocker.mkdir()
+        with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+            receipt = log.append("end:2", "end", end_fields(2))
+        stale = read_last_hash(tmp_path)
+        blocker.rmdir()
+        log.append("end:3", "end", end_fields(3))
+        last_hash = log.last_hash
+
+    assert receipt.seq == 2
+    assert "failed to replace" in caplog.text
+    assert "it still names seq 1 while the log is at seq 2" in caplog.text
+    assert stale is not None
+    assert stale.seq == 1
+    assert read_last_hash(tmp_path) == LastHash(seq=3, hash=last_hash)
+
+
+# --------------------------------------------------------------------------
+# Several replica directories
+
+
+def write_events(directory: Path, event_ids: list[str]) -> None:
+    with open_log(directory) as log:
+        for index, event_id in enumerate(event_ids):
+            type = event_id.split(":", 1)[0]
+            log.append(event_id, type, end_fields(index))
+
+
+def test_replicas_with_distinct_ends_verify(tmp_path: Path) -> None:
+    write_events(tmp_path / "a", ["grant:1", "end:1"])
+    write_events(tmp_path / "b", ["grant:2", "end:2"])
+
+    result = verify_replicas([tmp_path / "a", tmp_path / "b"])
+
+    assert result.ok
+    assert [path for path, _ in result.results] == [tmp_path / "a", tmp_path / "b"]
+    assert [each.records for _, each in result.results] == [2, 2]
+    assert result.duplicate_ends == ()
+
+
+def test_replicas_end_in_two_directories_reported(tmp_path: Path) -> None:
+    write_events(tmp_path / "a", ["grant:1", "end:1", "end:shared"])
+    write_events(tmp_path / "b", ["grant:1", "end:2", "end:shared"])
+
+    result = verify_replicas([tmp_path / "a", tmp_path / "b"])
+
+    assert not result.ok
+    assert all(each.ok for _, each in result.results)
+    assert result.duplicate_ends == (
+        DuplicateEnd("end:shared", tmp_path / "a" / CURRENT_FILE_NAME, 3, tmp_path / "b" / CURRENT_FILE_NAME, 3),
+    )
+
+
+def test_replicas_broken_chain_reported_per_directory(tmp_path: Path) -> None:
+    write_events(tmp_path / "a", ["end:1", "end:2"])
+    write_events(tmp_path / "b", ["end:3", "end:4", "end:5"])
+    cut_last_records(tmp_path / "b" / CURRENT_FILE_NAME, 1)
+
+    result = verify_replicas([tmp_path / "a", tmp_path / "b"])
+
+    assert not result.ok
+    assert result.results[0][1].ok
+    assert not result.results[1][1].ok
+    assert result.results[1][1].error is not None
+    assert result.results[1][1].error.message.startswith("records were removed from the end")
+
+
+def test_replicas_same_directory_twice_rejected(tmp_path: Path) -> None:
+    write_events(tmp_path / "a", ["end:1"])
+
+    with pytest.raises(ValueError, match=r"are the same directory; pass each replica's directory once$"):
+        verify_replicas([tmp_path / "a", tmp_path / "." / "a"])
+
+
+def test_cli_verify_replicas_prints_duplicate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["end:1", "end:shared"])
+    write_events(tmp_path / "b", ["end:shared"])
+
+    code = audit_main(["verify", str(tmp_path / "a"), str(tmp_path / "b")])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert code == 1
+    assert lines == [
+        f"{tmp_path / 'a'}: OK: 2 records in 1 file, chain verified, last record matches last-hash.json",
+        f"{tmp_path / 'b'}: OK: 1 record in 1 file, chain verified, last record matches last-hash.json",
+        f"DUPLICATE: end event end:shared is recorded twice: {tmp_path / 'a' / CURRENT_FILE_NAME} line 2"
+        f" and {tmp_path / 'b' / CURRENT_FILE_NAME} line 1",
+        "FAIL: 0 of 2 chains broken, 1 lease end recorded in more than one directory",
+    ]
+
+
+def test_cli_verify_replicas_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["end:1"])
+    write_events(tmp_path / "b", ["end:2"])
+    write_events(tmp_path / "c", ["end:3"])
+
+    code = audit_main(["verify", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert code == 0
+    assert lines[-1] == "OK: 3 directories verified, and no lease end is recorded in more than one"
+
+
+def test_cli_verify_replicas_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["end:shared"])
+    write_events(tmp_path / "b", ["end:shared"])
+
+    code = audit_main(["verify", "--json", str(tmp_path / "a"), str(tmp_path / "b")])
+    summary = json.loads(capsys.readouterr().out)
+
+    assert code == 1
+    assert summary["ok"] is False
+    assert [directory["path"] for directory in summary["directories"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert summary["duplicate_ends"] == [
+        {
+            "event_id": "end:shared",
+            "first": {"path": str(tmp_path / "a" / CURRENT_FILE_NAME), "line": 1},
+            "second": {"path": str(tmp_path / "b" / CURRENT_FILE_NAME), "line": 1},
+        }
+    ]
+
+
+def test_cli_verify_directory_and_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["end:1"])
+    write_events(tmp_path / "b", ["end:2"])
+
+    code = audit_main(["verify", str(tmp_path / "a"), str(tmp_path / "b" / CURRENT_FILE_NAME)])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"session-authority audit verify: error: {tmp_path / 'a'} is a directory but"
+        f" {tmp_path / 'b' / CURRENT_FILE_NAME} is not; pass one directory, audit files,"
+        " or only directories (one per replica)\n"
+    )
+
+
+def test_cli_replicas_expected_hash_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["end:1"])
+    write_events(tmp_path / "b", ["end:2"])
+
+    code = audit_main(["verify", str(tmp_path / "a"), str(tmp_path / "b"), "--expected-last-hash", "a" * 64])
+
+    assert code == 2
+    assert "--expected-last-hash checks one log; pass a single directory with it" in capsys.readouterr().err

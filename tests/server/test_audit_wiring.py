@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import errno
 import json
@@ -15,6 +16,8 @@ import pytest
 
 from session_authority.server import (
     AuditLog,
+    AuditWriteError,
+    Authority,
     AuthorityConfig,
     AuthorityThread,
     InsecureDevAuthenticator,
@@ -22,6 +25,7 @@ from session_authority.server import (
     parse_policy,
     verify_audit_log,
 )
+from session_authority.server._audit import audit_main
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
@@ -280,3 +284,44 @@ def test_fail_open_grants_while_failing(tmp_path: pathlib.Path, channels) -> Non
 
     assert second.lease.state == pb.LEASE_STATE_ALIVE
     assert [r["principal"] for r in records_of(tmp_path, "grant")] == ["svc-a", "svc-b"]
+
+
+def cut_last_audit_record(data_dir: pathlib.Path) -> None:
+    path = data_dir / "audit" / "audit.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))
+
+
+def test_records_cut_after_stop_detected_by_verify(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = ManualClock()
+    running = start(tmp_path, clock)
+    stub = channels(running)
+    for index in range(3):
+        stub.Grant(pb.GrantRequest(principal=f"svc-{index}"))
+    running.stop()
+    cut_last_audit_record(tmp_path)
+
+    code = audit_main(["verify", str(tmp_path / "audit")])
+
+    assert code == 1
+    assert capsys.readouterr().out == (
+        f"FAIL: {tmp_path / 'audit' / 'audit.jsonl'}: records were removed from the end: the log ends at seq 2,"
+        " but last-hash.json records seq 3 as written\n"
+    )
+
+
+def test_authority_start_rejected_after_records_cut(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels
+) -> None:
+    clock = ManualClock()
+    running = start(tmp_path, clock)
+    channels(running).Grant(pb.GrantRequest(principal="svc-a"))
+    running.stop()
+    cut_last_audit_record(tmp_path)
+
+    config = AuthorityConfig(authenticator=InsecureDevAuthenticator(), policy=POLICY, data_dir=tmp_path, clock=clock)
+
+    with pytest.raises(AuditWriteError, match=r"records were removed from the end of the audit log: it ends at seq 0"):
+        asyncio.run(Authority(config).start())
