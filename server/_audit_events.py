@@ -9,12 +9,13 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from ._audit import AuditReceipt, AuditSink, utc_isoformat
+from ._etcd_store import EndClaim
 from ._store import StoredLease
 from ._table import EndReason, LeaseSnapshot, LeaseState, SessionEnd
 from ._telemetry import SessionTelemetry, end_reason_name
@@ -164,10 +165,14 @@ class SessionRecorder:
         self._awaiting_store: collections.deque[_SeenEnd] = collections.deque()
         # Digests whose end write settled before or after the end was released.
         self._store_settled: set[bytes] = set()
+        # Digests whose end another replica claimed in the shared store first.
+        self._claims_lost: set[bytes] = set()
+        self.end_recorded: Callable[[bytes], None] | None = None
+        """Called with a lease's digest once its end record is durable (or at once without an audit log)."""
 
     # -- start-up ---------------------------------------------------------
 
-    def resubmit_stored(self, rows: Iterable[StoredLease]) -> int:
+    def resubmit_stored(self, rows: Iterable[StoredLease], *, skip_grant_records: Container[bytes] = ()) -> int:
         """Queue the grant, revoke and end records of leases loaded from the store.
 
         A crash can lose records that were queued but not written, while the
@@ -175,6 +180,12 @@ class SessionRecorder:
         already contains, so only the missing records are written. An ``end`` record
         written now gets its ``session.end`` span now, without a link. Call
         before the table reports any end, so these records come first.
+
+        Args:
+            rows: Leases whose records this authority owes: a live row gets
+                its grant record, an ended row its end records as well.
+            skip_grant_records: Digests whose grant record another replica
+                owes, because it granted the lease.
 
         Returns:
             The number of rows whose records were queued.
@@ -184,7 +195,8 @@ class SessionRecorder:
         count = 0
         for row in rows:
             lease = snapshot_of_stored(row)
-            self._submit(*grant_event(lease), None)
+            if row.digest not in skip_grant_records:
+                self._submit(*grant_event(lease), None)
             if lease.end_reason is not None:
                 if lease.end_reason is EndReason.REVOKED:
                     self._submit(*revoke_event(lease), None)
@@ -194,6 +206,7 @@ class SessionRecorder:
         return count
 
     def _restored_end_written(self, lease: LeaseSnapshot, receipt: AuditReceipt) -> None:
+        self._report_end_recorded(lease.digest)
         if receipt.duplicate:
             return
         logger.info("audit end record of lease %s written after restart", lease.fingerprint)
@@ -238,8 +251,14 @@ class SessionRecorder:
         """Release the records of a lease's end once the store write of that end has settled.
 
         Called from the thread that completes the store write, possibly
-        before :meth:`on_end` reports the same end.
+        before :meth:`on_end` reports the same end. A shared store's write
+        returns an ``EndClaim``; when another replica won the claim, that
+        replica writes the records and this one writes none.
         """
+        claim = None if future.cancelled() or future.exception() is not None else future.result()
+        if isinstance(claim, EndClaim) and not claim.won:
+            with self._lock:
+                self._claims_lost.add(digest)
         if not future.cancelled() and future.exception() is not None:
             # NOTE: the store retries a failed end write for as long as the
             # authority runs. If the authority crashes before that write
@@ -262,6 +281,10 @@ class SessionRecorder:
             while self._next_sequence in self._out_of_order:
                 ready = self._out_of_order.pop(self._next_sequence)
                 self._next_sequence += 1
+                if ready.end.decided_elsewhere:
+                    # The replica that stored the end writes its records.
+                    self._forget_end(ready.end)
+                    continue
                 pending = self._pending_grants.get(ready.end.lease.digest)
                 if pending is not None:
                     pending.waiting_ends.append(ready)
@@ -291,11 +314,22 @@ class SessionRecorder:
             if digest not in self._store_settled:
                 return
             self._store_settled.discard(digest)
-            self._record_end_locked(self._awaiting_store.popleft())
+            seen = self._awaiting_store.popleft()
+            if digest in self._claims_lost:
+                self._claims_lost.discard(digest)
+                self._forget_end(seen.end)
+                continue
+            self._record_end_locked(seen)
+
+    def _forget_end(self, end: SessionEnd) -> None:
+        """Drop an end that another replica records; only the telemetry of a grant made here is closed."""
+        if end.granted_here:
+            self.telemetry.lease_ended(end)
 
     def _record_end_locked(self, seen: _SeenEnd) -> None:
         lease = seen.end.lease
-        grant_context = self.telemetry.lease_ended(seen.end)
+        # The ends metric counts each end once in a fleet: on the replica that granted the lease.
+        grant_context = self.telemetry.lease_ended(seen.end) if seen.end.granted_here else None
         emit = functools.partial(self._emit_end_span, lease, grant_context, seen.parent, seen.seen_ns)
         if self.sink is None:
             emit(None)
@@ -312,11 +346,21 @@ class SessionRecorder:
         seen_ns: int,
         receipt: AuditReceipt | None,
     ) -> None:
+        self._report_end_recorded(lease.digest)
         if receipt is not None and receipt.duplicate:
             return
         self.telemetry.record_end(
             lease, grant_context=grant_context, parent=parent, start_time_ns=seen_ns, receipt=receipt
         )
+
+    def _report_end_recorded(self, digest: bytes) -> None:
+        callback = self.end_recorded
+        if callback is None:
+            return
+        try:
+            callback(digest)
+        except Exception:  # noqa: BLE001 - a written record stands whatever the callback does
+            logger.exception("end_recorded callback failed for lease %s", digest[:6].hex())
 
     def _submit(
         self,

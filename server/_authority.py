@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import pathlib
+import socket
 import threading
 from collections.abc import Callable, Iterable
 
@@ -22,12 +23,20 @@ from ._audit import AuditLog, AuditSink
 from ._audit_events import SessionRecorder
 from ._auth import Authenticator, MtlsAuthenticator
 from ._clock import Clock, SystemClock
+from ._etcd_store import (
+    DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX,
+    EtcdLeaseStore,
+    MirroredLease,
+    ReplicaState,
+    check_prefix,
+    check_replica_id,
+)
 from ._limits import PrincipalLimiter
 from ._policy import Policy
 from ._scheduler import ExpiryScheduler
 from ._servicer import AuthorityServicer, add_servicer_to_server
 from ._store import ClockAnchor, ClockAnchorStore, LeaseStore, SqliteLeaseStore, StoredLease, StoreError
-from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseTable, SessionEnd
+from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseState, LeaseTable, SessionEnd
 from ._telemetry import SessionTelemetry
 from ._watch import WatchHub
 
@@ -67,6 +76,14 @@ class AuthorityConfig:
         tracer_provider: Where spans go; None uses the global provider
             (a no-op unless the process installed the SDK).
         meter_provider: Where metrics go; None uses the global provider.
+        store: ``"sqlite"`` keeps leases in ``<data_dir>/leases.db``;
+            ``"etcd"`` shares them with other replicas in etcd, and
+            ``data_dir`` then holds only the audit log.
+        etcd_endpoints: etcd client URLs (``http://HOST:PORT``), for the
+            etcd store.
+        replica_id: This replica's name in etcd; empty takes the host name.
+            It must be unique in the fleet and kept across restarts.
+        etcd_prefix: Prefix of every key the etcd store writes.
     """
 
     authenticator: Authenticator
@@ -84,8 +101,21 @@ class AuthorityConfig:
     audit_max_backoff_seconds: float = 2.0
     tracer_provider: trace.TracerProvider | None = None
     meter_provider: metrics.MeterProvider | None = None
+    store: str = "sqlite"
+    etcd_endpoints: tuple[str, ...] = ()
+    replica_id: str = ""
+    etcd_prefix: str = DEFAULT_ETCD_PREFIX
 
     def __post_init__(self) -> None:
+        if self.store not in ("sqlite", "etcd"):
+            raise ValueError(f'store must be "sqlite" or "etcd", got {self.store!r}')
+        if self.store == "etcd":
+            if not self.etcd_endpoints:
+                raise ValueError("the etcd store needs etcd_endpoints, for example ('http://127.0.0.1:2379',)")
+            if not self.replica_id:
+                self.replica_id = socket.gethostname()
+            check_replica_id(self.replica_id)
+            check_prefix(self.etcd_prefix)
         if isinstance(self.authenticator, MtlsAuthenticator) and self.server_credentials is None:
             raise ValueError(
                 "MtlsAuthenticator needs server_credentials that require client certificates;"
@@ -213,7 +243,8 @@ class Persistence:
         """Grants are written by the servicer, which waits for the write."""
 
     def on_end(self, end: SessionEnd) -> None:
-        if self._store is None:
+        # An end that another replica decided is already in the shared store.
+        if self._store is None or end.decided_elsewhere:
             return
         lease = end.lease
         future = self._store.save_end(
@@ -266,6 +297,137 @@ def _done() -> concurrent.futures.Future[None]:
     return future
 
 
+class ReplicaMirror:
+    """Keeps this replica's lease table in step with the leases that all replicas share in etcd.
+
+    It is the etcd store's ``ReplicaListener``, so its methods run on the
+    store's event loop and do table work only. Stored times are authority
+    time of the replica that wrote them. The mirror converts them to this
+    table's clock and caps them at the moment the change arrived
+    (``LeaseTable.mirror_stored``).
+
+    Args:
+        table: This replica's lease table.
+        persistence: Converts between authority time and the table's clock.
+        store: The etcd store.
+        replica_id: This replica's name, to tell its own grants from others'.
+    """
+
+    def __init__(self, table: LeaseTable, persistence: Persistence, store: EtcdLeaseStore, replica_id: str) -> None:
+        self._table = table
+        self._persistence = persistence
+        self._store = store
+        self._replica_id = replica_id
+
+    def restore(self, state: ReplicaState) -> tuple[int, int]:
+        """Load the leases read at start-up into the table; return (live, ended) counts."""
+        now = self._table.clock.monotonic()
+        live = ended = 0
+        for mirrored in state.leases:
+            record = self._record_of(mirrored)
+            if record.end_reason is None:
+                self._table.mirror_stored(record, now)
+                live += 1
+            else:
+                self._table.mirror_ended(record, now)
+                ended += 1
+        return live, ended
+
+    def owed_records(self, state: ReplicaState) -> tuple[list[StoredLease], set[bytes]]:
+        """Return the rows whose audit records this replica owes, and the digests to write no grant record for.
+
+        A replica owes the grant record of every lease it granted, and the
+        end records of every end it claimed whose ``audit-pending`` key is
+        still in etcd.
+        """
+        rows: list[StoredLease] = []
+        skip_grants: set[bytes] = set()
+        found: set[bytes] = set()
+        for mirrored in state.leases:
+            row, digest = mirrored.lease, mirrored.lease.digest
+            granted_here = mirrored.granted_by == self._replica_id
+            owes_end = row.ended_at is not None and digest in state.audit_pending
+            if owes_end:
+                found.add(digest)
+                rows.append(row)
+                if not granted_here:
+                    skip_grants.add(digest)
+            elif granted_here:
+                rows.append(dataclasses.replace(row, ended_at=None, ended_wall=None, end_reason=None, revoked_by=""))
+        for digest in state.audit_pending - found:
+            logger.error(
+                "end of lease %s was claimed by this replica, but its record is gone from etcd (past retention);"
+                " its audit record cannot be written",
+                digest[:6].hex(),
+            )
+        return rows, skip_grants
+
+    def _record_of(self, mirrored: MirroredLease) -> LeaseRecord:
+        row = mirrored.lease
+        persistence = self._persistence
+        record = LeaseRecord(
+            digest=row.digest,
+            principal=row.principal,
+            tier=row.tier,
+            idle_timeout=row.idle_timeout,
+            max_duration=row.max_duration,
+            granted_at=persistence.from_authority_time(row.granted_at),
+            granted_wall=row.granted_wall,
+            last_activity=persistence.from_authority_time(row.last_activity),
+        )
+        record.granted_here = mirrored.granted_by == self._replica_id
+        if row.ended_at is not None:
+            record.end_reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
+            record.ended_at = persistence.from_authority_time(row.ended_at)
+            record.ended_wall = row.ended_wall
+            record.revoked_by = row.revoked_by
+        return record
+
+    # ReplicaListener interface.
+
+    def lease_stored(self, lease: MirroredLease) -> None:
+        self._table.mirror_stored(self._record_of(lease), self._table.clock.monotonic())
+
+    def lease_ended(self, lease: MirroredLease) -> None:
+        self._table.mirror_ended(self._record_of(lease), self._table.clock.monotonic())
+
+    def lease_deleted(self, digest: bytes) -> None:
+        # The end goes through this replica's claim, which finds nothing in
+        # etcd, so no replica writes an audit record for it.
+        snapshot, already_ended = self._table.end(digest, EndReason.REVOKED)
+        if snapshot.state is not LeaseState.NOT_FOUND and not already_ended:
+            logger.warning("lease %s was deleted from etcd without an end record; ended as revoked", snapshot.fingerprint)
+
+    async def fetch_into_table(self, digest: bytes) -> bool:
+        """Read a lease that the table lacks from etcd into the table; return whether etcd had it."""
+        try:
+            mirrored = await asyncio.wrap_future(self._store.fetch(digest))
+        except StoreError as exc:
+            logger.debug("lease %s not read from etcd: %s", digest[:6].hex(), exc)
+            return False
+        if mirrored is None:
+            return False
+        if mirrored.lease.ended_at is None:
+            self.lease_stored(mirrored)
+        else:
+            self.lease_ended(mirrored)
+        return True
+
+
+class _LocalGrantLimiter:
+    """Table listener in front of the limiter that passes on only the ends of leases granted here, the ones it counted."""
+
+    def __init__(self, limiter: PrincipalLimiter) -> None:
+        self._limiter = limiter
+
+    def on_grant(self, lease: LeaseSnapshot) -> None:
+        self._limiter.on_grant(lease)
+
+    def on_end(self, end: SessionEnd) -> None:
+        if end.granted_here:
+            self._limiter.on_end(end)
+
+
 class Authority:
     """One authority: call ``start`` on the event loop that will serve it.
 
@@ -289,6 +451,7 @@ class Authority:
         self.audit_log: AuditLog | None = None
         self.audit_sink: AuditSink | None = None
         self.recorder: SessionRecorder | None = None
+        self.mirror: ReplicaMirror | None = None
 
     @property
     def target(self) -> str:
@@ -306,22 +469,38 @@ class Authority:
         config = self.config
         high_water = 0.0
         rows: list[StoredLease] = []
-        if config.data_dir is not None:
+        replica_state: ReplicaState | None = None
+        if config.store == "etcd":
+            etcd_store = self._open_etcd_store()
+            replica_state = await asyncio.get_running_loop().run_in_executor(None, self._load_etcd, etcd_store)
+            high_water = replica_state.high_water
+        elif config.data_dir is not None:
             self.store = SqliteLeaseStore(config.data_dir)
             state = self.store.load()
             rows, high_water = state.leases, state.high_water
         self.persistence = Persistence(self.table, self.store, high_water)
-        live, ended = self.persistence.restore_into_table(rows)
-        self.telemetry.lease_restored(row.tier for row in rows if row.ended_at is None)
+        skip_grant_records: set[bytes] = set()
+        if replica_state is not None:
+            self.mirror = ReplicaMirror(self.table, self.persistence, etcd_store, config.replica_id)
+            live, ended = self.mirror.restore(replica_state)
+            rows, skip_grant_records = self.mirror.owed_records(replica_state)
+            # Only leases granted here count against limits and in this replica's metrics.
+            local_live = [m.lease for m in replica_state.leases if m.lease.ended_at is None and m.granted_by == config.replica_id]
+        else:
+            live, ended = self.persistence.restore_into_table(rows)
+            local_live = [row for row in rows if row.ended_at is None]
+        self.telemetry.lease_restored(row.tier for row in local_live)
         if config.data_dir is not None and config.audit:
             self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
         self.recorder = SessionRecorder(
             self.audit_sink, self.telemetry, self.table.sequence + 1, ends_wait_for_store=self.store is not None
         )
         self.persistence.recorder = self.recorder
+        if isinstance(self.store, EtcdLeaseStore):
+            self.recorder.end_recorded = self.store.clear_audit_pending
         # Records that a crash kept from the log are written again first.
         # The log skips the event IDs it already contains.
-        self.recorder.resubmit_stored(rows)
+        self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records)
 
         loop = asyncio.get_running_loop()
         self.hub = WatchHub(loop)
@@ -330,8 +509,12 @@ class Authority:
         self.table.add_listener(self.recorder)
         # Restored live leases count against their principal's limit. The limiter listens
         # before expire_due, so leases that ended while the authority was down free their slot.
-        self.limiter.load(row.principal for row in rows if row.ended_at is None)
-        self.table.add_listener(self.limiter)
+        self.limiter.load(row.principal for row in local_live)
+        self.table.add_listener(_LocalGrantLimiter(self.limiter))
+        if self.mirror is not None:
+            assert isinstance(self.store, EtcdLeaseStore)
+            # From the revision of the start-up read on, so no change is missed.
+            self.store.start_watch(self.mirror)
         # Leases whose deadline passed while the authority was down end now,
         # once, with their deadline as end time and their true reason. The
         # recorder is attached first, so each of these ends is audited.
@@ -354,6 +537,10 @@ class Authority:
             heartbeat_interval_seconds=config.heartbeat_interval_seconds,
             admin_everyone=config.admin_everyone,
             limiter=self.limiter,
+            fetch_missing=self.mirror.fetch_into_table if self.mirror is not None else None,
+            end_reply_timeout_seconds=(
+                self.store.request_timeout_seconds if isinstance(self.store, EtcdLeaseStore) else None
+            ),
         )
         if config.audit_fail_closed:
             self._close_grants_while_audit_fails()
@@ -397,6 +584,26 @@ class Authority:
             config.policy.limits.grants_per_second_per_principal,
         )
         return port
+
+    def _open_etcd_store(self) -> EtcdLeaseStore:
+        config = self.config
+        store = EtcdLeaseStore(
+            config.etcd_endpoints,
+            replica_id=config.replica_id,
+            prefix=config.etcd_prefix,
+            retention_seconds=config.ended_retention_seconds,
+            loop=asyncio.get_running_loop(),
+        )
+        self.store = store
+        return store
+
+    @staticmethod
+    def _load_etcd(store: EtcdLeaseStore) -> ReplicaState:
+        try:
+            return store.load_replica()
+        except BaseException:
+            store.close()
+            raise
 
     def _open_audit(self, directory: pathlib.Path) -> None:
         config = self.config
@@ -453,7 +660,7 @@ class Authority:
 
         For tests and tools; may block, so do not call it on the event loop.
         """
-        if isinstance(self.store, SqliteLeaseStore):
+        if isinstance(self.store, (SqliteLeaseStore, EtcdLeaseStore)):
             self.store.flush(timeout_seconds)
         if self.audit_sink is not None:
             return self.audit_sink.flush(timeout_seconds)
@@ -474,7 +681,7 @@ class Authority:
         if self.persistence is not None:
             self.persistence.housekeeping()
         loop = asyncio.get_running_loop()
-        if isinstance(self.store, SqliteLeaseStore):
+        if isinstance(self.store, (SqliteLeaseStore, EtcdLeaseStore)):
             # Ends release their audit records only once stored, so the store
             # is flushed before the audit log closes.
             try:

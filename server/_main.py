@@ -23,6 +23,8 @@ from ._auth import (
     is_loopback_address,
 )
 from ._authority import Authority, AuthorityConfig
+from ._etcd_store import DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX
+from ._etcd_store import check_prefix, check_replica_id, parse_endpoints
 from ._policy import Policy, PolicyError, load_policy
 from ._store import StoreError
 from ._telemetry_sdk import TelemetryConfigError, TelemetrySetup, configure_sdk
@@ -69,6 +71,18 @@ def listen_address(text: str) -> str:
     return text
 
 
+def _argparse_type(check: Callable[[str], object]) -> Callable[[str], object]:
+    """Wrap a checker that raises ValueError so that argparse names the flag in its message."""
+
+    def parse(text: str) -> object:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
@@ -93,6 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
         type=pathlib.Path,
         default=pathlib.Path(env("SESSION_AUTHORITY_DATA_DIR", DEFAULT_DATA_DIR)),
         help=f"directory of the lease store (env SESSION_AUTHORITY_DATA_DIR, default ./{DEFAULT_DATA_DIR})",
+    )
+    store = parser.add_argument_group("lease store")
+    store.add_argument(
+        "--store",
+        choices=["sqlite", "etcd"],
+        default=env("SESSION_AUTHORITY_STORE", "sqlite"),
+        help="where leases live: sqlite keeps them in DATA_DIR/leases.db for this authority alone; etcd shares"
+        " them with other replicas, and DATA_DIR then holds only the audit log"
+        " (env SESSION_AUTHORITY_STORE, default sqlite)",
+    )
+    store.add_argument(
+        "--etcd-endpoints",
+        type=_argparse_type(parse_endpoints),
+        default=env("SESSION_AUTHORITY_ETCD_ENDPOINTS") or None,
+        metavar="URLS",
+        help="comma-separated etcd client URLs, http://HOST:PORT each, for --store etcd"
+        " (env SESSION_AUTHORITY_ETCD_ENDPOINTS)",
+    )
+    store.add_argument(
+        "--replica-id",
+        type=_argparse_type(check_replica_id),
+        default=env("SESSION_AUTHORITY_REPLICA_ID") or None,
+        metavar="NAME",
+        help="this replica's name in etcd; unique in the fleet and kept across restarts, so that a restarted"
+        " replica writes the audit records of the ends it had claimed"
+        " (env SESSION_AUTHORITY_REPLICA_ID, default: the host name)",
+    )
+    store.add_argument(
+        "--etcd-prefix",
+        type=_argparse_type(check_prefix),
+        default=env("SESSION_AUTHORITY_ETCD_PREFIX", DEFAULT_ETCD_PREFIX),
+        metavar="PREFIX",
+        help=f"prefix of every etcd key the replicas share (env SESSION_AUTHORITY_ETCD_PREFIX, default {DEFAULT_ETCD_PREFIX})",
     )
     parser.add_argument(
         "--policy",
@@ -203,6 +250,7 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
 
     credentials = _server_credentials(args)
     authenticator = _authenticator(args)
+    store_options = _store_options(args)
     return AuthorityConfig(
         authenticator=authenticator,
         listen=args.listen,
@@ -213,7 +261,35 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
         heartbeat_interval_seconds=args.heartbeat_interval,
         ended_retention_seconds=args.ended_retention,
         audit_fail_closed=args.audit_fail_closed,
+        **store_options,
     )
+
+
+def _store_options(args: argparse.Namespace) -> dict[str, object]:
+    # Flags and environment values both arrive here, so values from the
+    # environment are checked again.
+    endpoints = args.etcd_endpoints
+    if args.store not in ("sqlite", "etcd"):
+        raise SystemExit(f"session-authority serve: --store {args.store!r} is invalid; use sqlite or etcd")
+    if args.store == "sqlite":
+        if endpoints is not None or args.replica_id is not None:
+            flag = "--etcd-endpoints" if endpoints is not None else "--replica-id"
+            raise SystemExit(f"session-authority serve: {flag} applies only to --store etcd; add --store etcd or drop {flag}")
+        return {}
+    if endpoints is None:
+        raise SystemExit(
+            "session-authority serve: --store etcd needs --etcd-endpoints, for example"
+            " --etcd-endpoints http://127.0.0.1:2379,http://127.0.0.1:22379"
+        )
+    try:
+        return {
+            "store": "etcd",
+            "etcd_endpoints": parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints,
+            "replica_id": check_replica_id(args.replica_id) if args.replica_id else "",
+            "etcd_prefix": check_prefix(args.etcd_prefix),
+        }
+    except ValueError as exc:
+        raise SystemExit(f"session-authority serve: {exc}") from exc
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:

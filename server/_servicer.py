@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
 from ._auth import AuthenticationError, Authenticator, caller_info_from_context
+from ._etcd_store import EndClaim
 from ._errors import (
     AuthorityError,
     FailedPrecondition,
@@ -328,6 +329,12 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         limiter: Per-principal limits on live leases and grant rate; None
             grants without limits. It must be a listener of ``table``, so
             that ended leases free their slots.
+        fetch_missing: Called with the digest of a lease that the table
+            lacks, before a reply reports it as not found. It reads the
+            lease from a shared store into the table and returns whether it
+            found one. None (a store of this authority alone) skips it.
+        end_reply_timeout_seconds: Maximum wait of a revoke for the store
+            write of its end; None waits until the store settles the write.
     """
 
     def __init__(
@@ -341,6 +348,8 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         heartbeat_interval_seconds: float = 1.0,
         admin_everyone: bool = False,
         limiter: PrincipalLimiter | None = None,
+        fetch_missing: Callable[[bytes], Awaitable[bool]] | None = None,
+        end_reply_timeout_seconds: float | None = None,
     ) -> None:
         self._table = table
         self._policy = policy
@@ -350,6 +359,8 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._heartbeat_interval = heartbeat_interval_seconds
         self._admin_everyone = admin_everyone
         self._limiter = limiter
+        self._fetch_missing = fetch_missing
+        self._end_reply_timeout = end_reply_timeout_seconds
         self.grant_gate: Callable[[], str | None] = lambda: None
         self._store_replies = _StoreReplies()
         self._auth_log_at = -math.inf
@@ -381,6 +392,37 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
     def _is_admin(self, principal: str) -> bool:
         return self._admin_everyone or self._policy.is_admin(principal)
+
+    async def _lookup(self, digest: bytes) -> LeaseSnapshot:
+        """Describe a lease, reading it from a shared store when the table lacks it."""
+        # NOTE: misses are not cached, so every unknown lease ID in a request
+        # costs one read from the shared store.
+        lease = self._table.lookup_digest(digest)
+        if lease.state is LeaseState.NOT_FOUND and self._fetch_missing is not None and await self._fetch_missing(digest):
+            lease = self._table.lookup_digest(digest)
+        return lease
+
+    async def _renew_fetching(
+        self, entries: Sequence[pb.RenewEntry], field: str, *, strict: bool
+    ) -> list[LeaseSnapshot]:
+        """Renew a batch like ``_renew_entries``, reading leases the table lacks from a shared store first."""
+        answers = self._renew_entries(entries, field, strict=strict)
+        if self._fetch_missing is None:
+            return answers
+        missing = [
+            index
+            for index, answer in enumerate(answers)
+            if answer.state is LeaseState.NOT_FOUND and 0 < len(entries[index].lease_id) <= MAX_LEASE_ID_LENGTH
+        ]
+        if not missing:
+            return answers
+        found = await asyncio.gather(*(self._fetch_missing(lease_digest(entries[i].lease_id)) for i in missing))
+        again = [index for index, fetched in zip(missing, found) if fetched]
+        if again:
+            renewed = self._renew_entries([entries[i] for i in again], field, strict=strict)
+            for index, answer in zip(again, renewed):
+                answers[index] = answer
+        return answers
 
     def _renew_entries(
         self, entries: Sequence[pb.RenewEntry], field: str, *, strict: bool
@@ -473,7 +515,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
 
     @_rpc
     async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
-        answers = self._renew_entries(request.entries, "entries", strict=True)
+        answers = await self._renew_fetching(request.entries, "entries", strict=True)
         return pb.RenewResponse(leases=[lease_to_proto(a) for a in answers])
 
     async def KeepAlive(
@@ -482,7 +524,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         try:
             async for request in request_iterator:
                 request = checked_request(request)
-                answers = self._renew_entries(
+                answers = await self._renew_fetching(
                     request.entries, f"message {request.sequence}: entries", strict=False
                 )
                 yield pb.KeepAliveResponse(
@@ -506,7 +548,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         revoked_by = self._authenticate(context)
         if target == "fingerprint":
             digest = self._resolve_fingerprint(request.fingerprint)
-        current = self._table.lookup_digest(digest)
+        current = await self._lookup(digest)
         if (
             current.state is not LeaseState.NOT_FOUND
             and current.principal != revoked_by
@@ -531,13 +573,24 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=False)
         if not already_ended:
             try:
-                await asyncio.shield(asyncio.wrap_future(self._persistence.end_written(digest)))
+                claim = await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(self._persistence.end_written(digest))), self._end_reply_timeout
+                )
+            except asyncio.TimeoutError as exc:
+                logger.error("end of lease %s not stored within %g s", lease.fingerprint, self._end_reply_timeout)
+                raise Unavailable(
+                    f"the lease ended here, but the shared store did not confirm the end within"
+                    f" {self._end_reply_timeout:g} s; the authority retries the write until it lands"
+                ) from exc
             except Exception as exc:
                 logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
                 raise Unavailable(
                     f"the lease ended, but storing the end failed: {exc}; the authority retries the"
                     " write, and until it lands a restart of the authority would bring the lease back"
                 ) from exc
+            if isinstance(claim, EndClaim) and not claim.won:
+                # Another replica had ended the lease first; its end is the one that counts.
+                return pb.RevokeResponse(lease=lease_to_proto(self._table.lookup_digest(digest)), already_ended=True)
             logger.info(
                 "lease %s %s by %s", lease.fingerprint, "released" if request.release else "revoked", revoked_by
             )
@@ -563,7 +616,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self, request: pb.TimeToLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.TimeToLiveResponse:
         digest = check_lease_id(request.lease_id, "lease_id")
-        return pb.TimeToLiveResponse(lease=lease_to_proto(self._table.lookup_digest(digest)))
+        return pb.TimeToLiveResponse(lease=lease_to_proto(await self._lookup(digest)))
 
     @_rpc
     async def ListLeases(
@@ -597,7 +650,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         digest = check_lease_id(request.lease_id, "lease_id")
         method = check_method(request.method)
         rule = self._policy.rule_for(method)
-        lease = self._table.lookup_digest(digest)
+        lease = await self._lookup(digest)
         verdict, details = decide(lease, rule, request.caller_principal)
         response = pb.ValidateResponse(verdict=verdict, rule=rule_to_proto(rule), details=details)
         if lease.state is not LeaseState.NOT_FOUND:

@@ -71,6 +71,7 @@ class LeaseRecord:
         "ended_at",
         "ended_wall",
         "revoked_by",
+        "granted_here",
     )
 
     def __init__(
@@ -96,6 +97,8 @@ class LeaseRecord:
         self.ended_at: float | None = None
         self.ended_wall: float | None = None
         self.revoked_by = ""
+        # False for a lease that another authority replica granted.
+        self.granted_here = True
 
     @property
     def fingerprint(self) -> str:
@@ -177,11 +180,19 @@ NOT_FOUND = LeaseSnapshot(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionEnd:
-    """A lease end as passed to listeners; ``sequence`` increases by one per end."""
+    """A lease end as passed to listeners; ``sequence`` increases by one per end.
+
+    Attributes:
+        granted_here: False when another authority replica granted the lease.
+        decided_elsewhere: True when another replica ended the lease and
+            stored the end, so this replica neither stores nor audits it.
+    """
 
     sequence: int
     lease: LeaseSnapshot
     ended_at: float
+    granted_here: bool = True
+    decided_elsewhere: bool = False
 
 
 class TableListener(Protocol):
@@ -367,6 +378,65 @@ class LeaseTable:
         if deadline is not None:
             self._deadline_pushed(deadline)
 
+    def mirror_stored(self, record: LeaseRecord, arrived_at: float) -> None:
+        """Add or update a lease that another authority replica stored.
+
+        ``record`` carries the stored times converted to this table's clock.
+        The table takes the earlier of each and ``arrived_at``, so a replica
+        whose clock runs ahead cannot make a lease live longer here, and last
+        activity only moves forward. Listeners are not called: the grant is
+        the granting replica's to report.
+        """
+        record.granted_at = min(record.granted_at, arrived_at)
+        record.last_activity = min(record.last_activity, arrived_at)
+        deadline: float | None = None
+        with self._lock:
+            live = self._live.get(record.digest)
+            if live is not None:
+                if record.last_activity > live.last_activity:
+                    live.last_activity = record.last_activity
+            elif record.digest not in self._ended:
+                self._live[record.digest] = record
+                deadline = self._push(record)
+        if deadline is not None:
+            self._deadline_pushed(deadline)
+
+    def mirror_ended(self, record: LeaseRecord, arrived_at: float) -> None:
+        """End a lease because another authority replica stored its end.
+
+        ``record`` carries the stored end, times converted to this table's
+        clock. A live lease ends with that reason and revoking principal, and
+        listeners receive a ``SessionEnd`` with ``decided_elsewhere`` set. A
+        lease that already ended here takes the stored reason (the end that
+        counts is the one in the store). An unknown lease becomes a tombstone.
+        """
+        assert record.end_reason is not None and record.ended_at is not None
+        ended_at = min(record.ended_at, arrived_at)
+        ended: list[SessionEnd] = []
+        with self._lock:
+            live = self._live.get(record.digest)
+            tombstone = self._ended.get(record.digest)
+            if live is not None:
+                ended.append(
+                    self._end_locked(
+                        live,
+                        record.end_reason,
+                        ended_at,
+                        record.revoked_by,
+                        ended_wall=record.ended_wall,
+                        decided_elsewhere=True,
+                    )
+                )
+            elif tombstone is not None:
+                tombstone.end_reason = record.end_reason
+                tombstone.revoked_by = record.revoked_by
+                tombstone.ended_wall = record.ended_wall
+            else:
+                record.ended_at = ended_at
+                record.granted_at = min(record.granted_at, ended_at)
+                self._ended[record.digest] = record
+        self._notify_ends(ended)
+
     def renew(self, lease_id: str, idle_for: float) -> LeaseSnapshot:
         """Record activity seen ``idle_for`` seconds ago; see ``renew_digest``."""
         return self.renew_digest(lease_digest(lease_id), idle_for)
@@ -479,17 +549,30 @@ class LeaseTable:
         return deadline
 
     def _end_locked(
-        self, record: LeaseRecord, reason: EndReason, at: float, revoked_by: str
+        self,
+        record: LeaseRecord,
+        reason: EndReason,
+        at: float,
+        revoked_by: str,
+        *,
+        ended_wall: float | None = None,
+        decided_elsewhere: bool = False,
     ) -> SessionEnd:
         record.end_reason = reason
         record.ended_at = at
-        record.ended_wall = record.wall_at(at)
+        record.ended_wall = ended_wall if ended_wall is not None else record.wall_at(at)
         record.revoked_by = revoked_by
         del self._live[record.digest]
         self._ended[record.digest] = record
         self._sequence += 1
         # The heap entry stays behind and is skipped when it comes due.
-        return SessionEnd(self._sequence, self._snapshot(record, at), at)
+        return SessionEnd(
+            self._sequence,
+            self._snapshot(record, at),
+            at,
+            granted_here=record.granted_here,
+            decided_elsewhere=decided_elsewhere,
+        )
 
     def _purge_tombstones(self, now: float) -> None:
         horizon = now - self.ended_retention_seconds

@@ -1,0 +1,1068 @@
+"""Lease store on etcd v3, shared by several authority replicas.
+
+Key layout under the prefix (default ``/session-authority/v1/``), as
+``docs/replication.md`` describes it:
+
+- ``leases/<digest>``: a live lease record (JSON), written by ``Grant`` and by
+  batched renewals.
+- ``ends/<digest>``: an ended lease record, attached to an etcd lease whose
+  TTL covers the retention time, so etcd removes it afterwards.
+- ``audit-pending/<replica>/<digest>``: an end claimed by ``<replica>`` whose
+  audit record is not yet durable.
+- ``high-water/<replica>``: the highest authority time the replica has seen.
+
+``<digest>`` is the hex SHA-256 of the lease ID, so etcd never contains a
+lease ID. Stored times are authority time (see ``_store``).
+
+The etcd API comes from the ``aetcd`` package (its generated ``aetcd.rpc``
+messages and stubs, which import under current grpcio and protobuf). The
+store opens its own ``grpc.aio`` channel rather than use ``aetcd.Client``,
+because that client connects to exactly one ``host:port``. A replica needs
+every member of the etcd cluster, and its watch resumes from the last
+revision it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import ipaddress
+import json
+import logging
+import math
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import grpc
+from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
+
+from ._store import StoredLease, StoredState, StoreError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version written in every lease and end record."""
+
+DEFAULT_PREFIX = "/session-authority/v1/"
+
+ACTIVITY_FLUSH_INTERVAL_SECONDS = 0.05
+"""Renewals of this interval go to etcd together, in one transaction per batch."""
+
+HIGH_WATER_INTERVAL_SECONDS = 1.0
+
+REQUEST_TIMEOUT_SECONDS = 5.0
+"""Deadline of one etcd request; a grant or a start-up read fails after it."""
+
+MAX_TXN_OPS = 128
+"""etcd's default ``--max-txn-ops``: the maximum number of operations in one transaction."""
+
+LOAD_PAGE_SIZE = 1000
+"""Keys per range request at start-up, to stay far below gRPC's 4 MiB message limit."""
+
+END_LEASE_REUSE_SECONDS = 60.0
+"""Ends claimed within this interval share one etcd lease, whose TTL adds this interval."""
+
+MIN_RETRY_SECONDS = 0.05
+MAX_RETRY_SECONDS = 1.0
+
+REPLICA_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+_LEASE_NOT_FOUND = "requested lease not found"
+"""etcd's error details when a put names an etcd lease that has expired."""
+
+
+# -- flag values ---------------------------------------------------------------
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """Check a comma-separated list of etcd client URLs and return it as a tuple.
+
+    Every endpoint is ``http://HOST:PORT``. The store reaches all endpoints
+    through one gRPC channel, so several endpoints must be IP addresses of
+    one family. A single endpoint may be a DNS name.
+
+    Raises:
+        ValueError: The message names the bad endpoint and the expected form.
+    """
+    endpoints = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not endpoints:
+        raise ValueError("no etcd endpoint given; pass URLs such as http://127.0.0.1:2379,http://127.0.0.1:22379")
+    families: set[int] = set()
+    for endpoint in endpoints:
+        parsed = urllib.parse.urlsplit(endpoint)
+        if parsed.scheme == "https":
+            raise ValueError(
+                f"etcd endpoint {endpoint!r} uses https, which this store does not support yet;"
+                " reach etcd over http on a private network"
+            )
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if parsed.scheme != "http" or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+            raise ValueError(f"etcd endpoint {endpoint!r} is not http://HOST:PORT, for example http://127.0.0.1:2379")
+        try:
+            families.add(ipaddress.ip_address(parsed.hostname).version)
+        except ValueError:
+            families.add(0)
+    if len(endpoints) > 1 and (0 in families or len(families) > 1):
+        raise ValueError(
+            f"etcd endpoints {','.join(endpoints)} mix DNS names or address families; list IP addresses of"
+            " one family, or give a single DNS name"
+        )
+    return endpoints
+
+
+def check_replica_id(text: str) -> str:
+    """Return ``text`` if it can name a replica in etcd keys.
+
+    Raises:
+        ValueError: The message states the allowed characters.
+    """
+    if not REPLICA_ID_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"replica ID {text[:140]!r} is invalid; use 1 to 128 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit, unique in the fleet"
+        )
+    return text
+
+
+def check_prefix(text: str) -> str:
+    """Return ``text`` if it can be the key prefix of the store.
+
+    Raises:
+        ValueError: The message states the expected form.
+    """
+    if not text.startswith("/") or not text.endswith("/") or len(text) < 2:
+        raise ValueError(f"etcd prefix {text!r} must start and end with '/', for example {DEFAULT_PREFIX}")
+    return text
+
+
+def channel_target(endpoints: Sequence[str]) -> str:
+    """Return the gRPC target that reaches every endpoint (``pick_first`` moves on when one fails)."""
+    hosts = []
+    for endpoint in endpoints:
+        parsed = urllib.parse.urlsplit(endpoint)
+        host = parsed.hostname or ""
+        hosts.append((host, parsed.port))
+    if len(hosts) == 1:
+        host, port = hosts[0]
+        try:
+            if ipaddress.ip_address(host).version == 6:
+                return f"ipv6:[{host}]:{port}"
+            return f"ipv4:{host}:{port}"
+        except ValueError:
+            return f"dns:///{host}:{port}"
+    if ipaddress.ip_address(hosts[0][0]).version == 6:
+        return "ipv6:" + ",".join(f"[{host}]:{port}" for host, port in hosts)
+    return "ipv4:" + ",".join(f"{host}:{port}" for host, port in hosts)
+
+
+# -- records -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MirroredLease:
+    """A lease record read from etcd, with the replicas that granted and ended it.
+
+    ``lease.ended_at`` is None for a live lease (``leases/``) and set for an
+    ended one (``ends/``). ``claimed_by`` is empty for a live lease.
+    """
+
+    lease: StoredLease
+    granted_by: str
+    claimed_by: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndClaim:
+    """Result of :meth:`EtcdLeaseStore.save_end`.
+
+    Attributes:
+        won: True when this replica's transaction ended the lease in etcd, so
+            this replica writes its audit records; False when another replica
+            had ended it first, or etcd had no such lease.
+        stored_end: The end that etcd holds when ``won`` is False, or None
+            when etcd had neither the lease nor its end.
+    """
+
+    won: bool
+    stored_end: MirroredLease | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """The shared lease table and this replica's pending audit keys, as read at start-up.
+
+    Attributes:
+        leases: Every live lease and every retained end.
+        high_water: The highest authority time any replica has stored.
+        audit_pending: Digests of the ends this replica claimed whose audit
+            records may be missing.
+        revision: The etcd revision of the read; the watch starts after it.
+    """
+
+    leases: list[MirroredLease]
+    high_water: float
+    audit_pending: set[bytes]
+    revision: int
+
+
+class ReplicaListener(Protocol):
+    """Receives changes to the shared lease table from the store's watch.
+
+    Calls come from the store's event loop, in etcd's revision order, and
+    must return without blocking. They include this replica's own writes.
+    """
+
+    def lease_stored(self, lease: MirroredLease) -> None:
+        """Apply a lease that was granted or whose last activity moved (``leases/`` put)."""
+
+    def lease_ended(self, lease: MirroredLease) -> None:
+        """Apply the end of a lease that a replica claimed (``ends/`` put)."""
+
+    def lease_deleted(self, digest: bytes) -> None:
+        """Apply the deletion of a lease key without an end record (by hand, or by a tool)."""
+
+
+def encode_lease(lease: StoredLease, granted_by: str, claimed_by: str = "") -> bytes:
+    """Return the JSON value of a ``leases/`` key, or of an ``ends/`` key when the lease has ended."""
+    record: dict[str, Any] = {
+        "version": FORMAT_VERSION,
+        "principal": lease.principal,
+        "tier": lease.tier,
+        "idle_timeout": lease.idle_timeout,
+        "max_duration": lease.max_duration,
+        "granted_at": lease.granted_at,
+        "granted_wall": lease.granted_wall,
+        "last_activity": lease.last_activity,
+        "granted_by": granted_by,
+    }
+    if lease.ended_at is not None:
+        record.update(
+            ended_at=lease.ended_at,
+            ended_wall=lease.ended_wall,
+            end_reason=lease.end_reason,
+            revoked_by=lease.revoked_by,
+            claimed_by=claimed_by,
+        )
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_lease(digest: bytes, value: bytes) -> MirroredLease:
+    """Parse the value of a ``leases/`` or ``ends/`` key.
+
+    Raises:
+        ValueError: The value is not a record of a version this authority reads.
+    """
+    record = json.loads(value)
+    if not isinstance(record, dict) or record.get("version") != FORMAT_VERSION:
+        version = record.get("version") if isinstance(record, dict) else None
+        raise ValueError(f"record version {version!r}, this authority reads version {FORMAT_VERSION}")
+    ended_at = record.get("ended_at")
+    lease = StoredLease(
+        digest=digest,
+        principal=str(record["principal"]),
+        tier=str(record["tier"]),
+        idle_timeout=float(record["idle_timeout"]),
+        max_duration=float(record["max_duration"]),
+        granted_at=float(record["granted_at"]),
+        granted_wall=float(record["granted_wall"]),
+        last_activity=float(record["last_activity"]),
+        ended_at=float(ended_at) if ended_at is not None else None,
+        ended_wall=float(record["ended_wall"]) if ended_at is not None else None,
+        end_reason=int(record["end_reason"]) if ended_at is not None else None,
+        revoked_by=str(record.get("revoked_by", "")),
+    )
+    return MirroredLease(lease, str(record.get("granted_by", "")), str(record.get("claimed_by", "")))
+
+
+@dataclasses.dataclass(slots=True)
+class _Known:
+    """A ``leases/`` key as last seen: its create revision guards every activity put."""
+
+    create_revision: int
+    mirrored: MirroredLease
+
+
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    digest: bytes
+    ended_at: float
+    ended_wall: float
+    end_reason: int
+    revoked_by: str
+    future: concurrent.futures.Future[EndClaim]
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """Return the smallest key greater than every key that starts with ``prefix``."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class EtcdLeaseStore:
+    """Leases in etcd v3, shared by several authority replicas.
+
+    Implements the ``LeaseStore`` protocol, plus what a replica needs: the
+    watch (:meth:`start_watch`), reads of leases that the mirror lacks
+    (:meth:`fetch`) and the ``audit-pending`` keys (:meth:`load_replica`,
+    :meth:`clear_audit_pending`).
+
+    Threading: every request runs on one event loop: ``loop`` if given (the
+    authority's), else a loop on a thread of the store's own. Public methods
+    may be called from any thread and do not wait for etcd, except
+    :meth:`load_replica`, :meth:`flush` and :meth:`close`, which block and are
+    meant for start-up and shutdown; never call those three on the loop's
+    own thread.
+
+    Failures: a grant fails after one attempt (``StoreError`` naming the
+    endpoints). Activity, end claims, high-water marks and pending-key
+    deletions are retried until they land, each failed attempt logged.
+
+    Args:
+        endpoints: etcd client URLs (see :func:`parse_endpoints`).
+        replica_id: This replica's name, unique in the fleet and kept across
+            restarts.
+        prefix: Key prefix of every key the store writes.
+        retention_seconds: How long ends stay in etcd before etcd removes them.
+        request_timeout_seconds: Deadline of one etcd request.
+        loop: A running event loop to do the I/O on. A process whose gRPC
+            calls all run on one loop avoids the spurious ``BlockingIOError``
+            that grpc.aio logs when several loops in several threads share
+            its completion queue (grpc/grpc issue 25364).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        replica_id: str,
+        prefix: str = DEFAULT_PREFIX,
+        retention_seconds: float = 3600.0,
+        request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.endpoints = tuple(endpoints)
+        self.replica_id = check_replica_id(replica_id)
+        self.prefix = check_prefix(prefix)
+        self.retention_seconds = retention_seconds
+        self.request_timeout_seconds = request_timeout_seconds
+        self.description = f"etcd:{','.join(self.endpoints)} (prefix {self.prefix}, replica {self.replica_id})"
+        self._prefix = self.prefix.encode()
+        self._target = channel_target(self.endpoints)
+
+        self._lock = threading.Lock()
+        self._pending_activity: dict[bytes, float] = {}
+        self._pending_deletes: set[bytes] = set()
+        self._high_water: float | None = None
+        self._closed = False
+
+        # Owned by the store's event loop thread.
+        self._known: dict[bytes, _Known] = {}
+        self._granting: set[bytes] = set()
+        self._claims: set[asyncio.Task[None]] = set()
+        self._end_lease: tuple[int, float] | None = None
+        self._revision = 0
+        self._listener: ReplicaListener | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._flushed_high_water: float | None = None
+
+        self._thread: threading.Thread | None = None
+        self._loop_thread_id: int | None = None
+        if loop is not None and _running_loop() is loop:
+            self._loop_thread_id = threading.get_ident()
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="etcd-store", daemon=True)
+            self._thread.start()
+        self._loop = loop
+        # Scheduled before any request, and done in its first step, so every
+        # request finds the channel open.
+        asyncio.run_coroutine_threadsafe(self._open(), loop)
+        logger.info("etcd lease store opened: %s", self.description)
+
+    # -- start-up ------------------------------------------------------------
+
+    def load(self) -> StoredState:
+        """Read every live lease and retained end, and the highest high-water mark."""
+        state = self.load_replica()
+        return StoredState(leases=[m.lease for m in state.leases], high_water=state.high_water)
+
+    def load_replica(self) -> ReplicaState:
+        """Read the shared lease table and this replica's pending audit keys (blocks).
+
+        Raises:
+            StoreError: etcd could not be read; the message names the endpoints.
+        """
+        return self._run(self._load(), self.request_timeout_seconds * 4)
+
+    def start_watch(self, listener: ReplicaListener) -> None:
+        """Deliver every change after the revision of :meth:`load_replica` to ``listener``."""
+        self._loop.call_soon_threadsafe(self._start_watch, listener)
+
+    # -- LeaseStore writes -----------------------------------------------------
+
+    def save_grant(self, lease: StoredLease) -> concurrent.futures.Future[None]:
+        """Create ``leases/<digest>``; the future fails with ``StoreError`` if etcd did not commit it."""
+        return self._submit(self._grant(lease))
+
+    def save_activity(self, digest: bytes, last_activity: float) -> None:
+        """Queue a renewal; the next batch writes it unless the lease has left etcd."""
+        with self._lock:
+            if last_activity > self._pending_activity.get(digest, -math.inf):
+                self._pending_activity[digest] = last_activity
+
+    def save_end(
+        self,
+        digest: bytes,
+        ended_at: float,
+        ended_wall: float,
+        end_reason: int,
+        revoked_by: str,
+    ) -> concurrent.futures.Future[EndClaim]:
+        """Claim a lease's end in etcd, retrying until etcd returns a result.
+
+        Returns:
+            A future of the :class:`EndClaim`. It fails only when the store
+            closes before the claim lands.
+        """
+        future: concurrent.futures.Future[EndClaim] = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(StoreError(f"lease store {self.description} is closed"))
+            return future
+        claim = _Claim(digest, ended_at, ended_wall, end_reason, revoked_by, future)
+        self._loop.call_soon_threadsafe(self._start_claim, claim)
+        return future
+
+    def set_high_water(self, authority_time: float) -> None:
+        """Queue this replica's high-water mark; the write-behind task writes it about once a second."""
+        with self._lock:
+            if self._high_water is None or authority_time > self._high_water:
+                self._high_water = authority_time
+
+    def purge_ended_before(self, authority_time: float) -> None:
+        """Do nothing: etcd removes ``ends/`` keys when their etcd lease expires."""
+
+    def clear_audit_pending(self, digest: bytes) -> None:
+        """Queue the deletion of ``audit-pending/<replica>/<digest>`` once its audit record is durable."""
+        with self._lock:
+            self._pending_deletes.add(digest)
+
+    def fetch(self, digest: bytes) -> concurrent.futures.Future[MirroredLease | None]:
+        """Read a lease or its end from etcd with a linearizable read.
+
+        For lookups that miss the mirror, such as a lease granted through
+        another replica a moment ago. The future fails with ``StoreError``
+        when etcd does not respond within the request timeout.
+        """
+        return self._submit(self._fetch(digest))
+
+    def flush(self, timeout_seconds: float) -> None:
+        """Write queued activity, claims and pending-key deletions now (blocks).
+
+        Raises:
+            StoreError: They did not land within ``timeout_seconds``.
+        """
+        self._run(self._flush_all(), timeout_seconds)
+
+    def close(self, timeout_seconds: float = 5.0) -> None:
+        """Flush what is queued (up to ``timeout_seconds``), stop the watch and close the channel."""
+        if self._closed:
+            return
+        if self._on_loop_thread():
+            # Called on the loop itself, as after a failed start: shut down without waiting.
+            logger.warning("etcd lease store closed from its own event loop; queued writes are dropped")
+            self._closed = True
+            self._loop.create_task(self._shutdown())
+            return
+        try:
+            self.flush(timeout_seconds)
+        except StoreError as exc:
+            logger.error("etcd lease store closes with writes not landed: %s", exc)
+        self._closed = True
+        try:
+            self._run(self._shutdown(), timeout_seconds)
+        except StoreError:
+            logger.exception("etcd lease store did not shut down cleanly")
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout_seconds)
+            if not self._thread.is_alive():
+                self._loop.close()
+        logger.info("etcd lease store closed: %s", self.description)
+
+    # -- keys ----------------------------------------------------------------
+
+    def _key(self, kind: str, digest: bytes) -> bytes:
+        return self._prefix + kind.encode() + b"/" + digest.hex().encode()
+
+    def _pending_key(self, digest: bytes) -> bytes:
+        return self._prefix + f"audit-pending/{self.replica_id}/{digest.hex()}".encode()
+
+    def _high_water_key(self) -> bytes:
+        return self._prefix + f"high-water/{self.replica_id}".encode()
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _submit(self, coroutine: Any) -> concurrent.futures.Future[Any]:
+        if self._closed:
+            coroutine.close()
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_exception(StoreError(f"lease store {self.description} is closed"))
+            return future
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread_id
+
+    def _run(self, coroutine: Any, timeout_seconds: float | None) -> Any:
+        if self._on_loop_thread():
+            coroutine.close()
+            raise RuntimeError("EtcdLeaseStore blocks in load_replica, flush and close; call them off its event loop")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout_seconds)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise StoreError(
+                f"etcd at {','.join(self.endpoints)} did not respond within {timeout_seconds} s;"
+                " check that a quorum of etcd members runs"
+            ) from exc
+
+    def _unavailable(self, action: str, exc: grpc.aio.AioRpcError) -> StoreError:
+        return StoreError(
+            f"etcd at {','.join(self.endpoints)} did not {action} ({_describe_rpc_error(exc)});"
+            " check that a quorum of etcd members runs and that --etcd-endpoints lists them"
+        )
+
+    async def _open(self) -> None:
+        self._loop_thread_id = threading.get_ident()
+        options = [
+            # Reconnect within a second of etcd's return, not after gRPC's default back-off of up to 2 minutes.
+            # grpc.min_reconnect_backoff_ms stays unset: it is gRPC's minimum connect timeout (default 20 s,
+            # MIN_CONNECT_TIMEOUT in grpc's doc/connection-backoff.md), and a short one fails connects under load.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channel = grpc.aio.insecure_channel(self._target, options=options)
+        self._kv = rpc_pb2_grpc.KVStub(self._channel)
+        self._watch = rpc_pb2_grpc.WatchStub(self._channel)
+        self._leases = rpc_pb2_grpc.LeaseStub(self._channel)
+        self._flush_task = asyncio.get_running_loop().create_task(self._run_flusher())
+
+    async def _shutdown(self) -> None:
+        tasks = [task for task in (self._watch_task, self._flush_task) if task is not None]
+        tasks += list(self._claims)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._channel.close()
+        if self._thread is not None:
+            # gRPC finishes cancelled calls in tasks of its own; the store's loop stops only after them.
+            leftovers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+    async def _txn(self, request: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
+        return await self._kv.Txn(request, timeout=self.request_timeout_seconds)
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _load(self) -> ReplicaState:
+        try:
+            kvs, revision = await self._read_prefix()
+        except grpc.aio.AioRpcError as exc:
+            raise self._unavailable("return the lease table", exc) from exc
+        self._revision = revision
+        leases: list[MirroredLease] = []
+        high_water = 0.0
+        pending: set[bytes] = set()
+        pending_prefix = f"audit-pending/{self.replica_id}/"
+        for kv in kvs:
+            name = kv.key[len(self._prefix) :].decode(errors="replace")
+            kind, _, rest = name.partition("/")
+            if kind in ("leases", "ends"):
+                mirrored = self._decode(kv)
+                if mirrored is None:
+                    continue
+                leases.append(mirrored)
+                if kind == "leases":
+                    self._known[mirrored.lease.digest] = _Known(kv.create_revision, mirrored)
+            elif kind == "high-water":
+                try:
+                    high_water = max(high_water, float(kv.value))
+                except ValueError:
+                    logger.error("etcd key %s is not a number of seconds; ignored", kv.key.decode(errors="replace"))
+            elif name.startswith(pending_prefix):
+                try:
+                    pending.add(bytes.fromhex(name[len(pending_prefix) :]))
+                except ValueError:
+                    logger.error("etcd key %s does not end in a lease digest; ignored", kv.key.decode(errors="replace"))
+        logger.info(
+            "read %d leases and ends from etcd at revision %d; %d audit records of this replica pending",
+            len(leases),
+            revision,
+            len(pending),
+        )
+        return ReplicaState(leases=leases, high_water=high_water, audit_pending=pending, revision=revision)
+
+    async def _read_prefix(self) -> tuple[list[kv_pb2.KeyValue], int]:
+        """Read every key under the prefix at one revision, a page at a time."""
+        kvs: list[kv_pb2.KeyValue] = []
+        start = self._prefix
+        end = _prefix_end(self._prefix)
+        revision = 0
+        while True:
+            request = rpc_pb2.RangeRequest(key=start, range_end=end, limit=LOAD_PAGE_SIZE, revision=revision)
+            response = await self._kv.Range(request, timeout=self.request_timeout_seconds)
+            if revision == 0:
+                revision = response.header.revision
+            kvs.extend(response.kvs)
+            if not response.more or not response.kvs:
+                return kvs, revision
+            start = response.kvs[-1].key + b"\0"
+
+    def _decode(self, kv: kv_pb2.KeyValue) -> MirroredLease | None:
+        try:
+            digest = bytes.fromhex(kv.key.rsplit(b"/", 1)[1].decode())
+            return decode_lease(digest, kv.value)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            logger.error("etcd key %s does not contain a lease record this authority can read (%s); ignored", kv.key, exc)
+            return None
+
+    async def _fetch(self, digest: bytes) -> MirroredLease | None:
+        lease_key, end_key = self._key("leases", digest), self._key("ends", digest)
+        request = rpc_pb2.TxnRequest(
+            success=[
+                rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=lease_key)),
+                rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=end_key)),
+            ]
+        )
+        try:
+            response = await self._txn(request)
+        except grpc.aio.AioRpcError as exc:
+            raise self._unavailable(f"return lease {digest[:6].hex()}", exc) from exc
+        for result in response.responses:
+            for kv in result.response_range.kvs:
+                mirrored = self._decode(kv)
+                if mirrored is not None:
+                    if mirrored.lease.ended_at is None:
+                        self._known.setdefault(digest, _Known(kv.create_revision, mirrored))
+                    return mirrored
+        return None
+
+    # -- grants ----------------------------------------------------------------
+
+    async def _grant(self, lease: StoredLease) -> None:
+        digest = lease.digest
+        lease_key, end_key = self._key("leases", digest), self._key("ends", digest)
+        mirrored = MirroredLease(lease, self.replica_id)
+        request = rpc_pb2.TxnRequest(
+            # Neither the lease nor its end may exist yet, so a late grant can
+            # never bring back a lease that has already ended.
+            compare=[_created(lease_key, 0), _created(end_key, 0)],
+            success=[_put(lease_key, encode_lease(lease, self.replica_id))],
+        )
+        self._granting.add(digest)
+        try:
+            response = await self._txn(request)
+        except grpc.aio.AioRpcError as exc:
+            # NOTE: a grant that timed out may still have been committed. The
+            # holder never receives its ID, so the lease idles out in etcd.
+            raise self._unavailable(f"store the grant of lease {digest[:6].hex()}", exc) from exc
+        finally:
+            self._granting.discard(digest)
+        if not response.succeeded:
+            raise StoreError(f"lease {digest[:6].hex()} already exists in etcd at {','.join(self.endpoints)}")
+        self._known[digest] = _Known(response.header.revision, mirrored)
+
+    # -- end claims --------------------------------------------------------------
+
+    def _start_claim(self, claim: _Claim) -> None:
+        task = self._loop.create_task(self._claim_until_landed(claim))
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    async def _claim_until_landed(self, claim: _Claim) -> None:
+        delay = MIN_RETRY_SECONDS
+        attempt = 1
+        while True:
+            try:
+                result = await self._claim(claim)
+            except (grpc.aio.AioRpcError, StoreError) as exc:
+                reason = _describe_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                logger.warning(
+                    "claim of the end of lease %s in etcd failed (attempt %d, %s); retrying in %.2f s",
+                    claim.digest[:6].hex(),
+                    attempt,
+                    reason,
+                    delay,
+                )
+            except asyncio.CancelledError:
+                _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
+                raise
+            else:
+                _settle(claim.future, result)
+                return
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+            attempt += 1
+
+    async def _claim(self, claim: _Claim) -> EndClaim:
+        digest = claim.digest
+        lease_key, end_key = self._key("leases", digest), self._key("ends", digest)
+
+        known = self._known.get(digest)
+        if known is None:
+            # A lease this store never saw (granted through another replica,
+            # whose watch event has not arrived): read its record first.
+            found = await self._fetch(digest)
+            if found is None or found.lease.ended_at is not None:
+                return EndClaim(won=False, stored_end=found)
+            known = self._known[digest]
+
+        ended = dataclasses.replace(
+            known.mirrored.lease,
+            ended_at=claim.ended_at,
+            ended_wall=claim.ended_wall,
+            end_reason=claim.end_reason,
+            revoked_by=claim.revoked_by,
+        )
+        end_lease = await self._end_lease_id()
+        request = rpc_pb2.TxnRequest(
+            compare=[_created(lease_key, known.create_revision)],
+            success=[
+                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=lease_key)),
+                _put(end_key, encode_lease(ended, known.mirrored.granted_by, self.replica_id), lease=end_lease),
+                _put(self._pending_key(digest), b""),
+            ],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=end_key))],
+        )
+        try:
+            response = await self._txn(request)
+        except grpc.aio.AioRpcError as exc:
+            if _LEASE_NOT_FOUND in (exc.details() or ""):
+                self._end_lease = None
+            raise
+
+        self._known.pop(digest, None)
+        if response.succeeded:
+            return EndClaim(won=True)
+        stored: MirroredLease | None = None
+        for kv in response.responses[0].response_range.kvs:
+            stored = self._decode(kv)
+        if stored is None:
+            logger.warning("lease %s ended here but was no longer in etcd; no replica records its end", digest[:6].hex())
+        return EndClaim(won=False, stored_end=stored)
+
+    async def _end_lease_id(self) -> int:
+        """Return an etcd lease for ``ends/`` keys, granting a new one once the current one is old."""
+        now = time.monotonic()
+        if self._end_lease is not None and now - self._end_lease[1] < END_LEASE_REUSE_SECONDS:
+            return self._end_lease[0]
+        ttl = max(1, math.ceil(self.retention_seconds + END_LEASE_REUSE_SECONDS))
+        response = await self._leases.LeaseGrant(
+            rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=self.request_timeout_seconds
+        )
+        self._end_lease = (response.ID, now)
+        return response.ID
+
+    # -- write-behind ------------------------------------------------------------
+
+    async def _run_flusher(self) -> None:
+        delay = ACTIVITY_FLUSH_INTERVAL_SECONDS
+        last_high_water = -math.inf
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._flush_activity()
+                await self._flush_deletes()
+                if time.monotonic() - last_high_water >= HIGH_WATER_INTERVAL_SECONDS:
+                    await self._flush_high_water()
+                    last_high_water = time.monotonic()
+            except (grpc.aio.AioRpcError, _RetryLater) as exc:
+                delay = min(MAX_RETRY_SECONDS, max(delay * 2, MIN_RETRY_SECONDS))
+                logger.warning(
+                    "write-behind to etcd at %s failed (%s); retrying in %.2f s",
+                    ",".join(self.endpoints),
+                    _describe_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc,
+                    delay,
+                )
+            else:
+                delay = ACTIVITY_FLUSH_INTERVAL_SECONDS
+
+    async def _flush_all(self) -> None:
+        await self._flush_activity()
+        await self._flush_deletes()
+        await self._flush_high_water()
+        claims = list(self._claims)
+        if claims:
+            # asyncio.wait, unlike gather, leaves the claims running if this wait is cancelled.
+            await asyncio.wait(claims)
+
+    async def _flush_activity(self) -> None:
+        with self._lock:
+            activity, self._pending_activity = self._pending_activity, {}
+        if not activity:
+            return
+        writes: list[tuple[bytes, float, _Known]] = []
+        for digest, at in activity.items():
+            known = self._known.get(digest)
+            if known is None:
+                if digest in self._granting:
+                    self._requeue_activity({digest: at})
+                continue
+            if at > known.mirrored.lease.last_activity:
+                writes.append((digest, at, known))
+        for start in range(0, len(writes), MAX_TXN_OPS):
+            chunk = writes[start : start + MAX_TXN_OPS]
+            try:
+                await self._write_activity(chunk)
+            except grpc.aio.AioRpcError as exc:
+                self._requeue_activity({digest: at for digest, at, _ in writes[start:]})
+                raise _RetryLater(
+                    f"activity not written ({len(writes) - start} leases, lease {chunk[0][0][:6].hex()} first):"
+                    f" {_describe_rpc_error(exc)}"
+                ) from exc
+
+    async def _write_activity(self, chunk: list[tuple[bytes, float, _Known]]) -> None:
+        # One nested transaction per lease: each put is guarded by the
+        # lease's create revision, so a renewal never brings back a lease that
+        # a claim deleted, and one ended lease does not fail the others.
+        operations = []
+        for digest, at, known in chunk:
+            key = self._key("leases", digest)
+            lease = dataclasses.replace(known.mirrored.lease, last_activity=at)
+            operations.append(
+                rpc_pb2.RequestOp(
+                    request_txn=rpc_pb2.TxnRequest(
+                        compare=[_created(key, known.create_revision)],
+                        success=[_put(key, encode_lease(lease, known.mirrored.granted_by))],
+                    )
+                )
+            )
+        response = await self._txn(rpc_pb2.TxnRequest(success=operations))
+        for (digest, at, known), result in zip(chunk, response.responses):
+            if result.response_txn.succeeded:
+                current = self._known.get(digest)
+                if current is known:
+                    known.mirrored = MirroredLease(
+                        dataclasses.replace(known.mirrored.lease, last_activity=at), known.mirrored.granted_by
+                    )
+            else:
+                self._known.pop(digest, None)
+
+    def _requeue_activity(self, activity: dict[bytes, float]) -> None:
+        with self._lock:
+            for digest, at in activity.items():
+                if at > self._pending_activity.get(digest, -math.inf):
+                    self._pending_activity[digest] = at
+
+    async def _flush_deletes(self) -> None:
+        with self._lock:
+            deletes, self._pending_deletes = self._pending_deletes, set()
+        ordered = sorted(deletes)
+        for start in range(0, len(ordered), MAX_TXN_OPS):
+            chunk = ordered[start : start + MAX_TXN_OPS]
+            operations = [
+                rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=self._pending_key(digest)))
+                for digest in chunk
+            ]
+            try:
+                await self._txn(rpc_pb2.TxnRequest(success=operations))
+            except grpc.aio.AioRpcError:
+                with self._lock:
+                    self._pending_deletes.update(ordered[start:])
+                raise
+
+    async def _flush_high_water(self) -> None:
+        with self._lock:
+            high_water = self._high_water
+        if high_water is None or high_water == self._flushed_high_water:
+            return
+        await self._kv.Put(
+            rpc_pb2.PutRequest(key=self._high_water_key(), value=repr(high_water).encode()),
+            timeout=self.request_timeout_seconds,
+        )
+        self._flushed_high_water = high_water
+
+    # -- watch ---------------------------------------------------------------
+
+    def _start_watch(self, listener: ReplicaListener) -> None:
+        if self._watch_task is not None or self._closed:
+            return
+        self._listener = listener
+        self._watch_task = self._loop.create_task(self._run_watch())
+
+    async def _run_watch(self) -> None:
+        delay = MIN_RETRY_SECONDS
+        while True:
+            try:
+                await self._watch_from(self._revision + 1)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning(
+                    "watch of etcd at %s from revision %d failed (%s); resuming in %.2f s",
+                    ",".join(self.endpoints),
+                    self._revision + 1,
+                    _describe_rpc_error(exc),
+                    delay,
+                )
+            except _Compacted as exc:
+                logger.warning(
+                    "etcd has compacted its history up to revision %d, past where the watch resumes;"
+                    " reading the whole lease table again",
+                    exc.revision,
+                )
+                try:
+                    await self._reload()
+                except grpc.aio.AioRpcError as reload_exc:
+                    logger.warning("reading the lease table again failed (%s)", _describe_rpc_error(reload_exc))
+                    # Stay behind the compaction, so the next attempt reloads again.
+                    self._revision = min(self._revision, exc.revision - 1)
+                else:
+                    delay = MIN_RETRY_SECONDS
+                    continue
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+
+    async def _watch_from(self, start_revision: int) -> None:
+        closed = asyncio.Event()
+
+        async def requests() -> Any:
+            yield rpc_pb2.WatchRequest(
+                create_request=rpc_pb2.WatchCreateRequest(
+                    key=self._prefix, range_end=_prefix_end(self._prefix), start_revision=start_revision
+                )
+            )
+            await closed.wait()
+
+        # "hasleader" makes a member that has lost its leader cancel the watch,
+        # instead of keeping a stream open that receives nothing.
+        call = self._watch.Watch(requests(), metadata=(("hasleader", "true"),))
+        try:
+            async for response in call:
+                if response.compact_revision:
+                    raise _Compacted(response.compact_revision)
+                if response.canceled:
+                    logger.warning("etcd cancelled the watch: %s; resuming", response.cancel_reason or "no reason given")
+                    return
+                if response.events:
+                    self._deliver(response.events)
+        finally:
+            closed.set()
+            call.cancel()
+
+    async def _reload(self) -> None:
+        kvs, revision = await self._read_prefix()
+        self._revision = revision
+        listener = self._listener
+        for kv in kvs:
+            kind = kv.key[len(self._prefix) :].split(b"/", 1)[0]
+            if kind not in (b"leases", b"ends"):
+                continue
+            mirrored = self._decode(kv)
+            if mirrored is None or listener is None:
+                continue
+            if kind == b"leases":
+                self._known[mirrored.lease.digest] = _Known(kv.create_revision, mirrored)
+                _call(listener.lease_stored, mirrored)
+            else:
+                self._known.pop(mirrored.lease.digest, None)
+                _call(listener.lease_ended, mirrored)
+        # NOTE: a lease that left etcd entirely during the gap (its end
+        # expired too) stays live in the mirror until its own deadline.
+
+    def _deliver(self, events: Iterable[kv_pb2.Event]) -> None:
+        events = list(events)
+        listener = self._listener
+        # A claim deletes the lease and puts its end in one transaction; the
+        # end's record (reason, revoking principal) is what the mirror needs.
+        ended = {
+            event.kv.key.rsplit(b"/", 1)[1]
+            for event in events
+            if event.type == kv_pb2.Event.PUT and event.kv.key.startswith(self._prefix + b"ends/")
+        }
+        for event in events:
+            self._revision = max(self._revision, event.kv.mod_revision)
+            key = event.kv.key
+            kind = key[len(self._prefix) :].split(b"/", 1)[0]
+            if kind == b"leases":
+                if event.type == kv_pb2.Event.PUT:
+                    mirrored = self._decode(event.kv)
+                    if mirrored is None:
+                        continue
+                    self._known[mirrored.lease.digest] = _Known(event.kv.create_revision, mirrored)
+                    if listener is not None:
+                        _call(listener.lease_stored, mirrored)
+                else:
+                    hex_digest = key.rsplit(b"/", 1)[1]
+                    try:
+                        digest = bytes.fromhex(hex_digest.decode())
+                    except ValueError:
+                        continue
+                    self._known.pop(digest, None)
+                    if hex_digest not in ended and listener is not None:
+                        _call(listener.lease_deleted, digest)
+            elif kind == b"ends" and event.type == kv_pb2.Event.PUT:
+                mirrored = self._decode(event.kv)
+                if mirrored is not None and listener is not None:
+                    _call(listener.lease_ended, mirrored)
+
+
+class _RetryLater(Exception):
+    """A write-behind batch failed; the message names what was not written."""
+
+
+class _Compacted(Exception):
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision {revision} compacted")
+        self.revision = revision
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _created(key: bytes, revision: int) -> rpc_pb2.Compare:
+    """Compare a key's create revision; 0 means the key does not exist."""
+    return rpc_pb2.Compare(
+        result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.CREATE, key=key, create_revision=revision
+    )
+
+
+def _put(key: bytes, value: bytes, *, lease: int = 0) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value, lease=lease))
+
+
+def _call(method: Any, argument: Any) -> None:
+    try:
+        method(argument)
+    except Exception:  # noqa: BLE001 - a listener error must not stop the watch
+        logger.exception("etcd watch listener %r failed", method)
+
+
+def _settle(future: concurrent.futures.Future[Any], result: Any) -> None:
+    try:
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        logger.debug("etcd store result arrived after its waiter cancelled it")
