@@ -124,17 +124,16 @@ def echo_server(work_dir: pathlib.Path) -> Iterator[ServerProcess]:
 
 
 @contextlib.contextmanager
-def etcd_server(options: Options) -> Iterator[tuple[_etcd.EtcdServer, pathlib.Path] | None]:
-    """Start etcd unless skipped; yield it with its stubs directory, or None."""
+def etcd_server(options: Options) -> Iterator[_etcd.EtcdServer | None]:
+    """Start etcd unless skipped; yield it, or None."""
     binary = _etcd.etcd_binary()
     if options.skip_etcd or binary is None:
         if binary is None and not options.skip_etcd:
             print("etcd: not installed (apt-get install etcd-server); its baselines are left out")
         yield None
         return
-    stubs = _etcd.generate_stubs(options.work_dir / "etcd-stubs")
-    with _etcd.EtcdServer(binary, options.work_dir, stubs) as server:
-        yield server, stubs
+    with _etcd.EtcdServer(binary, options.work_dir) as server:
+        yield server
 
 
 PROFILED_THREADS = ("lease-store", "audit-sink")
@@ -247,14 +246,12 @@ def run(options: Options) -> list[Figure]:
                 )  # fmt: skip
             )
             if etcd is not None:
-                server, stubs = etcd
-                etcd_grants.append(load(plan, "etcd-grant", server, *concurrency, "--stubs", str(stubs)))
+                etcd_grants.append(load(plan, "etcd-grant", etcd, *concurrency))
                 etcd_keepalives.append(
                     load(
-                        plan, "etcd-keepalive", server,
+                        plan, "etcd-keepalive", etcd,
                         "--leases", str(plan.etcd_leases),
                         "--in-flight", str(plan.etcd_in_flight),
-                        "--stubs", str(stubs),
                     )  # fmt: skip
                 )
     for kind, path in profiles.items():

@@ -1,22 +1,16 @@
-"""An etcd server on loopback for the baselines, and Python stubs for its Lease service.
+"""An etcd server on loopback for the baselines.
 
-The stubs are generated at run time from ``_etcd_pb/etcd_lease.proto`` (a
-subset of etcd's ``rpc.proto``) into a temporary directory, with the
-grpcio-tools that the project already pins for its own code. Generating them
-keeps a second set of generated files and its regeneration check out of the
-repository. The ``etcd3`` package on PyPI (0.12.0) was tried instead: its
-generated code predates protobuf 4 and fails to import under protobuf 6
-("Descriptors cannot be created directly").
+The etcd API comes from the generated modules of ``aetcd``, the package the
+etcd lease store uses. A second copy of etcd's messages cannot be loaded
+beside them: protobuf rejects the duplicate ``etcdserverpb`` symbols.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import pathlib
 import shutil
 import subprocess
-import sys
 import time
 from types import ModuleType
 
@@ -26,8 +20,6 @@ from ._common import free_port, process_cpu_seconds, stop_process
 
 logger = logging.getLogger(__name__)
 
-PROTO_DIR = pathlib.Path(__file__).resolve().parent / "_etcd_pb"
-PROTO_NAME = "etcd_lease.proto"
 START_TIMEOUT_SECONDS = 30.0
 
 
@@ -42,34 +34,11 @@ def etcd_version(binary: str) -> str:
     return output.stdout.splitlines()[0] if output.stdout else "unknown"
 
 
-def generate_stubs(out_dir: pathlib.Path) -> pathlib.Path:
-    """Generate ``etcd_lease_pb2`` and ``etcd_lease_pb2_grpc`` into ``out_dir``.
+def load_stubs() -> tuple[ModuleType, ModuleType]:
+    """Return etcd's generated ``(rpc_pb2, rpc_pb2_grpc)`` modules, the ones the etcd store uses."""
+    from aetcd.rpc import rpc_pb2, rpc_pb2_grpc
 
-    Raises:
-        RuntimeError: protoc failed; the message names the proto file.
-    """
-    from grpc_tools import protoc
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"--proto_path={PROTO_DIR}",
-            f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            str(PROTO_DIR / PROTO_NAME),
-        ]
-    )
-    if status != 0:
-        raise RuntimeError(f"protoc failed with status {status} on {PROTO_DIR / PROTO_NAME}")
-    return out_dir
-
-
-def load_stubs(stubs_dir: pathlib.Path) -> tuple[ModuleType, ModuleType]:
-    """Import the generated modules from ``stubs_dir`` and return ``(pb2, pb2_grpc)``."""
-    if str(stubs_dir) not in sys.path:
-        sys.path.insert(0, str(stubs_dir))
-    return importlib.import_module("etcd_lease_pb2"), importlib.import_module("etcd_lease_pb2_grpc")
+    return rpc_pb2, rpc_pb2_grpc
 
 
 class EtcdServer:
@@ -78,13 +47,11 @@ class EtcdServer:
     Args:
         binary: Path of the ``etcd`` executable.
         work_dir: Directory for the data directory and the log; the caller removes it.
-        stubs_dir: Directory of the generated stubs, used to wait for readiness.
     """
 
-    def __init__(self, binary: str, work_dir: pathlib.Path, stubs_dir: pathlib.Path) -> None:
+    def __init__(self, binary: str, work_dir: pathlib.Path) -> None:
         self.binary = binary
         self.work_dir = work_dir
-        self.stubs_dir = stubs_dir
         self.client_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = work_dir / "etcd.log"
@@ -117,12 +84,17 @@ class EtcdServer:
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            # Any failure while waiting, not only the timeout, must not leave etcd running.
+            self.stop()
+            raise
         logger.info("etcd serving on %s", self.target)
         return self
 
     def _wait_ready(self) -> None:
-        pb, pb_grpc = load_stubs(self.stubs_dir)
+        pb, pb_grpc = load_stubs()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         with grpc.insecure_channel(self.target) as channel:
             stub = pb_grpc.LeaseStub(channel)

@@ -155,8 +155,8 @@ async def keepalive(
 # -- etcd ---------------------------------------------------------------------
 
 
-async def etcd_grant(target: str, window: Window, concurrency: int, stubs_dir: pathlib.Path) -> None:
-    etcd_pb, etcd_grpc = load_stubs(stubs_dir)
+async def etcd_grant(target: str, window: Window, concurrency: int) -> None:
+    etcd_pb, etcd_grpc = load_stubs()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = etcd_grpc.LeaseStub(channel)
         request = etcd_pb.LeaseGrantRequest(TTL=300)
@@ -168,13 +168,13 @@ async def etcd_grant(target: str, window: Window, concurrency: int, stubs_dir: p
 
 
 async def etcd_keepalive(
-    target: str, window: Window, leases: int, in_flight: int, stubs_dir: pathlib.Path
+    target: str, window: Window, leases: int, in_flight: int
 ) -> dict[str, float]:
     """Renew ``leases`` etcd leases round-robin on one stream, ``in_flight`` requests ahead.
 
     etcd's keep-alive request names one lease, so every renewal is one message.
     """
-    etcd_pb, etcd_grpc = load_stubs(stubs_dir)
+    etcd_pb, etcd_grpc = load_stubs()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = etcd_grpc.LeaseStub(channel)
         ids: list[int] = []
@@ -226,7 +226,6 @@ def main() -> None:
     parser.add_argument(
         "--lease-file", type=pathlib.Path, help="file of lease IDs to renew, written by the first client (keepalive)"
     )
-    parser.add_argument("--stubs", type=pathlib.Path, help="directory of the generated etcd stubs (etcd kinds)")
     args = parser.parse_args()
 
     window = Window(args.warmup, args.seconds)
@@ -238,9 +237,9 @@ def main() -> None:
             keepalive(args.target, window, args.leases, args.batch, args.in_flight, args.lease_file)
         )
     elif args.kind == "etcd-grant":
-        asyncio.run(etcd_grant(args.target, window, args.concurrency, args.stubs))
+        asyncio.run(etcd_grant(args.target, window, args.concurrency))
     else:
-        extra = asyncio.run(etcd_keepalive(args.target, window, args.leases, args.in_flight, args.stubs))
+        extra = asyncio.run(etcd_keepalive(args.target, window, args.leases, args.in_flight))
     print(json.dumps({**window.result(), **(extra or {})}))
 
 
