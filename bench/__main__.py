@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from . import _authority_throughput, _etcd, _load_test, _scale
+from . import _authority_throughput, _etcd, _load_test, _replication, _scale
 from ._common import Figure, Options
 
 Benchmark = Callable[[Options], list[Figure]]
@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, Benchmark | None]] = {
     "scale": ("memory per lease and expiry timeliness", _scale.run),
     "cutoff": ("cut-off latency (bench/_cutoff.py)", optional_benchmark("_cutoff")),
     "load": ("bounded load test with PASS/FAIL checks (bench/_load_test.py)", optional_benchmark("_load_test")),
+    "replication": ("authority replicas on etcd beside etcd's own leases and SQLite", _replication.run),
 }
 
 
