@@ -4,10 +4,15 @@ from ._audit import AuditLog
 from ._audit import AuditReceipt
 from ._audit import AuditSink
 from ._audit import AuditWriteError
+from ._audit import DuplicateEnd as AuditDuplicateEnd
+from ._audit import LastHash as AuditLastHash
+from ._audit import ReplicaVerifyResult as AuditReplicaVerifyResult
 from ._audit import VerifyError as AuditVerifyError
 from ._audit import VerifyResult as AuditVerifyResult
 from ._audit import tail as tail_audit_log
+from ._audit import read_last_hash as read_audit_last_hash
 from ._audit import verify as verify_audit_log
+from ._audit import verify_replicas as verify_audit_replicas
 from ._auth import ApiKeyAuthenticator
 from ._auth import AuthenticationError
 from ._auth import Authenticator
@@ -34,6 +39,10 @@ from ._policy import UnknownTierError
 from ._policy import load_policy
 from ._policy import parse_duration
 from ._policy import parse_policy
+from ._etcd_store import EndClaim
+from ._etcd_store import EtcdLeaseStore
+from ._store import ClockAnchor
+from ._store import ClockAnchorStore
 from ._store import LeaseStore
 from ._store import SqliteLeaseStore
 from ._store import StoreError
@@ -46,8 +55,11 @@ from ._tls import server_credentials as load_server_credentials
 
 __all__ = [
     "ApiKeyAuthenticator",
+    "AuditDuplicateEnd",
+    "AuditLastHash",
     "AuditLog",
     "AuditReceipt",
+    "AuditReplicaVerifyResult",
     "AuditSink",
     "AuditVerifyError",
     "AuditVerifyResult",
@@ -60,7 +72,11 @@ __all__ = [
     "Bounds",
     "CallerInfo",
     "Clock",
+    "ClockAnchor",
+    "ClockAnchorStore",
+    "EndClaim",
     "EndReason",
+    "EtcdLeaseStore",
     "InsecureDevAuthenticator",
     "LeaseSnapshot",
     "LeaseState",
@@ -86,6 +102,8 @@ __all__ = [
     "load_server_credentials",
     "parse_duration",
     "parse_policy",
+    "read_audit_last_hash",
     "tail_audit_log",
     "verify_audit_log",
+    "verify_audit_replicas",
 ]
