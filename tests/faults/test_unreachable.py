@@ -237,13 +237,15 @@ class ActiveSession:
 
 
 def test_holder_survives_authority_restart(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
-    holder = ActiveSession(authority_process.target)
+    # A longer idle timeout than the other tests: stopping and restarting a
+    # process takes seconds on a loaded machine, and the lease must outlive both.
+    holder = ActiveSession(authority_process.target, idle_timeout_seconds=12.0)
     try:
         holder.active_for(0.5)
 
         assert authority_process.stop() == 0
         # Long enough that the first renewal (a third of the idle timeout after the grant) falls in the outage.
-        during = holder.active_for(2.5)
+        during = holder.active_for(4.0)
         authority_process.restart()
         back_at = time.monotonic()
         renewed = holder.renewed_since(back_at, RECOVERY_TIMEOUT_SECONDS)
