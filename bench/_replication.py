@@ -25,9 +25,7 @@ etcd's leases and to the authority's.
 
 Each expiry measurement runs in a child process (``python -m
 bench._replication KIND --target HOST:PORT --leases N``) that prints its
-delays as JSON. The child imports etcd's full generated client, whose
-``etcdserverpb`` messages would clash in protobuf's descriptor pool with the
-Lease subset that ``_etcd`` loads into this process.
+delays as JSON, like the load clients of the other benchmarks.
 """
 
 from __future__ import annotations
