@@ -66,8 +66,14 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
 
 def seconds_to_duration(seconds: float) -> duration_pb2.Duration:
-    whole = math.floor(seconds)
-    return duration_pb2.Duration(seconds=int(whole), nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+    # Rounding the whole value, not only its fraction, carries a fraction that
+    # rounds up to a full second: 0.9999999999 s becomes 1 s, not 0 s.
+    nanoseconds = round(seconds * 1e9)
+    whole, nanos = divmod(abs(nanoseconds), 1_000_000_000)
+    if nanoseconds < 0:
+        # google.protobuf.Duration requires seconds and nanos of the same sign.
+        return duration_pb2.Duration(seconds=-whole, nanos=-nanos)
+    return duration_pb2.Duration(seconds=whole, nanos=nanos)
 
 
 def wall_to_timestamp(wall: float) -> timestamp_pb2.Timestamp:
@@ -98,6 +104,65 @@ def lease_to_proto(lease: LeaseSnapshot) -> pb.Lease:
     if lease.ended_wall is not None:
         message.ended_at.CopyFrom(wall_to_timestamp(lease.ended_wall))
     return message
+
+
+class GrantReplies:
+    """Cache of ``GrantResponse`` templates, one per tier and timeouts, that Grant replies are copied from.
+
+    A lease in a Grant reply has just been granted, so its durations follow
+    from its tier and timeouts alone: ``ttl`` is the shorter of
+    ``idle_timeout`` and ``max_duration``, ``max_remaining`` is
+    ``max_duration``, and ``age`` and ``idle_for`` are zero. Copying a
+    template with those fields costs a fraction of converting six durations
+    per reply. The reply equals
+    ``GrantResponse(lease_id=..., lease=lease_to_proto(lease))``, except
+    that the snapshot's ``ttl`` and ``max_remaining`` are differences of
+    clock readings and can be one nanosecond off after rounding.
+
+    Threading: call it from one thread (the servicer's event loop).
+    """
+
+    MAX_TEMPLATES = 256
+    """Maximum number of cached templates. Callers may request any idle timeout, so a full cache is cleared."""
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[str, float, float], pb.GrantResponse] = {}
+
+    def build(self, lease_id: str, lease: LeaseSnapshot) -> pb.GrantResponse:
+        """Return the reply to a Grant that created ``lease`` (a snapshot taken at its grant)."""
+        key = (lease.tier, lease.idle_timeout, lease.max_duration)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(*key)
+        reply = pb.GrantResponse()
+        reply.CopyFrom(template)
+        reply.lease_id = lease_id
+        message = reply.lease
+        message.fingerprint = lease.fingerprint
+        message.digest = lease.digest.hex()
+        message.principal = lease.principal
+        # The same split as Timestamp.FromNanoseconds, without building a second message.
+        granted_at = message.granted_at
+        granted_at.seconds, granted_at.nanos = divmod(int(lease.granted_wall * 1e9), 1_000_000_000)
+        return reply
+
+    def _template(self, tier: str, idle_timeout: float, max_duration: float) -> pb.GrantResponse:
+        if len(self._templates) >= self.MAX_TEMPLATES:
+            self._templates.clear()
+        template = pb.GrantResponse(
+            lease=pb.Lease(
+                tier=tier,
+                state=pb.LEASE_STATE_ALIVE,
+                idle_timeout=seconds_to_duration(idle_timeout),
+                max_duration=seconds_to_duration(max_duration),
+                ttl=seconds_to_duration(min(idle_timeout, max_duration)),
+                max_remaining=seconds_to_duration(max_duration),
+                age=seconds_to_duration(0.0),
+                idle_for=seconds_to_duration(0.0),
+            )
+        )
+        self._templates[(tier, idle_timeout, max_duration)] = template
+        return template
 
 
 def rule_to_proto(rule: MethodRule) -> pb.MethodRule:
@@ -363,6 +428,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._end_reply_timeout = end_reply_timeout_seconds
         self.grant_gate: Callable[[], str | None] = lambda: None
         self._store_replies = _StoreReplies()
+        self._grant_replies = GrantReplies()
         self._auth_log_at = -math.inf
         self._auth_log_suppressed = 0
 
@@ -498,8 +564,9 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             logger.error("grant for %s in tier %s not stored: %s", principal, tier.name, exc)
             raise Unavailable(f"the lease could not be stored: {exc}; retry later") from exc
         # Grants are in the audit log; one INFO line per grant would dominate a burst.
-        logger.debug("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
-        return pb.GrantResponse(lease_id=lease_id, lease=lease_to_proto(lease))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("granted lease %s to %s in tier %s", lease.fingerprint, principal, tier.name)
+        return self._grant_replies.build(lease_id, lease)
 
     def _acquire_grant_slot(self, principal: str) -> None:
         if self._limiter is None:

@@ -154,7 +154,14 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 _Operation = Callable[[sqlite3.Connection], None]
+_Write = _Operation | StoredLease
+"""A queued write: an operation on the connection, or a granted lease's row to insert."""
 _NOTHING: object = object()
+
+_INSERT_GRANT = (
+    "INSERT OR REPLACE INTO leases (digest, version, principal, tier, idle_timeout,"
+    " max_duration, granted_at, granted_wall, last_activity) VALUES (?,?,?,?,?,?,?,?,?)"
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -250,24 +257,8 @@ class SqliteLeaseStore:
     # -- writes --------------------------------------------------------------
 
     def save_grant(self, lease: StoredLease) -> concurrent.futures.Future[None]:
-        def write(connection: sqlite3.Connection) -> None:
-            connection.execute(
-                "INSERT OR REPLACE INTO leases (digest, version, principal, tier, idle_timeout,"
-                " max_duration, granted_at, granted_wall, last_activity) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    lease.digest,
-                    FORMAT_VERSION,
-                    lease.principal,
-                    lease.tier,
-                    lease.idle_timeout,
-                    lease.max_duration,
-                    lease.granted_at,
-                    lease.granted_wall,
-                    lease.last_activity,
-                ),
-            )
-
-        return self._submit(write)
+        # The row itself is queued, so the commit can insert consecutive rows with one executemany.
+        return self._submit(lease)
 
     def save_activity(self, digest: bytes, last_activity: float) -> None:
         with self._pending_lock:
@@ -359,17 +350,17 @@ class SqliteLeaseStore:
                 f" version {FORMAT_VERSION}; upgrade the authority or point --data-dir elsewhere"
             )
 
-    def _submit(self, operation: _Operation) -> concurrent.futures.Future[None]:
+    def _submit(self, write: _Write) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         if self._closed:
             future.set_exception(StoreError(f"lease store {self.path} is closed"))
             return future
-        self._queue.put((operation, future))
+        self._queue.put((write, future))
         return future
 
     def _run(self) -> None:
         while True:
-            batch: list[tuple[_Operation, concurrent.futures.Future[None]]] = []
+            batch: list[tuple[_Write, concurrent.futures.Future[None]]] = []
             stopping = False
             try:
                 item = self._queue.get(timeout=FLUSH_INTERVAL_SECONDS)
@@ -395,7 +386,7 @@ class SqliteLeaseStore:
             if stopping:
                 return
 
-    def _commit(self, batch: list[tuple[_Operation, concurrent.futures.Future[None]]]) -> None:
+    def _commit(self, batch: list[tuple[_Write, concurrent.futures.Future[None]]]) -> None:
         with self._pending_lock:
             activity, self._pending_activity = self._pending_activity, {}
             ends, self._pending_ends = self._pending_ends, {}
@@ -412,8 +403,7 @@ class SqliteLeaseStore:
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     [("clock_boot_id", anchor.boot_id), ("clock_offset", repr(anchor.offset))],
                 )
-            for operation, _ in batch:
-                operation(connection)
+            _apply_in_order(connection, batch)
             if ends:
                 # After the batch's grants, so an end granted and ended within one batch finds its row.
                 connection.executemany(
@@ -464,6 +454,33 @@ class SqliteLeaseStore:
             return
         for _, future in batch:
             _settle(future, None)
+
+
+def _apply_in_order(connection: sqlite3.Connection, batch: list[tuple[_Write, concurrent.futures.Future[None]]]) -> None:
+    """Run a batch's writes in queue order, inserting each run of consecutive lease rows with one executemany."""
+    rows: list[tuple[object, ...]] = []
+    for write, _ in batch:
+        if isinstance(write, StoredLease):
+            rows.append(
+                (
+                    write.digest,
+                    FORMAT_VERSION,
+                    write.principal,
+                    write.tier,
+                    write.idle_timeout,
+                    write.max_duration,
+                    write.granted_at,
+                    write.granted_wall,
+                    write.last_activity,
+                )
+            )
+            continue
+        if rows:
+            connection.executemany(_INSERT_GRANT, rows)
+            rows = []
+        write(connection)
+    if rows:
+        connection.executemany(_INSERT_GRANT, rows)
 
 
 def _settle(future: concurrent.futures.Future[None], error: Exception | None) -> None:

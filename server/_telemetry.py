@@ -122,8 +122,11 @@ class SessionTelemetry:
                     MAX_DURATION: lease.max_duration,
                 },
             )
-            with self._lock:
-                self._grant_contexts[lease.digest] = span.get_span_context()
+            grant_context = span.get_span_context()
+            # An invalid context (no SDK installed and no incoming trace) cannot be linked, so it is not kept.
+            if grant_context.is_valid:
+                with self._lock:
+                    self._grant_contexts[lease.digest] = grant_context
             return span
         except Exception:  # noqa: BLE001 - telemetry must not fail a grant
             logger.exception("could not start the grant span of lease %s", lease.fingerprint)
