@@ -20,6 +20,7 @@ from session_authority.clients._session import (
     EndCallback,
     EndPolicy,
     LeaseHolder,
+    LeaseSnapshot,
     _SessionBase,
 )
 from session_authority.clients._types import RenewResult, SessionEndEvent
@@ -135,17 +136,17 @@ class AioSession(_SessionBase):
 
         return aio_lease_interceptors(self)
 
-    async def _lease_for_call(self) -> LeaseHolder:
-        holder = self._lease_for_call_nowait()
-        if holder is not None:
-            return holder
+    async def _lease_for_call(self) -> LeaseSnapshot:
+        snapshot = self._lease_for_call_nowait()
+        if snapshot is not None:
+            return snapshot
         async with self._grant_lock:
             if self._needs_grant_locked():
                 self._loop = asyncio.get_running_loop()
                 self._install(await self._client.grant(**self._grant_kwargs()))
-        holder = self._lease_for_call_nowait(granted_for_this_call=True)
-        assert holder is not None
-        return holder
+        snapshot = self._lease_for_call_nowait(granted_for_this_call=True)
+        assert snapshot is not None
+        return snapshot
 
     def _register(self, holder: LeaseHolder) -> None:
         loop = self._loop

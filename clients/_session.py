@@ -21,12 +21,12 @@ import random
 import threading
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
 
 import grpc
 
 from session_authority.clients._errors import AuthorityError, NotFound
-from session_authority.clients._metadata import END_REASON_TRAILER_KEY, EndReason
+from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY, EndReason
 from session_authority.clients._types import GrantedLease, LeaseInfo, LeaseState
 
 if TYPE_CHECKING:
@@ -120,6 +120,22 @@ def end_reason_of_rejection(
     return None
 
 
+class LeaseSnapshot(NamedTuple):
+    """The parts of an alive lease that every call needs, read without a lock.
+
+    A holder replaces its snapshot as a whole (one attribute assignment)
+    when a renewal moves the local deadline, and drops it when the lease
+    ends, so a reader never sees one field updated and another not.
+    """
+
+    lease_id: str
+    """The lease ID, a bearer credential: never log it."""
+    metadata: tuple[tuple[str, str]]
+    """``((LEASE_METADATA_KEY, lease_id),)``: request metadata carrying only the lease."""
+    local_deadline: float
+    """Monotonic time after which the holder treats the lease as ended."""
+
+
 class LeaseHolder:
     """The state of one granted lease: local deadline, activity, renewal progress and end.
 
@@ -128,7 +144,17 @@ class LeaseHolder:
     ended, and the end callback runs exactly once, outside the lock, on the
     thread that observed the end.
 
-    Threading: every method may be called from any thread.
+    Threading: every method may be called from any thread. Reading
+    :attr:`snapshot` and calling :meth:`mark_activity`, the two steps of
+    every call, take no lock. The snapshot is one attribute holding an
+    immutable tuple, replaced under the lock, so a lock-free read returns
+    either the old or the new tuple. :meth:`mark_activity` writes one float,
+    which the keeper reads under the lock. These reads and writes are atomic,
+    and happen in program order, because CPython runs one bytecode at a time
+    under the GIL.
+
+    NOTE: free-threaded CPython builds (no GIL) were not tested. The
+    ordering argument for the keeper's wake-up flag assumes the GIL.
 
     Args:
         granted: The grant reply.
@@ -157,11 +183,19 @@ class LeaseHolder:
         self._margin_fixed = drift_margin_fixed_seconds
         self._lock = threading.Lock()
         self._end_reason: EndReason | None = None
+        self._metadata: tuple[tuple[str, str]] = ((LEASE_METADATA_KEY, self.lease_id),)
+        self._snapshot: LeaseSnapshot | None = None
 
         # The grant itself is activity at the authority, so the first
         # renewal is due a third of the idle timeout after it was sent.
         self._last_activity = granted.sent_at_monotonic
         self._covered_activity = granted.sent_at_monotonic
+        # True while the keeper has found nothing to renew and sleeps without
+        # a wake-up time for this lease, so the next activity must wake it.
+        # Writers set _last_activity and then read this flag. The keeper sets
+        # this flag and then reads _last_activity. Whichever runs second
+        # reads the other's write, so no activity goes unnoticed.
+        self._wake_on_activity = True
         self._last_renewal_sent = granted.sent_at_monotonic
         self._renewal_in_flight = False
         self._failures = 0
@@ -172,6 +206,7 @@ class LeaseHolder:
             self._local_deadline, self._deadline_is_cap = self._deadline_from(
                 granted.lease, granted.sent_at_monotonic
             )
+            self._snapshot = LeaseSnapshot(self.lease_id, self._metadata, self._local_deadline)
         else:
             self._end_reason = granted.lease.end_reason or EndReason.UNKNOWN
 
@@ -184,6 +219,15 @@ class LeaseHolder:
         return sent_at + remaining - margin, is_cap
 
     # -- reading -----------------------------------------------------------
+
+    @property
+    def snapshot(self) -> LeaseSnapshot | None:
+        """The lease ID, its metadata and the local deadline; None once the lease has ended.
+
+        Read without a lock. The deadline in it may have passed: compare it
+        with the clock, and call :meth:`check_deadline` when it has.
+        """
+        return self._snapshot
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -220,18 +264,24 @@ class LeaseHolder:
 
     # -- activity and ends -------------------------------------------------------
 
-    def mark_activity(self) -> bool:
-        """Record that a call or stream message used the lease now.
+    def mark_activity(self, now: float | None = None) -> bool:
+        """Record that a call or stream message used the lease at ``now`` (default: the clock).
+
+        Takes no lock, so every call and stream message can afford it.
 
         Returns:
-            True when this activity made a renewal necessary where none was
-            before, so the keeper should look at the holder soon.
+            True when the keeper had found nothing to renew for this lease
+            since this method last returned True, so it should be woken to
+            look at the lease again.
         """
-        now = self._clock()
-        with self._lock:
-            newly_due = self._last_activity <= self._covered_activity
-            self._last_activity = now
-        return newly_due
+        if now is None:
+            now = self._clock()
+        # Write first, then read the flag (see _wake_on_activity in __init__).
+        self._last_activity = now
+        if not self._wake_on_activity:
+            return False
+        self._wake_on_activity = False
+        return True
 
     def check_deadline(self, now: float | None = None) -> bool:
         """End the lease locally if its local deadline has passed.
@@ -248,6 +298,7 @@ class LeaseHolder:
                 return False
             reason = self._local_end_reason()
             self._end_reason = reason
+            self._snapshot = None
         self._notify_end(reason)
         return True
 
@@ -268,6 +319,7 @@ class LeaseHolder:
             if self._end_reason is not None:
                 return False
             self._end_reason = reason
+            self._snapshot = None
         self._notify_end(reason)
         return True
 
@@ -285,13 +337,17 @@ class LeaseHolder:
 
         A renewal is needed only when activity happened since the last one
         that succeeded; it is sent a third of the idle timeout after the
-        previous one, or at the retry time after a failure.
+        previous one, or at the retry time after a failure. When none is
+        needed, the next :meth:`mark_activity` returns True.
         """
         with self._lock:
             if self._end_reason is not None or self._renewal_in_flight:
                 return None
+            # Set the flag before reading _last_activity (see _wake_on_activity in __init__).
+            self._wake_on_activity = True
             if self._last_activity <= self._covered_activity:
                 return None
+            self._wake_on_activity = False
             if self._failures:
                 return self._next_retry_at
             return self._last_renewal_sent + self.idle_timeout_seconds / 3
@@ -331,9 +387,11 @@ class LeaseHolder:
                 deadline, is_cap = self._deadline_from(lease, sent_at)
                 if deadline > self._local_deadline:
                     self._local_deadline, self._deadline_is_cap = deadline, is_cap
+                    self._snapshot = LeaseSnapshot(self.lease_id, self._metadata, deadline)
                 return
             reason = lease.end_reason or EndReason.UNKNOWN
             self._end_reason = reason
+            self._snapshot = None
         self._notify_end(reason)
 
     def fail_renewal(self, error: BaseException) -> None:
@@ -408,6 +466,10 @@ class _SessionBase:
         self._state_lock = threading.Lock()
         self._holder: LeaseHolder | None = None
         self._closed = False
+        # The holder while the session is open, None before the first grant
+        # and after close. The call path reads this one attribute without the
+        # state lock. Written under the state lock with _holder and _closed.
+        self._open_holder: LeaseHolder | None = None
 
     # -- public reading ------------------------------------------------------
 
@@ -454,21 +516,40 @@ class _SessionBase:
         return self._keeper
 
     def mark_activity(self) -> None:
-        """Record activity without a call (the interceptors do this for every call and message)."""
-        with self._state_lock:
-            holder = self._holder
+        """Record activity without a call (the interceptors do this for every call and message).
+
+        Takes no lock unless the keeper has to be woken.
+        """
+        holder = self._open_holder
         if holder is not None and holder.mark_activity():
             self._keeper.wake()
 
     # -- call path -----------------------------------------------------------
 
-    def _lease_for_call_nowait(self, *, granted_for_this_call: bool = False) -> LeaseHolder | None:
-        """Return the alive holder with activity marked, or None when a grant is needed first.
+    def _lease_for_call_nowait(self, *, granted_for_this_call: bool = False) -> LeaseSnapshot | None:
+        """Return the alive lease with activity marked, or None when a grant is needed first.
+
+        While the lease is alive and its local deadline has not passed, this
+        takes no lock: it reads the holder and its snapshot, one attribute
+        each, and marks activity with one attribute write.
 
         Raises:
             SessionEnded: The session is closed, or the lease ended and the
                 policy (or the one grant a call may make) forbids another grant.
         """
+        holder = self._open_holder
+        if holder is not None:
+            snapshot = holder.snapshot
+            if snapshot is not None:
+                now = self._clock()
+                if now < snapshot.local_deadline:
+                    if holder.mark_activity(now):
+                        self._keeper.wake()
+                    return snapshot
+        return self._lease_for_call_slow(granted_for_this_call)
+
+    def _lease_for_call_slow(self, granted_for_this_call: bool) -> LeaseSnapshot | None:
+        # No grant yet, the session is closed, the deadline passed or the lease ended.
         with self._state_lock:
             holder, closed = self._holder, self._closed
         if closed:
@@ -476,9 +557,12 @@ class _SessionBase:
         if holder is None:
             return None
         if not holder.check_deadline():
-            if holder.mark_activity():
-                self._keeper.wake()
-            return holder
+            snapshot = holder.snapshot
+            # None when another thread ended the lease since check_deadline().
+            if snapshot is not None:
+                if holder.mark_activity():
+                    self._keeper.wake()
+                return snapshot
         reason = holder.end_reason or EndReason.UNKNOWN
         if self._end_policy == "raise" or granted_for_this_call:
             raise SessionEnded(reason, holder.fingerprint)
@@ -503,6 +587,7 @@ class _SessionBase:
             closed = self._closed
             if not closed:
                 self._holder = holder
+                self._open_holder = holder
         if closed:
             raise SessionEnded(EndReason.RELEASED, holder.fingerprint)
         logger.debug(
@@ -549,6 +634,7 @@ class _SessionBase:
             if self._closed:
                 return None
             self._closed = True
+            self._open_holder = None
             holder = self._holder
         if holder is None or holder.check_deadline():
             return None
@@ -675,16 +761,16 @@ class Session(_SessionBase):
 
         return LeaseClientInterceptor(self)
 
-    def _lease_for_call(self) -> LeaseHolder:
-        holder = self._lease_for_call_nowait()
-        if holder is not None:
-            return holder
+    def _lease_for_call(self) -> LeaseSnapshot:
+        snapshot = self._lease_for_call_nowait()
+        if snapshot is not None:
+            return snapshot
         with self._grant_lock:
             if self._needs_grant_locked():
                 self._install(self._client.grant(**self._grant_kwargs()))
-        holder = self._lease_for_call_nowait(granted_for_this_call=True)
-        assert holder is not None
-        return holder
+        snapshot = self._lease_for_call_nowait(granted_for_this_call=True)
+        assert snapshot is not None
+        return snapshot
 
     def _register(self, holder: LeaseHolder) -> None:
         from session_authority.clients._keeper import SyncLink

@@ -24,6 +24,7 @@ from session_authority.interceptors._client import _CallObserver, has_lease_key
 
 if TYPE_CHECKING:
     from session_authority.clients._aio_session import AioSession
+    from session_authority.clients._session import LeaseSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ async def _responses_marking_activity(
 class _AioLeaseInterceptor:
     def __init__(self, session: AioSession) -> None:
         self._session = session
+        self._observer: _AioCallObserver | None = None
 
     async def _prepare(
         self, details: grpc.aio.ClientCallDetails
@@ -108,15 +110,27 @@ class _AioLeaseInterceptor:
         metadata = details.metadata
         if has_lease_key(metadata):
             return details, None
-        holder = await self._session._lease_for_call()
+        # Await the session only when it must grant first. An alive lease
+        # is read without a lock and without creating a coroutine.
+        snapshot = self._session._lease_for_call_nowait()
+        if snapshot is None:
+            snapshot = await self._session._lease_for_call()
         new_details = grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
-            aio_metadata_with_lease(metadata, holder.lease_id),
+            aio_metadata_with_lease(metadata, snapshot.lease_id),
             details.credentials,
             details.wait_for_ready,
         )
-        return new_details, _AioCallObserver(self._session, holder.lease_id)
+        return new_details, self._observer_for(snapshot)
+
+    def _observer_for(self, snapshot: LeaseSnapshot) -> _AioCallObserver:
+        # One observer per lease rather than per call, as in the blocking interceptor.
+        observer = self._observer
+        if observer is None or observer.lease_id != snapshot.lease_id:
+            observer = _AioCallObserver(self._session, snapshot.lease_id)
+            self._observer = observer
+        return observer
 
 
 class AioUnaryUnaryLeaseInterceptor(_AioLeaseInterceptor, grpc.aio.UnaryUnaryClientInterceptor):

@@ -18,7 +18,7 @@ from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import end_reason_of_rejection
 
 if TYPE_CHECKING:
-    from session_authority.clients._session import Session, _SessionBase
+    from session_authority.clients._session import LeaseSnapshot, Session, _SessionBase
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +68,30 @@ def _details_with_metadata(details: grpc.ClientCallDetails, metadata: Any) -> _C
 
 
 class _CallObserver:
-    """Reads the outcome of calls made under one lease and reports lease ends to the session."""
+    """Reads the outcome of calls made under one lease and reports lease ends to the session.
+
+    One observer serves every call made under its lease, from any thread.
+    """
 
     def __init__(self, session: _SessionBase, lease_id: str) -> None:
         self._session = session
-        self._lease_id = lease_id
+        self.lease_id = lease_id
 
     def observe_call(self, call: Any) -> None:
+        """Report the lease end carried by a finished call, if any (a ``grpc.Future`` done callback)."""
         # Done callbacks must not raise: a failure here would hide the call's own result.
         try:
-            reason = end_reason_of_rejection(call.code(), call.trailing_metadata())
+            # exception() is the cheapest test of success. For a blocking
+            # unary call, grpcio 1.85 returns None from it without taking the
+            # call's lock, while code() takes it.
+            if call.exception() is None:
+                return
+            code = call.code()
+            if code != grpc.StatusCode.UNAUTHENTICATED:
+                return
+            reason = end_reason_of_rejection(code, call.trailing_metadata())
+        except grpc.FutureCancelledError:
+            return
         except Exception:
             logger.debug("could not read the status of a finished call", exc_info=True)
             return
@@ -97,7 +111,7 @@ class _CallObserver:
 
     def _report(self, reason: EndReason | None) -> None:
         if reason is not None:
-            self._session._report_rejection(self._lease_id, reason)
+            self._session._report_rejection(self.lease_id, reason)
 
 
 def _requests_marking_activity(requests: Iterator[Any], mark: Callable[[], None]) -> Iterator[Any]:
@@ -203,14 +217,30 @@ class LeaseClientInterceptor(
 
     def __init__(self, session: Session) -> None:
         self._session = session
+        self._observer: _CallObserver | None = None
 
     def _prepare(self, details: grpc.ClientCallDetails) -> tuple[grpc.ClientCallDetails, _CallObserver | None]:
         metadata = getattr(details, "metadata", None)
-        if has_lease_key(metadata):
+        if metadata is None:
+            snapshot = self._session._lease_for_call()
+            # The snapshot's tuple is immutable, so every call may share it.
+            new_metadata = snapshot.metadata
+        elif has_lease_key(metadata):
             return details, None
-        holder = self._session._lease_for_call()
-        new_details = _details_with_metadata(details, metadata_with_lease(metadata, holder.lease_id))
-        return new_details, _CallObserver(self._session, holder.lease_id)
+        else:
+            snapshot = self._session._lease_for_call()
+            new_metadata = metadata_with_lease(metadata, snapshot.lease_id)
+        return _details_with_metadata(details, new_metadata), self._observer_for(snapshot)
+
+    def _observer_for(self, snapshot: LeaseSnapshot) -> _CallObserver:
+        # One observer per lease rather than per call. Threads racing after a
+        # new grant may each build one; the last assignment wins, and any of
+        # them reports to the right lease.
+        observer = self._observer
+        if observer is None or observer.lease_id != snapshot.lease_id:
+            observer = _CallObserver(self._session, snapshot.lease_id)
+            self._observer = observer
+        return observer
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         details, observer = self._prepare(client_call_details)

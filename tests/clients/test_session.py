@@ -173,6 +173,84 @@ def test_holder_mark_activity_reports_new_need() -> None:
     assert holder.mark_activity() is False
 
 
+def test_holder_activity_after_idle_scan_wakes() -> None:
+    clock = FakeClock()
+    holder, _ = make_holder(clock)
+    holder.mark_activity()
+    renewal = holder.begin_renewal(clock.now)
+    assert renewal is not None
+    holder.finish_renewal(lease_info(ttl=1.0), sent_at=clock.now, activity_time=renewal[2])
+
+    assert holder.renewal_due_at() is None
+    clock.now += 0.1
+
+    assert holder.mark_activity() is True
+    assert holder.mark_activity() is False
+
+
+def test_holder_activity_while_renewal_due_no_wake() -> None:
+    clock = FakeClock()
+    holder, _ = make_holder(clock, idle=1.0)
+    clock.now += 0.1
+    holder.mark_activity()
+
+    assert holder.renewal_due_at() is not None
+    clock.now += 0.1
+
+    assert holder.mark_activity() is False
+
+
+def test_holder_snapshot_carries_lease() -> None:
+    clock = FakeClock()
+    holder, _ = make_holder(clock, ttl=1.0)
+
+    snapshot = holder.snapshot
+
+    assert snapshot is not None
+    assert snapshot.lease_id == "lease-id"
+    assert snapshot.metadata == (("session-lease", "lease-id"),)
+    assert snapshot.local_deadline == holder.local_deadline
+
+
+def test_holder_snapshot_follows_renewal() -> None:
+    clock = FakeClock()
+    holder, _ = make_holder(clock, ttl=1.0)
+    before = holder.snapshot
+    clock.now += 0.5
+    holder.mark_activity()
+    renewal = holder.begin_renewal(clock.now)
+    assert renewal is not None
+
+    holder.finish_renewal(lease_info(ttl=1.0), sent_at=clock.now, activity_time=renewal[2])
+
+    after = holder.snapshot
+    assert before is not None
+    assert after is not None
+    assert after.local_deadline == holder.local_deadline
+    assert after.local_deadline > before.local_deadline
+    assert after.metadata == before.metadata
+
+
+@pytest.mark.parametrize("ending", ["end", "deadline", "renewal_reply"])
+def test_holder_snapshot_cleared_on_end(ending: str) -> None:
+    clock = FakeClock()
+    holder, _ = make_holder(clock, ttl=1.0)
+
+    if ending == "end":
+        holder.end(EndReason.REVOKED)
+    elif ending == "deadline":
+        clock.now += 1.0
+        holder.check_deadline()
+    else:
+        holder.begin_renewal(clock.now)
+        holder.finish_renewal(
+            lease_info(ttl=0.0, state=LeaseState.ENDED, end_reason=EndReason.REVOKED), clock.now, clock.now
+        )
+
+    assert holder.ended
+    assert holder.snapshot is None
+
+
 def test_holder_retry_backoff_before_deadline() -> None:
     clock = FakeClock()
     holder, _ = make_holder(clock, ttl=1.0, idle=1.0)
@@ -363,6 +441,47 @@ def test_sessions_share_one_stream(client: AuthorityClient, keeper: LeaseKeeper)
     assert keeper.stats.batches_sent >= 3
     for session in sessions:
         session.close()
+
+
+def test_session_concurrent_callers_keep_lease(client: AuthorityClient, keeper: LeaseKeeper) -> None:
+    ends: list[EndReason] = []
+    session = Session(client, tier="short", keeper=keeper, watch=False, on_end=ends.append).open()
+    lease_ids: set[str] = set()
+    errors: list[BaseException] = []
+    stop_at = time.monotonic() + 1.5
+
+    def call_repeatedly() -> None:
+        try:
+            while time.monotonic() < stop_at:
+                lease_ids.add(session._lease_for_call().lease_id)
+                session.mark_activity()
+                # Real callers wait for replies; busy loops would starve the
+                # in-process authority of the GIL.
+                time.sleep(0.002)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call_repeatedly) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert lease_ids == {session.lease_id}
+    assert ends == []
+    assert session.state is SessionState.ALIVE
+    assert keeper.stats.batches_sent >= 3
+    session.close()
+
+
+def test_session_mark_activity_after_close(client: AuthorityClient, keeper: LeaseKeeper) -> None:
+    session = Session(client, tier="standard", keeper=keeper).open()
+    session.close()
+
+    session.mark_activity()
+
+    assert session.state is SessionState.CLOSED
 
 
 def test_session_watch_learns_revoke(client: AuthorityClient, admin: AuthorityClient, keeper: LeaseKeeper) -> None:

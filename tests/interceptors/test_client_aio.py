@@ -216,9 +216,9 @@ def test_aio_stream_messages_mark_activity(run) -> None:  # type: ignore[no-unty
         marks: list[float] = []
         original = holder.mark_activity
 
-        def counting_mark() -> bool:
+        def counting_mark(now: float | None = None) -> bool:
             marks.append(time.monotonic())
-            return original()
+            return original(now)
 
         holder.mark_activity = counting_mark  # type: ignore[method-assign]
 
@@ -395,6 +395,29 @@ def test_aio_reauthenticate_grants_new_lease(run, admin, protected) -> None:  # 
         assert response == b"three"
         assert ends == [EndReason.REVOKED]
         assert session.fingerprint != first
+
+    run(scenario, tier="standard", end_policy="reauthenticate", watch=False, on_end=ends.append)
+
+
+def test_aio_rejection_ends_each_new_lease(run, admin, protected) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def scenario(session: AioSession, make_channel: Any) -> None:
+        unary = make_channel().unary_unary(UNARY)
+        fingerprints = []
+
+        for _ in range(2):
+            await unary(b"grant")
+            fingerprints.append(session.fingerprint)
+            assert session.lease_id is not None
+            admin.revoke(session.lease_id)
+            assert await wait_for(lambda: [end.fingerprint for end in protected.server_ends] == fingerprints)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary(b"rejected")
+
+        assert ends == [EndReason.REVOKED, EndReason.REVOKED]
+        assert fingerprints[0] != fingerprints[1]
+        assert session.state is SessionState.ENDED
 
     run(scenario, tier="standard", end_policy="reauthenticate", watch=False, on_end=ends.append)
 

@@ -184,9 +184,9 @@ def test_stream_messages_mark_activity(client, keeper, make_channel) -> None:  #
     marks: list[float] = []
     original = holder.mark_activity
 
-    def counting_mark() -> bool:
+    def counting_mark(now: float | None = None) -> bool:
         marks.append(time.monotonic())
-        return original()
+        return original(now)
 
     holder.mark_activity = counting_mark  # type: ignore[method-assign]
 
@@ -343,6 +343,39 @@ def test_reauthenticate_grants_new_lease(client, keeper, make_channel, admin, pr
     assert ends == [EndReason.REVOKED]
     assert session.fingerprint != first
     assert session.state is SessionState.ALIVE
+
+
+def test_rejection_ends_each_new_lease(client, keeper, make_channel, admin, protected) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+    session = Session(client, tier="standard", keeper=keeper, end_policy="reauthenticate", on_end=ends.append, watch=False)
+    unary = make_channel(session.interceptor()).unary_unary(UNARY)
+    fingerprints = []
+
+    for _ in range(2):
+        unary(b"grant")
+        fingerprints.append(session.fingerprint)
+        assert session.lease_id is not None
+        admin.revoke(session.lease_id)
+        assert wait_for(lambda: [end.fingerprint for end in protected.server_ends] == fingerprints)
+        with pytest.raises(grpc.RpcError):
+            unary(b"rejected")
+
+    assert ends == [EndReason.REVOKED, EndReason.REVOKED]
+    assert fingerprints[0] != fingerprints[1]
+    assert session.state is SessionState.ENDED
+
+
+def test_future_rejection_ends_session(client, keeper, make_channel, admin) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+    session = Session(client, tier="standard", keeper=keeper, on_end=ends.append, watch=False).open()
+    assert session.lease_id is not None
+    admin.revoke(session.lease_id)
+
+    future = make_channel(session.interceptor()).unary_unary(UNARY).future(b"x")
+
+    assert future.exception(timeout=5) is not None
+    assert future.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert wait_for(lambda: ends == [EndReason.REVOKED], 2.0)
 
 
 def test_revoke_observed_by_watch(client, keeper, make_channel, admin, protected) -> None:  # type: ignore[no-untyped-def]
