@@ -4,7 +4,7 @@ from ._audit import AuditLog
 from ._audit import AuditReceipt
 from ._audit import AuditSink
 from ._audit import AuditWriteError
-from ._audit import DuplicateEnd as AuditDuplicateEnd
+from ._audit import DuplicateEvent as AuditDuplicateEvent
 from ._audit import LastHash as AuditLastHash
 from ._audit import ReplicaVerifyResult as AuditReplicaVerifyResult
 from ._audit import VerifyError as AuditVerifyError
@@ -55,7 +55,7 @@ from ._tls import server_credentials as load_server_credentials
 
 __all__ = [
     "ApiKeyAuthenticator",
-    "AuditDuplicateEnd",
+    "AuditDuplicateEvent",
     "AuditLastHash",
     "AuditLog",
     "AuditReceipt",

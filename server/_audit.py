@@ -16,6 +16,11 @@ The chain alone cannot show that records were cut from its end, because no
 later record is left to disagree. So after every durable write the log also
 stores the seq and hash of its last record in ``last-hash.json``, replaced
 atomically, and :func:`verify` checks a directory against that file.
+
+A lease store outlives an audit chain when the operator moves an audit
+directory aside and starts a new chain in an empty one. ``chain-start.json``
+stores the authority time at which the chain in a directory started, so that
+the authority writes no grant record of an earlier chain into it again.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ LOCK_FILE_NAME = "audit.lock"
 
 LAST_HASH_FILE_NAME = "last-hash.json"
 """File in the audit directory that stores the seq and hash of the last durable record."""
+
+CHAIN_START_FILE_NAME = "chain-start.json"
+"""File in the audit directory that stores the authority time at which its chain started."""
 
 MAX_BATCH_RECORDS = 1024
 """Maximum number of queued records that :class:`AuditSink` writes with one write and one fsync."""
@@ -216,9 +224,17 @@ class AuditWriteError(OSError):
     """The audit log could not be opened, recovered or appended to.
 
     ``filename`` names the file; ``errno`` is that of the underlying error
-    when there is one. When raised by :meth:`AuditLog.append`, nothing of the
-    record stays in the file, so the caller may retry with the same event ID.
+    when there is one. ``str()`` of the error is its message alone, a
+    sentence that names the path, the problem and what to do next. When
+    raised by :meth:`AuditLog.append`, nothing of the record stays in the
+    file, so the caller may retry with the same event ID.
     """
+
+    def __str__(self) -> str:
+        # OSError would print "[Errno N] message: 'filename'", which makes the
+        # file look like the subject of the advice when the message means the
+        # directory. Every message raised here names its path already.
+        return self.strerror or super().__str__()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +285,48 @@ def _parse_last_hash(data: bytes) -> LastHash:
     if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
         raise ValueError(f"hash must be 64 lower-case hex characters, got {digest!r}")
     return LastHash(seq=seq, hash=digest)
+
+
+def read_chain_start(directory: Path) -> float | None:
+    """Read the ``chain-start.json`` file of an audit directory.
+
+    Returns:
+        The authority time (seconds) at which the chain in the directory
+        started, or None when the directory has no such file (a chain
+        started by a version that did not write it).
+
+    Raises:
+        ValueError: The file is not a valid chain-start record; the message
+            names the file and the problem.
+        OSError: The file exists but cannot be read.
+    """
+    path = Path(directory) / CHAIN_START_FILE_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    record = _parse_line(data.rstrip(b"\n"))
+    if record is None:
+        raise ValueError(f"{path}: not a JSON object, so it was edited or corrupted")
+    if record.get("v") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown format version {record.get('v')!r}; this version reads {FORMAT_VERSION}")
+    authority_time = record.get("authority_time")
+    if isinstance(authority_time, bool) or not isinstance(authority_time, (int, float)):
+        raise ValueError(f"{path}: authority_time must be a number of seconds, got {authority_time!r}")
+    return float(authority_time)
+
+
+def _write_file_atomically(path: Path, data: bytes, fsync: bool) -> None:
+    """Replace ``path`` with ``data``: write a temporary file, fsync it, rename it over ``path``."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        _write_all(fd, data)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
 
 
 @dataclasses.dataclass(slots=True)
@@ -403,7 +461,9 @@ class AuditLog:
     and hash of its last record. Opening a directory whose log ends before
     that record, or contains another record at that seq, raises
     :class:`AuditWriteError`, so that new records cannot cover up records
-    removed from the end while the log was closed.
+    removed from the end while the log was closed. Opening a log that has
+    records but no ``last-hash.json`` logs a warning, because then nothing
+    shows whether records were cut from its end.
 
     Threading: all methods may be called from any thread; one lock serializes
     them, and :meth:`append` blocks on disk I/O (including ``fsync``) while
@@ -430,8 +490,8 @@ class AuditLog:
         ValueError: ``max_bytes`` is smaller than :data:`MIN_MAX_BYTES`.
         AuditWriteError: The directory or files cannot be created, read or
             locked, the current file's last record cannot be resumed from,
-            or the log does not contain the record that ``last-hash.json``
-            names.
+            ``last-hash.json`` cannot be read, or the log does not contain
+            the record that ``last-hash.json`` names.
     """
 
     def __init__(
@@ -475,6 +535,8 @@ class AuditLog:
         # Seq that last-hash.json contains; behind _last_seq while replacing it fails.
         self._last_hash_file_seq = 0
         self._last_hash_file_failures = 0
+        # Set by _recover: no audit file had a byte and there was no last-hash.json.
+        self._started_empty = False
 
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
@@ -486,8 +548,13 @@ class AuditLog:
             self._release_files()
             if isinstance(exc, AuditWriteError):
                 raise
+            path = exc.filename or self._path
             raise AuditWriteError(
-                exc.errno, f"failed to open the audit log: {exc.strerror or exc}", str(exc.filename or self._path)
+                exc.errno,
+                f"failed to open the audit log in {self._directory}: {path}: {exc.strerror or exc}. Fix that"
+                " path, so that the directory and its audit files are ones this process can read and write,"
+                " then start again",
+                str(path),
             ) from exc
         except BaseException:
             self._release_files()
@@ -504,6 +571,69 @@ class AuditLog:
     def path(self) -> Path:
         """Path of the file that records are appended to (``audit.jsonl``)."""
         return self._path
+
+    @property
+    def started_empty(self) -> bool:
+        """True if opening found no audit file with a byte in it and no ``last-hash.json``, as in a new chain."""
+        return self._started_empty
+
+    def chain_start_time(self, authority_time: float) -> float | None:
+        """Return the authority time at which this directory's chain started, storing it for a new chain.
+
+        A lease store can hold leases granted before the chain in this
+        directory started, when an earlier chain was moved aside or the log
+        was off. Their grant records belong to that earlier chain, and the
+        authority uses the returned time to tell them apart from leases
+        whose records a crash kept from this chain.
+
+        Reads ``chain-start.json``. When it is missing and the log
+        :attr:`started_empty`, writes ``authority_time`` to it first (fsynced
+        when the log fsyncs), so every later open returns the same time.
+
+        Args:
+            authority_time: The authority's time now, in seconds; leases
+                granted from now on have their grant records in this chain.
+
+        Returns:
+            The stored time, or None for a chain that has records but no
+            ``chain-start.json`` (started by a version that did not write it).
+
+        Raises:
+            AuditWriteError: The file cannot be read, is invalid, or cannot
+                be written.
+        """
+        path = self._directory / CHAIN_START_FILE_NAME
+        try:
+            stored = read_chain_start(self._directory)
+        except ValueError as exc:
+            raise AuditWriteError(
+                errno.EINVAL,
+                f"cannot tell when the audit chain in {self._directory} started: {exc}. Restore the file from a"
+                f" backup, or move {self._directory} aside to start a new chain",
+                str(path),
+            ) from exc
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"cannot read {path}: {exc.strerror or exc}. It must be a file that this process can read;"
+                " fix it and start again",
+                str(path),
+            ) from exc
+        if stored is not None or not self._started_empty:
+            return stored
+
+        data = _encode({"v": FORMAT_VERSION, "authority_time": authority_time}) + b"\n"
+        try:
+            _write_file_atomically(path, data, self._fsync)
+            if self._fsync:
+                _fsync_directory(self._directory)
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"failed to write {path}: {exc.strerror or exc}. Make {self._directory} writable, then start again",
+                str(path),
+            ) from exc
+        return authority_time
 
     @property
     def last_seq(self) -> int:
@@ -579,8 +709,8 @@ class AuditLog:
         except BlockingIOError as exc:
             raise AuditWriteError(
                 errno.EWOULDBLOCK,
-                "the audit directory is already open for writing by another AuditLog or process; "
-                "close it or give this one another data directory",
+                f"the audit directory {self._directory} is already open for writing by another AuditLog or"
+                f" process, which holds a lock on {lock_path}; stop it, or give this one another data directory",
                 str(lock_path),
             ) from exc
 
@@ -602,6 +732,9 @@ class AuditLog:
         # Checked before the torn tail is cut, so a failed check leaves the files as found.
         self._check_last_hash_file(stored, current, previous)
         data = self._remove_torn_tail(data, keep)
+        self._started_empty = stored is None and not rotated and not data
+        if stored is None and not self._started_empty:
+            self._warn_last_hash_file_missing(current, previous)
 
         if current.records > 0:
             self._resume_from(current)
@@ -621,15 +754,46 @@ class AuditLog:
             self._last_hash_file_seq = stored.seq
 
     def _read_last_hash_file(self) -> LastHash | None:
+        path = self._last_hash_path
+        verify_command = f"session-authority audit verify {self._directory}"
         try:
             return read_last_hash(self._directory)
         except ValueError as exc:
             raise AuditWriteError(
                 errno.EINVAL,
-                f"cannot check the end of the audit log: {exc}. Run 'session-authority audit verify "
-                f"{self._directory}', and if the chain is intact, delete {LAST_HASH_FILE_NAME}",
-                str(self._last_hash_path),
+                f"cannot check the end of the audit log in {self._directory}: {exc}. Run '{verify_command}',"
+                f" and if the chain is intact, delete {path}",
+                str(path),
             ) from exc
+        except IsADirectoryError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"cannot check the end of the audit log in {self._directory}: {path} is a directory, but it"
+                " must be the file that stores the seq and hash of the last record. Move that directory out of"
+                f" {self._directory}, run '{verify_command}', and start again",
+                str(path),
+            ) from exc
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"cannot check the end of the audit log in {self._directory}: reading {path} failed:"
+                f" {exc.strerror or exc}. Give this process read and write access to it, then start again",
+                str(path),
+            ) from exc
+
+    def _warn_last_hash_file_missing(self, current: _ScannedFile, previous: _ScannedFile | None) -> None:
+        last_seq = max(current.last_seq, previous.last_seq if previous is not None else 0)
+        logger.warning(
+            "audit log %s has records up to seq %d but no %s, so records cut from its end before this start"
+            " cannot be detected. The file was deleted, or an older version wrote the log. Run"
+            " 'session-authority audit verify %s' and compare its last seq and hash with a copy kept elsewhere;"
+            " this start writes a new %s",
+            self._directory,
+            last_seq,
+            LAST_HASH_FILE_NAME,
+            self._directory,
+            LAST_HASH_FILE_NAME,
+        )
 
     def _check_last_hash_file(
         self, stored: LastHash | None, current: _ScannedFile, previous: _ScannedFile | None
@@ -644,15 +808,15 @@ class AuditLog:
         scans = [current] if previous is None else [current, previous]
         last_seq = max(scan.last_seq for scan in scans)
         advice = (
-            f"run 'session-authority audit verify {self._directory}', keep the directory as evidence,"
-            " and move it aside to start a new chain"
+            f"Run 'session-authority audit verify {self._directory}', keep the directory {self._directory} as"
+            " evidence and move it aside (rename it), then start again to begin a new chain in its place"
         )
         if last_seq < stored.seq:
             raise AuditWriteError(
                 errno.EINVAL,
-                f"records were removed from the end of the audit log: it ends at seq {last_seq}, but "
-                f"{LAST_HASH_FILE_NAME} records seq {stored.seq} as written; {advice}",
-                str(self._last_hash_path),
+                f"records were removed from the end of the audit log in {self._directory}: it ends at seq"
+                f" {last_seq}, but {LAST_HASH_FILE_NAME} records seq {stored.seq} as written. {advice}",
+                str(self._directory),
             )
         found = next((scan.found_hash for scan in scans if scan.found_hash is not None), None)
         if found is None:
@@ -665,18 +829,19 @@ class AuditLog:
         if found != stored.hash:
             raise AuditWriteError(
                 errno.EINVAL,
-                f"audit record seq {stored.seq} does not have the hash that {LAST_HASH_FILE_NAME} records,"
-                f" so it was edited or the end of the log was replaced; {advice}",
-                str(self._last_hash_path),
+                f"audit record seq {stored.seq} in {self._directory} does not have the hash that"
+                f" {LAST_HASH_FILE_NAME} records, so it was edited or the end of the log was replaced. {advice}",
+                str(self._directory),
             )
 
     def _resume_from(self, scanned: _ScannedFile) -> None:
         if scanned.last_version != FORMAT_VERSION:
             raise AuditWriteError(
                 errno.EINVAL,
-                f"cannot continue the audit chain: its last record has format version {scanned.last_version!r}, "
-                f"this writer writes version {FORMAT_VERSION}; upgrade, or start a new data directory",
-                str(self._path),
+                f"cannot continue the audit chain in {self._directory}: its last record has format version"
+                f" {scanned.last_version!r}, but this writer writes version {FORMAT_VERSION}. Upgrade"
+                f" session-authority, or move {self._directory} aside to start a new chain",
+                str(self._directory),
             )
         self._last_seq = scanned.last_seq
         self._last_hash = scanned.last_hash
@@ -821,7 +986,7 @@ class AuditLog:
             raise
         except OSError as exc:
             raise AuditWriteError(
-                exc.errno, f"failed to open the audit file for appending: {exc.strerror or exc}", str(self._path)
+                exc.errno, f"failed to open {self._path} for appending: {exc.strerror or exc}", str(self._path)
             ) from exc
 
         data = b"".join([encoded.line + b"\n" for encoded in lines])
@@ -835,7 +1000,7 @@ class AuditLog:
         except OSError as exc:
             self._truncate_after_failure_locked(fd, start)
             raise AuditWriteError(
-                exc.errno, f"failed to append to the audit log: {exc.strerror or exc}", str(self._path)
+                exc.errno, f"failed to append to the audit log {self._path}: {exc.strerror or exc}", str(self._path)
             ) from exc
 
         self._size = start + len(data)
@@ -861,16 +1026,8 @@ class AuditLog:
         if self._last_hash_file_seq == self._last_seq or self._last_seq == 0:
             return
         data = _encode({"v": FORMAT_VERSION, "seq": self._last_seq, "hash": self._last_hash}) + b"\n"
-        temporary = self._last_hash_path.with_name(LAST_HASH_FILE_NAME + ".tmp")
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-            try:
-                _write_all(fd, data)
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, self._last_hash_path)
+            _write_file_atomically(self._last_hash_path, data, self._fsync)
         except OSError as exc:
             self._last_hash_file_failures += 1
             # The first failure, then every 100th, so a full disk does not flood the log.
@@ -899,8 +1056,9 @@ class AuditLog:
         if actual < self._size:
             raise AuditWriteError(
                 errno.EIO,
-                f"the audit file shrank from {self._size} to {actual} bytes while open; "
-                "something else modified it, so run 'session-authority audit verify' and restart",
+                f"the audit file {self._path} shrank from {self._size} to {actual} bytes while open, so"
+                f" something else modified it. Run 'session-authority audit verify {self._directory}' and"
+                " restart",
                 str(self._path),
             )
         logger.warning(
@@ -927,14 +1085,14 @@ class AuditLog:
         if target.exists():
             raise AuditWriteError(
                 errno.EEXIST,
-                f"cannot rotate {self._path}: the rotated file already exists; move it out of the audit directory",
+                f"cannot rotate {self._path}: {target} already exists; move it out of the audit directory",
                 str(target),
             )
         try:
             os.rename(self._path, target)
         except OSError as exc:
             raise AuditWriteError(
-                exc.errno, f"failed to rotate the audit log: {exc.strerror or exc}", str(self._path)
+                exc.errno, f"failed to rotate {self._path} to {target}: {exc.strerror or exc}", str(self._path)
             ) from exc
 
         old_fd = self._fd
@@ -959,7 +1117,9 @@ class AuditLog:
             self._open_current()
         except OSError as exc:
             raise AuditWriteError(
-                exc.errno, f"failed to start a new audit file after rotation: {exc.strerror or exc}", str(self._path)
+                exc.errno,
+                f"failed to start the new audit file {self._path} after rotation: {exc.strerror or exc}",
+                str(self._path),
             ) from exc
 
 
@@ -1250,6 +1410,10 @@ class VerifyResult:
         last_hash: Hash of the last verified record, :data:`ZERO_HASH` if none.
         last_hash_file_seq: Seq named by the directory's ``last-hash.json``
             when the log was checked against that file, else None.
+        last_hash_file_missing: True when a directory with records was
+            checked without ``expected_last_hash`` and has no
+            ``last-hash.json``, so records cut from the end, or an edit of
+            the last record, went unchecked.
     """
 
     ok: bool
@@ -1259,6 +1423,7 @@ class VerifyResult:
     last_seq: int = 0
     last_hash: str = ZERO_HASH
     last_hash_file_seq: int | None = None
+    last_hash_file_missing: bool = False
 
 
 @dataclasses.dataclass
@@ -1271,8 +1436,8 @@ class _ChainState:
     # Seq of the record that last-hash.json names, and that record's file, line and hash once found.
     find_seq: int = 0
     found_record: tuple[Path, int, str] | None = None
-    # File and line of each end record's event ID, collected for verify_replicas.
-    end_places: dict[str, tuple[Path, int]] | None = None
+    # Type, file and line of each grant, revoke and end event ID, collected for verify_replicas.
+    event_places: dict[str, tuple[str, Path, int]] | None = None
 
 
 def _first_seq_or_name_order(path: Path) -> tuple[float, str]:
@@ -1389,12 +1554,14 @@ def _verify_file(path: Path, first_file: bool, state: _ChainState) -> VerifyErro
             state.last_line = line_number
             if state.last_seq == state.find_seq:
                 state.found_record = (path, line_number, state.last_hash)
-            if state.end_places is not None and record["type"] == "end":
-                state.end_places.setdefault(record["event_id"], (path, line_number))
+            if state.event_places is not None and record["type"] in EVENT_TYPES:
+                state.event_places.setdefault(record["event_id"], (record["type"], path, line_number))
     return None
 
 
-def verify(paths: Sequence[Path] | Path, *, expected_last_hash: str | None = None) -> VerifyResult:
+def verify(
+    paths: Sequence[Path] | Path, *, expected_last_hash: str | None = None, require_last_hash_file: bool = False
+) -> VerifyResult:
     """Check the hash chain of an audit directory or of audit files, and report the first break.
 
     An edited record shows as invalid JSON, as a line not in canonical form,
@@ -1408,17 +1575,23 @@ def verify(paths: Sequence[Path] | Path, *, expected_last_hash: str | None = Non
     log is therefore also checked against its ``last-hash.json``: the record
     with the seq that file names must exist and have its hash. The log may
     continue past that record, because the file is replaced only after each
-    write is durable. A directory without that file (a log written by an
-    older version), or a list of files, is checked without it, and then
-    those changes at the end go undetected unless ``expected_last_hash`` is
-    given. The chain must start at seq 1, so rotated files can be archived
-    elsewhere but must be passed back in for a check.
+    write is durable. A directory with records but without that file (it
+    was deleted, or an older version wrote the log) is checked without it,
+    and the result says so in ``last_hash_file_missing``, unless
+    ``require_last_hash_file`` makes that a failure. A list of files is
+    checked without it. In both cases those changes at the end go
+    undetected unless ``expected_last_hash`` is given. The chain must start
+    at seq 1, so rotated files can be archived elsewhere but must be passed
+    back in for a check.
 
     Args:
         paths: A directory (all of its audit files, in chain order), one
             file, or several files; files are put in order of their first seq.
         expected_last_hash: SHA-256 hex that the last record must hash to.
             When given, it replaces the check against ``last-hash.json``.
+        require_last_hash_file: Fail when a directory has records but no
+            ``last-hash.json`` (and ``expected_last_hash`` is not given). A
+            directory without records never has the file, so it passes.
 
     Returns:
         The result; ``error`` names the file and line of the first break.
@@ -1430,12 +1603,16 @@ def verify(paths: Sequence[Path] | Path, *, expected_last_hash: str | None = Non
         raise ValueError(
             f"expected_last_hash must be 64 lower-case hex characters (a SHA-256), got {expected_last_hash!r}"
         )
-    return _verify(paths, expected_last_hash, _ChainState())
+    return _verify(paths, expected_last_hash, require_last_hash_file, _ChainState())
 
 
-def _verify(paths: Sequence[Path] | Path, expected_last_hash: str | None, state: _ChainState) -> VerifyResult:
+def _verify(
+    paths: Sequence[Path] | Path, expected_last_hash: str | None, require_last_hash_file: bool, state: _ChainState
+) -> VerifyResult:
     stored: LastHash | None = None
     stored_error: VerifyError | None = None
+    # Path of the last-hash.json that a directory lacks; None when it has one or when files were given.
+    missing_last_hash_file: Path | None = None
     if isinstance(paths, (str, os.PathLike)):
         target = Path(paths)
         if target.is_dir():
@@ -1445,6 +1622,8 @@ def _verify(paths: Sequence[Path] | Path, expected_last_hash: str | None, state:
                 return VerifyResult(ok=False, records=0, files=0, error=VerifyError(target, 0, message))
             if expected_last_hash is None:
                 stored, stored_error = _load_last_hash_for_verify(target)
+                if stored is None and stored_error is None:
+                    missing_last_hash_file = target / LAST_HASH_FILE_NAME
         else:
             files = [target]
     else:
@@ -1461,16 +1640,30 @@ def _verify(paths: Sequence[Path] | Path, expected_last_hash: str | None, state:
     for index, path in enumerate(files):
         error = _verify_file(path, index == 0, state)
         if error is not None:
-            return VerifyResult(False, state.records, index + 1, error, state.last_seq, state.last_hash, stored_seq)
+            missing = missing_last_hash_file is not None and state.records > 0
+            return VerifyResult(
+                False, state.records, index + 1, error, state.last_seq, state.last_hash, stored_seq, missing
+            )
 
     error = stored_error
+    missing = missing_last_hash_file is not None and state.records > 0
     if expected_last_hash is not None and state.last_hash != expected_last_hash:
         where = state.last_path if state.last_path is not None else files[-1]
         message = "the last record's hash does not match the expected last hash (records edited or deleted at the end)"
         error = VerifyError(where, state.last_line, message)
     elif stored is not None:
         error = _check_last_hash(stored, state, files[-1])
-    return VerifyResult(error is None, state.records, len(files), error, state.last_seq, state.last_hash, stored_seq)
+    elif missing and require_last_hash_file:
+        assert missing_last_hash_file is not None
+        error = VerifyError(
+            missing_last_hash_file,
+            0,
+            f"missing, although the log has {state.records} records, so records cut from its end cannot be"
+            " detected (the file was deleted, or an older version wrote the log)",
+        )
+    return VerifyResult(
+        error is None, state.records, len(files), error, state.last_seq, state.last_hash, stored_seq, missing
+    )
 
 
 def _load_last_hash_for_verify(directory: Path) -> tuple[LastHash | None, VerifyError | None]:
@@ -1510,11 +1703,12 @@ def _check_last_hash(stored: LastHash, state: _ChainState, last_file: Path) -> V
 
 
 @dataclasses.dataclass(frozen=True)
-class DuplicateEnd:
-    """One ``end`` event ID recorded in the audit logs of two directories.
+class DuplicateEvent:
+    """One ``grant``, ``revoke`` or ``end`` event ID recorded in the audit logs of two directories.
 
     Attributes:
-        event_id: The event ID, ``end:<lease digest>``.
+        event_id: The event ID, such as ``end:<lease digest>``.
+        type: The record type: ``grant``, ``revoke`` or ``end``.
         first_path: File of the first record found (in the order the
             directories were given).
         first_line: Its 1-based line number.
@@ -1523,6 +1717,7 @@ class DuplicateEnd:
     """
 
     event_id: str
+    type: str
     first_path: Path
     first_line: int
     second_path: Path
@@ -1530,7 +1725,7 @@ class DuplicateEnd:
 
     def __str__(self) -> str:
         return (
-            f"end event {self.event_id} is recorded twice: {self.first_path} line {self.first_line}"
+            f"{self.type} event {self.event_id} is recorded twice: {self.first_path} line {self.first_line}"
             f" and {self.second_path} line {self.second_line}"
         )
 
@@ -1542,38 +1737,48 @@ class ReplicaVerifyResult:
     Attributes:
         results: Each directory with the result of its own chain, in the
             order given.
-        duplicate_ends: ``end`` event IDs found in more than one directory.
+        duplicates: Grant, revoke and end event IDs found in more than one
+            directory, in the order found.
     """
 
     results: tuple[tuple[Path, VerifyResult], ...]
-    duplicate_ends: tuple[DuplicateEnd, ...]
+    duplicates: tuple[DuplicateEvent, ...]
+
+    @property
+    def duplicate_ends(self) -> tuple[DuplicateEvent, ...]:
+        """The ``end`` events among :attr:`duplicates`."""
+        return tuple(duplicate for duplicate in self.duplicates if duplicate.type == "end")
 
     @property
     def ok(self) -> bool:
-        """True if every chain verified and no end is recorded twice."""
-        return not self.duplicate_ends and all(result.ok for _, result in self.results)
+        """True if every chain verified and no event is recorded in two directories."""
+        return not self.duplicates and all(result.ok for _, result in self.results)
 
 
-def verify_replicas(directories: Sequence[Path]) -> ReplicaVerifyResult:
-    """Check the audit directories of several authority replicas.
+def verify_replicas(directories: Sequence[Path], *, require_last_hash_file: bool = False) -> ReplicaVerifyResult:
+    """Check several audit directories whose events must each be recorded once among them.
 
-    Each replica writes its own chain, so each directory is verified on its
-    own, exactly as :func:`verify` checks one directory (including its
-    ``last-hash.json``). Then the directories are checked against each
-    other: a lease ends once, so its ``end`` event ID may appear in at most
+    The directories are the chains of authority replicas, or an earlier
+    chain that an operator moved aside and the chain that replaced it. Each
+    directory is verified on its own, exactly as :func:`verify` checks one
+    directory (including its ``last-hash.json``). Then the directories are
+    checked against each other: a lease is granted, revoked and ended once,
+    so each ``grant``, ``revoke`` and ``end`` event ID may appear in at most
     one of them. Records before a chain's first break take part in that
     check too. Duplicates within one directory are not reported here,
-    because one log may write an end again after two rotations (see
+    because one log may write an event again after two rotations (see
     :class:`AuditLog`).
 
-    Memory: keeps the event ID and place of every ``end`` record of all the
-    directories, about 250 bytes each (measured with tracemalloc on CPython 3.11).
+    Memory: keeps the event ID, type and place of every grant, revoke and
+    end record of all the directories, about 250 bytes each (measured for
+    end records with tracemalloc on CPython 3.11).
 
     Args:
-        directories: Two or more audit directories, one per replica.
+        directories: Two or more audit directories.
+        require_last_hash_file: Passed to :func:`verify` for each directory.
 
     Returns:
-        The per-directory results and every duplicated end.
+        The per-directory results and every duplicated event.
 
     Raises:
         ValueError: Fewer than two directories, a path that is not a
@@ -1593,15 +1798,15 @@ def verify_replicas(directories: Sequence[Path]) -> ReplicaVerifyResult:
 
     results: list[tuple[Path, VerifyResult]] = []
     first_places: dict[str, tuple[int, Path, int]] = {}
-    duplicates: list[DuplicateEnd] = []
+    duplicates: list[DuplicateEvent] = []
     for index, path in enumerate(paths):
-        state = _ChainState(end_places={})
-        results.append((path, _verify(path, None, state)))
-        assert state.end_places is not None
-        for event_id, (file, line) in state.end_places.items():
+        state = _ChainState(event_places={})
+        results.append((path, _verify(path, None, require_last_hash_file, state)))
+        assert state.event_places is not None
+        for event_id, (type, file, line) in state.event_places.items():
             first = first_places.setdefault(event_id, (index, file, line))
             if first[0] != index:
-                duplicates.append(DuplicateEnd(event_id, first[1], first[2], file, line))
+                duplicates.append(DuplicateEvent(event_id, type, first[1], first[2], file, line))
     return ReplicaVerifyResult(tuple(results), tuple(duplicates))
 
 
@@ -1798,9 +2003,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "verify",
         help="check the hash chain; exit 0 if unbroken, 1 at the first broken record",
         description="Check the hash chain of an audit directory or of audit files. A directory is also "
-        f"checked against its {LAST_HASH_FILE_NAME}, which catches records cut from the end. Several "
-        "directories (one per authority replica) are each checked on their own, and then checked for "
-        "a lease end recorded in more than one of them.",
+        f"checked against its {LAST_HASH_FILE_NAME}, which catches records cut from the end; without that "
+        "file the check is skipped and the OK line says so. Several directories (one per authority replica, "
+        "or an earlier chain moved aside and the chain after it) are each checked on their own, and then "
+        "checked for a grant, revoke or end event recorded in more than one of them.",
     )
     verify_parser.add_argument(
         "paths",
@@ -1808,7 +2014,7 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="audit directory (checks all its audit files in order), one or more audit files, "
-        "or several audit directories of authority replicas",
+        "or several audit directories (replicas, or an old chain and its successor)",
     )
     verify_parser.add_argument(
         "--expected-last-hash",
@@ -1816,6 +2022,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="SHA-256 (64 hex characters) that the last record must hash to; replaces the check against "
         f"{LAST_HASH_FILE_NAME}, and is needed to catch an edit of the last record or records cut from "
         "the end when checking files rather than a directory",
+    )
+    verify_parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit 1 when a directory has records but no {LAST_HASH_FILE_NAME}, so the end of the log cannot "
+        "be checked. With audit files instead of a directory it requires --expected-last-hash",
     )
     verify_parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -1842,9 +2054,18 @@ def _run_verify(arguments: argparse.Namespace) -> int:
     if len(paths) > 1 and directories:
         return _run_verify_replicas(arguments, paths, directories)
 
+    if arguments.strict and not directories and arguments.expected_last_hash is None:
+        print(
+            "session-authority audit verify: error: --strict with audit files needs --expected-last-hash,"
+            " because only a directory has a last-hash.json to check the end of the log against",
+            file=sys.stderr,
+        )
+        return 2
     target: Path | list[Path] = paths[0] if len(paths) == 1 else paths
     try:
-        result = verify(target, expected_last_hash=arguments.expected_last_hash)
+        result = verify(
+            target, expected_last_hash=arguments.expected_last_hash, require_last_hash_file=arguments.strict
+        )
     except ValueError as exc:
         print(f"session-authority audit verify: error: {exc}", file=sys.stderr)
         return 2
@@ -1857,7 +2078,7 @@ def _run_verify(arguments: argparse.Namespace) -> int:
 
 
 _MAX_DUPLICATES_PRINTED = 20
-"""Duplicated ends printed by ``audit verify DIR1 DIR2 ...`` before the rest are only counted."""
+"""Duplicated events printed by ``audit verify DIR1 DIR2 ...`` before the rest are only counted."""
 
 
 def _run_verify_replicas(arguments: argparse.Namespace, paths: list[Path], directories: list[Path]) -> int:
@@ -1872,7 +2093,7 @@ def _run_verify_replicas(arguments: argparse.Namespace, paths: list[Path], direc
         problem = "--expected-last-hash checks one log; pass a single directory with it"
     if problem is None:
         try:
-            replicas = verify_replicas(paths)
+            replicas = verify_replicas(paths, require_last_hash_file=arguments.strict)
         except ValueError as exc:
             problem = str(exc)
     if problem is not None:
@@ -1883,13 +2104,14 @@ def _run_verify_replicas(arguments: argparse.Namespace, paths: list[Path], direc
         summary = {
             "ok": replicas.ok,
             "directories": [{"path": str(path), **_verify_summary(result)} for path, result in replicas.results],
-            "duplicate_ends": [
+            "duplicates": [
                 {
                     "event_id": duplicate.event_id,
+                    "type": duplicate.type,
                     "first": {"path": str(duplicate.first_path), "line": duplicate.first_line},
                     "second": {"path": str(duplicate.second_path), "line": duplicate.second_line},
                 }
-                for duplicate in replicas.duplicate_ends
+                for duplicate in replicas.duplicates
             ],
         }
         print(json.dumps(summary, sort_keys=True))
@@ -1897,19 +2119,19 @@ def _run_verify_replicas(arguments: argparse.Namespace, paths: list[Path], direc
 
     for path, result in replicas.results:
         print(f"{path}: {_verify_line(result)}")
-    duplicates = replicas.duplicate_ends
+    duplicates = replicas.duplicates
     for duplicate in duplicates[:_MAX_DUPLICATES_PRINTED]:
         print(f"DUPLICATE: {duplicate}")
     if len(duplicates) > _MAX_DUPLICATES_PRINTED:
         print(f"DUPLICATE: {len(duplicates) - _MAX_DUPLICATES_PRINTED} more not printed; use --json for all")
     failed = sum(1 for _, result in replicas.results if not result.ok)
     if replicas.ok:
-        print(f"OK: {len(paths)} directories verified, and no lease end is recorded in more than one")
+        print(f"OK: {len(paths)} directories verified, and no grant, revoke or end event is recorded in more than one")
     else:
-        ends = "lease end" if len(duplicates) == 1 else "lease ends"
+        events = "event" if len(duplicates) == 1 else "events"
         print(
             f"FAIL: {failed} of {len(paths)} chains broken,"
-            f" {len(duplicates)} {ends} recorded in more than one directory"
+            f" {len(duplicates)} {events} recorded in more than one directory"
         )
     return 0 if replicas.ok else 1
 
@@ -1922,6 +2144,7 @@ def _verify_summary(result: VerifyResult) -> dict[str, object]:
         "last_seq": result.last_seq,
         "last_hash": result.last_hash,
         "last_hash_file_seq": result.last_hash_file_seq,
+        "last_hash_file_missing": result.last_hash_file_missing,
         "error": None,
     }
     if result.error is not None:
@@ -1939,6 +2162,11 @@ def _verify_line(result: VerifyResult) -> str:
     records = "record" if result.records == 1 else "records"
     files = "file" if result.files == 1 else "files"
     line = f"OK: {result.records} {records} in {result.files} {files}, chain verified"
+    if result.last_hash_file_missing:
+        return (
+            f"{line}, but the end of the log was not checked because {LAST_HASH_FILE_NAME} is missing, so"
+            " records cut from the end would go unnoticed (--strict makes this a failure)"
+        )
     anchored = result.last_hash_file_seq
     if anchored is None:
         return line
@@ -1977,10 +2205,12 @@ def audit_main(argv: Sequence[str]) -> int:
     """Run ``session-authority audit verify|tail`` with the arguments after ``audit``.
 
     ``verify`` exits 0 and prints ``OK: N records in M files, chain verified``
-    (followed by the result of the ``last-hash.json`` check for a directory),
-    or exits 1 and prints ``FAIL: PATH line N: message``. With several
-    directories it prints one such line per directory, a ``DUPLICATE:`` line
-    per lease end found in two of them, and an ``OK:`` or ``FAIL:`` summary.
+    (followed by the result of the ``last-hash.json`` check for a directory,
+    or by a note that the check was skipped because the file is missing),
+    or exits 1 and prints ``FAIL: PATH line N: message``. ``--strict`` turns
+    the skipped check into exit 1. With several directories it prints one
+    such line per directory, a ``DUPLICATE:`` line per grant, revoke or end
+    event found in two of them, and an ``OK:`` or ``FAIL:`` summary.
     Usage errors and missing paths exit 2 with one line on stderr.
 
     Returns:

@@ -172,7 +172,13 @@ class SessionRecorder:
 
     # -- start-up ---------------------------------------------------------
 
-    def resubmit_stored(self, rows: Iterable[StoredLease], *, skip_grant_records: Container[bytes] = ()) -> int:
+    def resubmit_stored(
+        self,
+        rows: Iterable[StoredLease],
+        *,
+        skip_grant_records: Container[bytes] = (),
+        chain_start_time: float | None = None,
+    ) -> int:
         """Queue the grant, revoke and end records of leases loaded from the store.
 
         A crash can lose records that were queued but not written, while the
@@ -181,21 +187,38 @@ class SessionRecorder:
         written now gets its ``session.end`` span now, without a link. Call
         before the table reports any end, so these records come first.
 
+        A lease granted before the current chain started has its grant
+        record in an earlier chain (or in none, if the log was off), so it
+        gets none here. Its end records are still written, because the store
+        cannot show whether the earlier chain got them before it was closed,
+        and an end must never be lost. ``audit verify OLD NEW`` lists an end
+        found in both chains.
+
         Args:
             rows: Leases whose records this authority owes: a live row gets
                 its grant record, an ended row its end records as well.
             skip_grant_records: Digests whose grant record another replica
                 owes, because it granted the lease.
+            chain_start_time: Authority time at which the audit chain
+                started (:meth:`AuditLog.chain_start_time`), or None when it
+                is unknown and every row gets its grant record.
 
         Returns:
             The number of rows whose records were queued.
         """
         if self.sink is None:
             return 0
-        count = 0
+        count = earlier_grants = earlier_ends = 0
         for row in rows:
             lease = snapshot_of_stored(row)
-            if row.digest not in skip_grant_records:
+            granted_earlier = chain_start_time is not None and row.granted_at < chain_start_time
+            if row.digest in skip_grant_records:
+                pass
+            elif granted_earlier:
+                earlier_grants += 1
+                if row.ended_at is not None and chain_start_time is not None and row.ended_at < chain_start_time:
+                    earlier_ends += 1
+            else:
                 self._submit(*grant_event(lease), None)
             if lease.end_reason is not None:
                 if lease.end_reason is EndReason.REVOKED:
@@ -203,6 +226,18 @@ class SessionRecorder:
                 written = functools.partial(self._restored_end_written, lease)
                 self._submit(*end_event(lease), written)
             count += 1
+        if earlier_grants:
+            logger.warning(
+                "%d stored leases were granted before the audit chain in %s started. Their grant records"
+                " belong to an earlier chain (or to none, if the audit log was off), so they are not written"
+                " again. %d of them ended before this chain started. Their end records are written here unless"
+                " this chain has them, because the store cannot show whether the earlier chain got them. Keep"
+                " the earlier audit directory and run 'session-authority audit verify OLD NEW', which lists"
+                " each event that both chains record",
+                earlier_grants,
+                self.sink.log.directory,
+                earlier_ends,
+            )
         return count
 
     def _restored_end_written(self, lease: LeaseSnapshot, receipt: AuditReceipt) -> None:

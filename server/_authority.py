@@ -490,8 +490,9 @@ class Authority:
             live, ended = self.persistence.restore_into_table(rows)
             local_live = [row for row in rows if row.ended_at is None]
         self.telemetry.lease_restored(row.tier for row in local_live)
+        chain_start_time: float | None = None
         if config.data_dir is not None and config.audit:
-            self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
+            chain_start_time = self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
         self.recorder = SessionRecorder(
             self.audit_sink, self.telemetry, self.table.sequence + 1, ends_wait_for_store=self.store is not None
         )
@@ -499,8 +500,9 @@ class Authority:
         if isinstance(self.store, EtcdLeaseStore):
             self.recorder.end_recorded = self.store.clear_audit_pending
         # Records that a crash kept from the log are written again first.
-        # The log skips the event IDs it already contains.
-        self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records)
+        # The log skips the event IDs it already contains. Grant records of
+        # leases granted before this chain started belong to an earlier one.
+        self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records, chain_start_time=chain_start_time)
 
         loop = asyncio.get_running_loop()
         self.hub = WatchHub(loop)
@@ -605,14 +607,26 @@ class Authority:
             store.close()
             raise
 
-    def _open_audit(self, directory: pathlib.Path) -> None:
+    def _open_audit(self, directory: pathlib.Path) -> float | None:
+        """Open the audit log and its sink; return the authority time at which the log's chain started, if known."""
         config = self.config
+        assert self.persistence is not None
         try:
             if config.audit_log_factory is not None:
                 self.audit_log = config.audit_log_factory(directory)
             else:
                 self.audit_log = AuditLog(directory, wall_clock=config.clock.wall)
+            # NOTE: leases granted in this chain are told apart from earlier
+            # ones by authority time, which never runs behind the stored
+            # high-water mark. That mark is written about every 0.5 s, so a
+            # crash right after a new chain starts, followed by a boot with
+            # the wall clock set back, can make a grant look earlier.
+            now = self.persistence.to_authority_time(self.table.clock.monotonic())
+            chain_start_time = self.audit_log.chain_start_time(now)
         except BaseException:
+            if self.audit_log is not None:
+                self.audit_log.close()
+                self.audit_log = None
             if self.store is not None:
                 self.store.close()
             raise
@@ -621,6 +635,7 @@ class Authority:
             initial_backoff_seconds=min(0.05, config.audit_max_backoff_seconds),
             max_backoff_seconds=config.audit_max_backoff_seconds,
         )
+        return chain_start_time
 
     def _close_grants_while_audit_fails(self) -> None:
         assert self.servicer is not None

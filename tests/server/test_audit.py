@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from session_authority.server._audit import (
+    CHAIN_START_FILE_NAME,
     CURRENT_FILE_NAME,
     LAST_HASH_FILE_NAME,
     ZERO_HASH,
@@ -24,10 +25,11 @@ from session_authority.server._audit import (
     AuditReceipt,
     AuditSink,
     AuditWriteError,
-    DuplicateEnd,
+    DuplicateEvent,
     LastHash,
     audit_main,
     list_audit_files,
+    read_chain_start,
     read_last_hash,
     tail,
     utc_isoformat,
@@ -748,7 +750,7 @@ def test_file_shrunk_while_open_rejected(tmp_path: Path) -> None:
         log.append("end:2", "end", end_fields(2))
         os.truncate(path, 10)
 
-        with pytest.raises(AuditWriteError, match=r"the audit file shrank from \d+ to 10 bytes while open"):
+        with pytest.raises(AuditWriteError, match=r"^the audit file .*audit\.jsonl shrank from \d+ to 10 bytes while open"):
             log.append("end:3", "end", end_fields(3))
 
 
@@ -1316,12 +1318,14 @@ def test_reopen_after_records_cut_rejected(tmp_path: Path) -> None:
     cut_last_records(path, 3)
     after_cut = path.read_bytes()
 
-    with pytest.raises(
-        AuditWriteError,
-        match=r"^\[Errno \d+\] records were removed from the end of the audit log: it ends at seq 7, "
-        r"but last-hash.json records seq 10 as written",
-    ):
+    with pytest.raises(AuditWriteError) as caught:
         open_log(tmp_path)
+    assert str(caught.value) == (
+        f"records were removed from the end of the audit log in {tmp_path}: it ends at seq 7, but last-hash.json"
+        f" records seq 10 as written. Run 'session-authority audit verify {tmp_path}', keep the directory"
+        f" {tmp_path} as evidence and move it aside (rename it), then start again to begin a new chain in its place"
+    )
+    assert caught.value.filename == str(tmp_path)
     assert path.read_bytes() == after_cut
     assert read_last_hash(tmp_path) is not None
     assert read_last_hash(tmp_path).seq == 10  # type: ignore[union-attr]
@@ -1331,7 +1335,7 @@ def test_reopen_after_last_record_edit_rejected(tmp_path: Path) -> None:
     write_records(tmp_path, 10)
     edit_last_record(tmp_path / CURRENT_FILE_NAME)
 
-    with pytest.raises(AuditWriteError, match=r"audit record seq 10 does not have the hash that last-hash\.json"):
+    with pytest.raises(AuditWriteError, match=r"^audit record seq 10 in .* does not have the hash that last-hash\.json"):
         open_log(tmp_path)
 
 
@@ -1339,7 +1343,7 @@ def test_reopen_with_invalid_last_hash_file_rejected(tmp_path: Path) -> None:
     write_records(tmp_path, 3)
     (tmp_path / LAST_HASH_FILE_NAME).write_bytes(b"garbage\n")
 
-    with pytest.raises(AuditWriteError, match=r"cannot check the end of the audit log: .*not a JSON object"):
+    with pytest.raises(AuditWriteError, match=r"^cannot check the end of the audit log in .*: .*not a JSON object"):
         open_log(tmp_path)
 
 
@@ -1374,6 +1378,161 @@ def test_last_hash_file_failure_keeps_appending(tmp_path: Path, caplog: pytest.L
     assert read_last_hash(tmp_path) == LastHash(seq=3, hash=last_hash)
 
 
+def test_open_warns_missing_last_hash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_records(tmp_path, 4)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        open_log(tmp_path).close()
+
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert caplog.records[0].getMessage().startswith(
+        f"audit log {tmp_path} has records up to seq 4 but no last-hash.json"
+    )
+
+
+def test_open_new_directory_no_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        open_log(tmp_path / "audit").close()
+
+    assert caplog.records == []
+
+
+def test_open_last_hash_directory_rejected(tmp_path: Path) -> None:
+    write_records(tmp_path, 2)
+    last_hash = tmp_path / LAST_HASH_FILE_NAME
+    last_hash.unlink()
+    last_hash.mkdir()
+
+    with pytest.raises(AuditWriteError) as caught:
+        open_log(tmp_path)
+
+    assert str(caught.value) == (
+        f"cannot check the end of the audit log in {tmp_path}: {last_hash} is a directory, but it must be the file"
+        f" that stores the seq and hash of the last record. Move that directory out of {tmp_path}, run"
+        f" 'session-authority audit verify {tmp_path}', and start again"
+    )
+    assert caught.value.errno == errno.EISDIR
+    assert caught.value.filename == str(last_hash)
+
+
+def test_write_error_no_errno_prefix(tmp_path: Path) -> None:
+    with open_log(tmp_path):
+        with pytest.raises(AuditWriteError) as caught:
+            open_log(tmp_path)
+
+    assert not str(caught.value).startswith("[Errno")
+    assert str(caught.value).startswith(f"the audit directory {tmp_path} is already open for writing")
+
+
+def test_verify_notes_missing_last_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    code = audit_main(["verify", str(tmp_path)])
+
+    assert code == 0
+    assert capsys.readouterr().out == (
+        "OK: 3 records in 1 file, chain verified, but the end of the log was not checked because last-hash.json"
+        " is missing, so records cut from the end would go unnoticed (--strict makes this a failure)\n"
+    )
+
+
+def test_verify_flags_missing_last_hash(tmp_path: Path) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    result = verify(tmp_path)
+
+    assert result.ok
+    assert result.last_hash_file_missing
+    assert result.last_hash_file_seq is None
+
+
+def test_verify_strict_missing_last_hash_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    code = audit_main(["verify", "--strict", str(tmp_path)])
+
+    assert code == 1
+    assert capsys.readouterr().out == (
+        f"FAIL: {tmp_path / LAST_HASH_FILE_NAME}: missing, although the log has 3 records, so records cut from its"
+        " end cannot be detected (the file was deleted, or an older version wrote the log)\n"
+    )
+
+
+def test_verify_strict_passes_empty_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    open_log(tmp_path).close()
+
+    code = audit_main(["verify", "--strict", str(tmp_path)])
+
+    assert code == 0
+    assert capsys.readouterr().out == "OK: 0 records in 1 file, chain verified\n"
+
+
+def test_verify_strict_files_need_expected_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 2)
+
+    code = audit_main(["verify", "--strict", str(tmp_path / CURRENT_FILE_NAME)])
+
+    assert code == 2
+    assert capsys.readouterr().err.startswith(
+        "session-authority audit verify: error: --strict with audit files needs --expected-last-hash"
+    )
+
+
+# --------------------------------------------------------------------------
+# Chain start
+
+
+def test_chain_start_written_for_new_log(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        started = log.chain_start_time(1234.5)
+
+    assert started == 1234.5
+    assert read_chain_start(tmp_path) == 1234.5
+
+
+def test_chain_start_kept_across_reopen(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+
+    with open_log(tmp_path) as log:
+        started = log.chain_start_time(9999.0)
+
+    assert started == 1234.5
+
+
+def test_chain_start_kept_for_empty_reopen(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+
+    with open_log(tmp_path) as log:
+        started = log.chain_start_time(9999.0)
+
+    assert started == 1234.5
+
+
+def test_chain_start_unknown_for_log_with_records(tmp_path: Path) -> None:
+    write_records(tmp_path, 2)
+
+    with open_log(tmp_path) as log:
+        started = log.chain_start_time(1234.5)
+
+    assert started is None
+    assert not (tmp_path / CHAIN_START_FILE_NAME).exists()
+
+
+def test_chain_start_invalid_file_rejected(tmp_path: Path) -> None:
+    (tmp_path / CHAIN_START_FILE_NAME).write_bytes(b'{"authority_time":"soon","v":1}\n')
+
+    with open_log(tmp_path) as log:
+        with pytest.raises(AuditWriteError, match=r"^cannot tell when the audit chain in .* started: .*authority_time must be a number"):
+            log.chain_start_time(1234.5)
+
+
 # --------------------------------------------------------------------------
 # Several replica directories
 
@@ -1394,20 +1553,53 @@ def test_replicas_with_distinct_ends_verify(tmp_path: Path) -> None:
     assert result.ok
     assert [path for path, _ in result.results] == [tmp_path / "a", tmp_path / "b"]
     assert [each.records for _, each in result.results] == [2, 2]
-    assert result.duplicate_ends == ()
+    assert result.duplicates == ()
 
 
 def test_replicas_end_in_two_directories_reported(tmp_path: Path) -> None:
     write_events(tmp_path / "a", ["grant:1", "end:1", "end:shared"])
-    write_events(tmp_path / "b", ["grant:1", "end:2", "end:shared"])
+    write_events(tmp_path / "b", ["grant:2", "end:2", "end:shared"])
 
     result = verify_replicas([tmp_path / "a", tmp_path / "b"])
 
     assert not result.ok
     assert all(each.ok for _, each in result.results)
-    assert result.duplicate_ends == (
-        DuplicateEnd("end:shared", tmp_path / "a" / CURRENT_FILE_NAME, 3, tmp_path / "b" / CURRENT_FILE_NAME, 3),
+    assert result.duplicates == (
+        DuplicateEvent(
+            "end:shared", "end", tmp_path / "a" / CURRENT_FILE_NAME, 3, tmp_path / "b" / CURRENT_FILE_NAME, 3
+        ),
     )
+
+
+def test_replicas_duplicate_grant_revoke_reported(tmp_path: Path) -> None:
+    write_events(tmp_path / "a", ["grant:shared", "revoke:shared", "end:1"])
+    write_events(tmp_path / "b", ["end:2", "grant:shared", "revoke:shared"])
+    a_file = tmp_path / "a" / CURRENT_FILE_NAME
+    b_file = tmp_path / "b" / CURRENT_FILE_NAME
+
+    result = verify_replicas([tmp_path / "a", tmp_path / "b"])
+
+    assert not result.ok
+    assert result.duplicates == (
+        DuplicateEvent("grant:shared", "grant", a_file, 1, b_file, 2),
+        DuplicateEvent("revoke:shared", "revoke", a_file, 2, b_file, 3),
+    )
+    assert result.duplicate_ends == ()
+
+
+def test_cli_verify_replicas_prints_grant_duplicate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_events(tmp_path / "a", ["grant:shared"])
+    write_events(tmp_path / "b", ["grant:shared"])
+
+    code = audit_main(["verify", str(tmp_path / "a"), str(tmp_path / "b")])
+    lines = capsys.readouterr().out.splitlines()
+
+    assert code == 1
+    assert lines[2] == (
+        f"DUPLICATE: grant event grant:shared is recorded twice: {tmp_path / 'a' / CURRENT_FILE_NAME} line 1"
+        f" and {tmp_path / 'b' / CURRENT_FILE_NAME} line 1"
+    )
+    assert lines[3] == "FAIL: 0 of 2 chains broken, 1 event recorded in more than one directory"
 
 
 def test_replicas_broken_chain_reported_per_directory(tmp_path: Path) -> None:
@@ -1444,7 +1636,7 @@ def test_cli_verify_replicas_prints_duplicate(tmp_path: Path, capsys: pytest.Cap
         f"{tmp_path / 'b'}: OK: 1 record in 1 file, chain verified, last record matches last-hash.json",
         f"DUPLICATE: end event end:shared is recorded twice: {tmp_path / 'a' / CURRENT_FILE_NAME} line 2"
         f" and {tmp_path / 'b' / CURRENT_FILE_NAME} line 1",
-        "FAIL: 0 of 2 chains broken, 1 lease end recorded in more than one directory",
+        "FAIL: 0 of 2 chains broken, 1 event recorded in more than one directory",
     ]
 
 
@@ -1457,7 +1649,7 @@ def test_cli_verify_replicas_ok(tmp_path: Path, capsys: pytest.CaptureFixture[st
     lines = capsys.readouterr().out.splitlines()
 
     assert code == 0
-    assert lines[-1] == "OK: 3 directories verified, and no lease end is recorded in more than one"
+    assert lines[-1] == "OK: 3 directories verified, and no grant, revoke or end event is recorded in more than one"
 
 
 def test_cli_verify_replicas_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1470,9 +1662,10 @@ def test_cli_verify_replicas_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 1
     assert summary["ok"] is False
     assert [directory["path"] for directory in summary["directories"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
-    assert summary["duplicate_ends"] == [
+    assert summary["duplicates"] == [
         {
             "event_id": "end:shared",
+            "type": "end",
             "first": {"path": str(tmp_path / "a" / CURRENT_FILE_NAME), "line": 1},
             "second": {"path": str(tmp_path / "b" / CURRENT_FILE_NAME), "line": 1},
         }

@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import errno
 import json
+import logging
 import pathlib
 import threading
 import time
@@ -25,7 +26,11 @@ from session_authority.server import (
     parse_policy,
     verify_audit_log,
 )
-from session_authority.server._audit import audit_main
+from session_authority.server._audit import AuditSink, audit_main
+from session_authority.server._audit_events import SessionRecorder
+from session_authority.server._store import StoredLease
+from session_authority.server._table import EndReason
+from session_authority.server._telemetry import SessionTelemetry
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
@@ -202,13 +207,13 @@ def test_stored_ends_missing_from_log_written_at_start(tmp_path: pathlib.Path, c
     third = start(tmp_path, clock)
     third.stop()
 
+    # The leases were granted before the chain started, so their grant
+    # records are not written. Their ends are owed and written once.
     types = [(record["type"], record["fingerprint"]) for record in records(tmp_path)]
     assert sorted(types) == sorted(
         [
-            ("grant", revoked.lease.fingerprint),
             ("revoke", revoked.lease.fingerprint),
             ("end", revoked.lease.fingerprint),
-            ("grant", expired.lease.fingerprint),
             ("end", expired.lease.fingerprint),
         ]
     )
@@ -323,5 +328,171 @@ def test_authority_start_rejected_after_records_cut(  # type: ignore[no-untyped-
 
     config = AuthorityConfig(authenticator=InsecureDevAuthenticator(), policy=POLICY, data_dir=tmp_path, clock=clock)
 
-    with pytest.raises(AuditWriteError, match=r"records were removed from the end of the audit log: it ends at seq 0"):
+    with pytest.raises(
+        AuditWriteError, match=r"^records were removed from the end of the audit log in .*audit: it ends at seq 0"
+    ):
         asyncio.run(Authority(config).start())
+
+
+# --------------------------------------------------------------------------
+# A new chain in an empty audit directory, with leases from an earlier chain in the store
+
+
+def run_first_chain(data_dir: pathlib.Path, clock: ManualClock, channels) -> tuple[pb.GrantResponse, pb.GrantResponse]:  # type: ignore[no-untyped-def]
+    """Grant two leases, revoke the first, stop, and move the audit directory aside to ``audit-old``."""
+    running = start(data_dir, clock)
+    stub = channels(running)
+    revoked = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    alive = stub.Grant(pb.GrantRequest(principal="svc-b"))
+    stub.Revoke(pb.RevokeRequest(lease_id=revoked.lease_id), metadata=[("x-session-principal", "ops")])
+    running.stop()
+    (data_dir / "audit").rename(data_dir / "audit-old")
+    # Down for a second, so the new chain starts after these grants.
+    clock.advance(1)
+    return revoked, alive
+
+
+def test_new_chain_writes_no_earlier_grants(tmp_path: pathlib.Path, channels) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()
+    run_first_chain(tmp_path, clock, channels)
+
+    second = start(tmp_path, clock)
+    granted_here = channels(second).Grant(pb.GrantRequest(principal="svc-c"))
+    second.stop()
+    # A later start of the same chain must not write the earlier grants either.
+    third = start(tmp_path, clock)
+    third.stop()
+
+    assert [record["event_id"] for record in records_of(tmp_path, "grant")] == [f"grant:{granted_here.lease.digest}"]
+    assert verify_audit_log(tmp_path / "audit").ok
+
+
+def test_new_chain_warns_of_earlier_grants(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    run_first_chain(tmp_path, clock, channels)
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit_events"):
+        second = start(tmp_path, clock)
+        second.stop()
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"2 stored leases were granted before the audit chain in {tmp_path / 'audit'} started"
+    )
+    assert "1 of them ended before this chain started" in warnings[0]
+
+
+def test_new_chain_writes_owed_end_once(tmp_path: pathlib.Path, channels) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()
+    revoked, _ = run_first_chain(tmp_path, clock, channels)
+
+    for _ in range(2):
+        start(tmp_path, clock).stop()
+
+    # The store cannot show whether the earlier chain got the end, so the new chain records it, once.
+    digest = revoked.lease.digest
+    assert [record["event_id"] for record in records(tmp_path)] == [f"revoke:{digest}", f"end:{digest}"]
+
+
+def test_verify_old_new_lists_end(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = ManualClock()
+    revoked, _ = run_first_chain(tmp_path, clock, channels)
+    start(tmp_path, clock).stop()
+
+    code = audit_main(["verify", str(tmp_path / "audit-old"), str(tmp_path / "audit")])
+    lines = capsys.readouterr().out.splitlines()
+
+    digest = revoked.lease.digest
+    assert code == 1
+    assert [line.split(" is recorded twice")[0] for line in lines if line.startswith("DUPLICATE:")] == [
+        f"DUPLICATE: revoke event revoke:{digest}",
+        f"DUPLICATE: end event end:{digest}",
+    ]
+    assert lines[-1] == "FAIL: 0 of 2 chains broken, 2 events recorded in more than one directory"
+
+
+def stored_row(digest: bytes, granted_at: float, *, ended_at: float | None = None) -> StoredLease:
+    return StoredLease(
+        digest=digest,
+        principal="svc-a",
+        tier="standard",
+        idle_timeout=10.0,
+        max_duration=100.0,
+        granted_at=granted_at,
+        granted_wall=1_800_000_000.0 + granted_at,
+        last_activity=granted_at,
+        ended_at=ended_at,
+        ended_wall=None if ended_at is None else 1_800_000_000.0 + ended_at,
+        end_reason=None if ended_at is None else int(EndReason.IDLE_TIMEOUT),
+    )
+
+
+def test_resubmit_writes_grants_from_chain_start(tmp_path: pathlib.Path) -> None:
+    log = AuditLog(tmp_path, fsync=False)
+    sink = AuditSink(log)
+    recorder = SessionRecorder(sink, SessionTelemetry(), first_sequence=1)
+    earlier, at_start, later = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+    rows = [
+        stored_row(earlier, 90.0, ended_at=95.0),
+        stored_row(at_start, 100.0),
+        stored_row(later, 110.0, ended_at=120.0),
+    ]
+
+    # A crash kept these records from the chain that started at 100.0.
+    recorder.resubmit_stored(rows, chain_start_time=100.0)
+    assert sink.flush(10)
+    sink.close()
+    log.close()
+
+    written = [json.loads(line)["event_id"] for line in (tmp_path / "audit.jsonl").read_bytes().splitlines()]
+    assert written == [
+        f"end:{earlier.hex()}",
+        f"grant:{at_start.hex()}",
+        f"grant:{later.hex()}",
+        f"end:{later.hex()}",
+    ]
+
+
+def test_start_warns_missing_last_hash(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    running = start(tmp_path, clock)
+    channels(running).Grant(pb.GrantRequest(principal="svc-a"))
+    running.stop()
+    (tmp_path / "audit" / "last-hash.json").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        start(tmp_path, clock).stop()
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"audit log {tmp_path / 'audit'} has records up to seq 1 but no last-hash.json, so records cut from its end"
+        " before this start cannot be detected"
+    )
+
+
+def test_start_last_hash_directory_rejected(tmp_path: pathlib.Path, channels) -> None:  # type: ignore[no-untyped-def]
+    clock = ManualClock()
+    running = start(tmp_path, clock)
+    channels(running).Grant(pb.GrantRequest(principal="svc-a"))
+    running.stop()
+    last_hash = tmp_path / "audit" / "last-hash.json"
+    last_hash.unlink()
+    last_hash.mkdir()
+    config = AuthorityConfig(authenticator=InsecureDevAuthenticator(), policy=POLICY, data_dir=tmp_path, clock=clock)
+
+    with pytest.raises(AuditWriteError) as caught:
+        asyncio.run(Authority(config).start())
+
+    assert str(caught.value) == (
+        f"cannot check the end of the audit log in {tmp_path / 'audit'}: {last_hash} is a directory, but it must be"
+        f" the file that stores the seq and hash of the last record. Move that directory out of {tmp_path / 'audit'},"
+        f" run 'session-authority audit verify {tmp_path / 'audit'}', and start again"
+    )
