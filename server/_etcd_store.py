@@ -25,6 +25,7 @@ revision it saw.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import ipaddress
@@ -35,8 +36,8 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
@@ -44,6 +45,8 @@ from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from ._store import StoredLease, StoredState, StoreError
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 FORMAT_VERSION = 1
 """Version written in every lease and end record."""
@@ -55,8 +58,17 @@ ACTIVITY_FLUSH_INTERVAL_SECONDS = 0.05
 
 HIGH_WATER_INTERVAL_SECONDS = 1.0
 
-REQUEST_TIMEOUT_SECONDS = 5.0
-"""Deadline of one etcd request; a grant or a start-up read fails after it."""
+REQUEST_TIMEOUT_SECONDS = 3.0
+"""Deadline of one etcd request, and the time a grant, a fetch or a revoke's reply waits for etcd.
+
+It is shorter than the clients' default deadline of 5 s
+(``session_authority.clients._common.DEFAULT_TIMEOUT_SECONDS``), so that a
+caller with the default deadline receives the authority's UNAVAILABLE reply,
+which names the etcd endpoints, instead of its own DEADLINE_EXCEEDED.
+"""
+
+LOAD_TIMEOUT_SECONDS = 20.0
+"""Time the start-up read may take, retries included, before the replica gives up."""
 
 MAX_TXN_OPS = 128
 """etcd's default ``--max-txn-ops``: the maximum number of operations in one transaction."""
@@ -75,47 +87,107 @@ REPLICA_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _LEASE_NOT_FOUND = "requested lease not found"
 """etcd's error details when a put names an etcd lease that has expired."""
 
+_CONTEXT_DEADLINE = "context deadline exceeded"
+
+_TRANSIENT_DETAILS = ("leader changed", "no leader", "timed out")
+"""Parts of etcd's UNAVAILABLE details that last only until an election ends, so a retry can cure them.
+
+They match ``etcdserver: leader changed``, ``etcdserver: no leader`` and the
+``etcdserver: request timed out`` family, as etcd's
+``api/v3rpc/rpctypes/error.go`` defines them.
+"""
+
 
 # -- flag values ---------------------------------------------------------------
 
 
 def parse_endpoints(text: str) -> tuple[str, ...]:
-    """Check a comma-separated list of etcd client URLs and return it as a tuple.
-
-    Every endpoint is ``http://HOST:PORT``. The store reaches all endpoints
-    through one gRPC channel, so several endpoints must be IP addresses of
-    one family. A single endpoint may be a DNS name.
+    """Split a comma-separated list of etcd client URLs and check it with :func:`check_endpoints`.
 
     Raises:
         ValueError: The message names the bad endpoint and the expected form.
     """
-    endpoints = tuple(part.strip() for part in text.split(",") if part.strip())
+    return check_endpoints(part.strip() for part in text.split(",") if part.strip())
+
+
+def check_endpoints(endpoints: Iterable[str]) -> tuple[str, ...]:
+    """Return etcd client URLs as a tuple if the store can reach all of them.
+
+    Every endpoint is ``http://HOST:PORT`` without a user name or password.
+    The store reaches all endpoints through one gRPC channel whose target is
+    a list of addresses, so several endpoints must be IP addresses of one
+    family. A single endpoint may be a DNS name.
+
+    Raises:
+        ValueError: The message names the bad endpoint, with any user name
+            and password replaced by ``***``, and the expected form.
+    """
+    endpoints = tuple(endpoints)
     if not endpoints:
         raise ValueError("no etcd endpoint given; pass URLs such as http://127.0.0.1:2379,http://127.0.0.1:22379")
-    families: set[int] = set()
-    for endpoint in endpoints:
-        parsed = urllib.parse.urlsplit(endpoint)
-        if parsed.scheme == "https":
-            raise ValueError(
-                f"etcd endpoint {endpoint!r} uses https, which this store does not support yet;"
-                " reach etcd over http on a private network"
-            )
-        try:
-            port = parsed.port
-        except ValueError:
-            port = None
-        if parsed.scheme != "http" or not parsed.hostname or port is None or parsed.path not in ("", "/"):
-            raise ValueError(f"etcd endpoint {endpoint!r} is not http://HOST:PORT, for example http://127.0.0.1:2379")
-        try:
-            families.add(ipaddress.ip_address(parsed.hostname).version)
-        except ValueError:
-            families.add(0)
-    if len(endpoints) > 1 and (0 in families or len(families) > 1):
+    families = [_endpoint_family(endpoint) for endpoint in endpoints]
+    if len(endpoints) > 1 and 0 in families:
+        hosts = [str(urllib.parse.urlsplit(endpoint).hostname) for endpoint, family in zip(endpoints, families) if family == 0]
+        names = ", ".join(dict.fromkeys(hosts))
         raise ValueError(
-            f"etcd endpoints {','.join(endpoints)} mix DNS names or address families; list IP addresses of"
-            " one family, or give a single DNS name"
+            f"etcd endpoints {','.join(endpoints)} contain DNS names ({names}), which this store supports only"
+            " as a single endpoint, because a gRPC channel lists several addresses only as IP addresses;"
+            " give the members' IP addresses, for example http://10.0.0.1:2379,http://10.0.0.2:2379"
+        )
+    if len(set(families)) > 1:
+        raise ValueError(
+            f"etcd endpoints {','.join(endpoints)} mix IPv4 and IPv6 addresses; list addresses of one family"
         )
     return endpoints
+
+
+def _endpoint_family(endpoint: str) -> int:
+    """Check one etcd client URL and return its IP version, or 0 for a DNS name.
+
+    Raises:
+        ValueError: The endpoint is not ``http://HOST:PORT``.
+    """
+    redacted = redact_userinfo(endpoint)
+    if redacted != endpoint:
+        raise ValueError(
+            f"etcd endpoint {redacted!r} contains a user name or password, but this store does not support"
+            " etcd authentication yet; give http://HOST:PORT without them and reach etcd on a private network"
+        )
+    expected = f"etcd endpoint {endpoint!r} is not http://HOST:PORT, for example http://127.0.0.1:2379"
+    try:
+        parsed = urllib.parse.urlsplit(endpoint)
+    except ValueError:
+        raise ValueError(expected) from None
+    if parsed.scheme == "https":
+        raise ValueError(
+            f"etcd endpoint {endpoint!r} uses https, which this store does not support yet;"
+            " reach etcd over http on a private network"
+        )
+    port_text = parsed.netloc.rpartition("]")[2].rpartition(":")[2]
+    if port_text.isdigit() and not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"etcd endpoint {endpoint!r} has port {port_text}, which is out of range 1-65535")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.scheme != "http" or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+        raise ValueError(expected)
+    try:
+        return ipaddress.ip_address(parsed.hostname).version
+    except ValueError:
+        return 0
+
+
+def redact_userinfo(endpoint: str) -> str:
+    """Return ``endpoint`` with any ``user:password@`` before the host replaced by ``***@``."""
+    scheme, separator, rest = endpoint.partition("://")
+    if not separator:
+        scheme, rest = "", endpoint
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return endpoint
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{separator}***@{host}{slash}{path}"
 
 
 def check_replica_id(text: str) -> str:
@@ -138,8 +210,13 @@ def check_prefix(text: str) -> str:
     Raises:
         ValueError: The message states the expected form.
     """
-    if not text.startswith("/") or not text.endswith("/") or len(text) < 2:
+    if not text.startswith("/") or not text.endswith("/"):
         raise ValueError(f"etcd prefix {text!r} must start and end with '/', for example {DEFAULT_PREFIX}")
+    if text == "/":
+        raise ValueError(
+            "etcd prefix '/' covers every key that starts with '/', so the store would read and watch other"
+            f" applications' keys; give the replicas a prefix of their own, for example {DEFAULT_PREFIX}"
+        )
     return text
 
 
@@ -309,6 +386,22 @@ def _describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+def is_transient(exc: grpc.aio.AioRpcError) -> bool:
+    """Return whether a failed etcd request may succeed when sent again, as during a leader election.
+
+    A connection that no endpoint accepted is not transient: the replica
+    reports it at once rather than wait for etcd to come up.
+    """
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    if exc.code() == grpc.StatusCode.UNKNOWN:
+        # etcd 3.4.23 returns UNKNOWN "context deadline exceeded" when the
+        # request's deadline passes inside the server, as without a quorum.
+        return _CONTEXT_DEADLINE in details
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and any(part in details for part in _TRANSIENT_DETAILS)
+
+
 # -- the store -----------------------------------------------------------------
 
 
@@ -327,9 +420,13 @@ class EtcdLeaseStore:
     meant for start-up and shutdown; never call those three on the loop's
     own thread.
 
-    Failures: a grant fails after one attempt (``StoreError`` naming the
-    endpoints). Activity, end claims, high-water marks and pending-key
-    deletions are retried until they land, each failed attempt logged.
+    Failures: the start-up read, a grant and a fetch send their request
+    again after a transient error (see :func:`is_transient`) until their
+    time is up: ``load_timeout_seconds`` for the start-up read,
+    ``request_timeout_seconds`` for the others. Then they fail with
+    ``StoreError`` naming the endpoints and the errors seen. Activity, end
+    claims, high-water marks and pending-key deletions are retried until
+    they land. Every retry is logged at WARNING.
 
     Args:
         endpoints: etcd client URLs (see :func:`parse_endpoints`).
@@ -337,7 +434,9 @@ class EtcdLeaseStore:
             restarts.
         prefix: Key prefix of every key the store writes.
         retention_seconds: How long ends stay in etcd before etcd removes them.
-        request_timeout_seconds: Deadline of one etcd request.
+        request_timeout_seconds: Deadline of one etcd request, and the time a
+            grant or a fetch may take, retries included.
+        load_timeout_seconds: Time the start-up read may take, retries included.
         loop: A running event loop to do the I/O on. A process whose gRPC
             calls all run on one loop avoids the spurious ``BlockingIOError``
             that grpc.aio logs when several loops in several threads share
@@ -352,13 +451,16 @@ class EtcdLeaseStore:
         prefix: str = DEFAULT_PREFIX,
         retention_seconds: float = 3600.0,
         request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
+        load_timeout_seconds: float = LOAD_TIMEOUT_SECONDS,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.endpoints = tuple(endpoints)
+        # Checked here too, so that no caller can make the store log a password.
+        self.endpoints = check_endpoints(endpoints)
         self.replica_id = check_replica_id(replica_id)
         self.prefix = check_prefix(prefix)
         self.retention_seconds = retention_seconds
         self.request_timeout_seconds = request_timeout_seconds
+        self.load_timeout_seconds = load_timeout_seconds
         self.description = f"etcd:{','.join(self.endpoints)} (prefix {self.prefix}, replica {self.replica_id})"
         self._prefix = self.prefix.encode()
         self._target = channel_target(self.endpoints)
@@ -404,10 +506,15 @@ class EtcdLeaseStore:
     def load_replica(self) -> ReplicaState:
         """Read the shared lease table and this replica's pending audit keys (blocks).
 
+        Transient errors, such as those during an etcd leader election, are
+        retried for up to ``load_timeout_seconds``.
+
         Raises:
-            StoreError: etcd could not be read; the message names the endpoints.
+            StoreError: etcd could not be read; the message names the
+                endpoints and the errors seen.
         """
-        return self._run(self._load(), self.request_timeout_seconds * 4)
+        # The last attempt ends by the budget's deadline, and the margin covers the handover from the loop.
+        return self._run(self._load(), self.load_timeout_seconds + 1.0)
 
     def start_watch(self, listener: ReplicaListener) -> None:
         """Deliver every change after the revision of :meth:`load_replica` to ``listener``."""
@@ -473,10 +580,13 @@ class EtcdLeaseStore:
     def flush(self, timeout_seconds: float) -> None:
         """Write queued activity, claims and pending-key deletions now (blocks).
 
+        Transient errors are retried until ``timeout_seconds`` have passed.
+
         Raises:
-            StoreError: They did not land within ``timeout_seconds``.
+            StoreError: They did not land within ``timeout_seconds``, or etcd
+                rejected them with an error that is not transient.
         """
-        self._run(self._flush_all(), timeout_seconds)
+        self._run(self._flush_all(timeout_seconds), timeout_seconds)
 
     def close(self, timeout_seconds: float = 5.0) -> None:
         """Flush what is queued (up to ``timeout_seconds``), stop the watch and close the channel."""
@@ -543,9 +653,54 @@ class EtcdLeaseStore:
             ) from exc
 
     def _unavailable(self, action: str, exc: grpc.aio.AioRpcError) -> StoreError:
+        message = f"etcd at {','.join(self.endpoints)} did not {action} ({_describe_rpc_error(exc)})"
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            message += "; check that the etcd members at these endpoints run and accept connections"
+        return StoreError(message)
+
+    async def _retry_transient(
+        self, action: str, attempt: Callable[[float], Awaitable[_T]], budget_seconds: float
+    ) -> _T:
+        """Await ``attempt(timeout_seconds)`` again after each transient error until ``budget_seconds`` have passed.
+
+        ``action`` completes "etcd did not ..." in log lines and errors.
+
+        Raises:
+            StoreError: An attempt failed with an error that is not
+                transient, or the last attempt within the budget failed. The
+                message names the endpoints and every error seen.
+        """
+        deadline = time.monotonic() + budget_seconds
+        delay = MIN_RETRY_SECONDS
+        seen: collections.Counter[str] = collections.Counter()
+        while True:
+            timeout_seconds = max(0.0, min(self.request_timeout_seconds, deadline - time.monotonic()))
+            try:
+                return await attempt(timeout_seconds)
+            except grpc.aio.AioRpcError as exc:
+                if not is_transient(exc):
+                    raise self._unavailable(action, exc) from exc
+                reason = _describe_rpc_error(exc)
+                seen[reason] += 1
+                if time.monotonic() + delay >= deadline:
+                    raise self._gave_up(action, budget_seconds, seen) from exc
+                logger.warning(
+                    "etcd at %s did not %s (%s); retrying in %.2f s",
+                    ",".join(self.endpoints),
+                    action,
+                    reason,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_SECONDS, delay * 2)
+
+    def _gave_up(self, action: str, budget_seconds: float, seen: collections.Counter[str]) -> StoreError:
+        attempts = sum(seen.values())
+        errors = ", ".join(f"{count} with {reason}" for reason, count in seen.most_common())
         return StoreError(
-            f"etcd at {','.join(self.endpoints)} did not {action} ({_describe_rpc_error(exc)});"
-            " check that a quorum of etcd members runs and that --etcd-endpoints lists them"
+            f"etcd at {','.join(self.endpoints)} did not {action} within {budget_seconds:g} s;"
+            f" {attempts} {'attempt' if attempts == 1 else 'attempts'} failed: {errors}."
+            " Run `etcdctl endpoint status` against these endpoints to see each member's state"
         )
 
     async def _open(self) -> None:
@@ -577,16 +732,14 @@ class EtcdLeaseStore:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
 
-    async def _txn(self, request: rpc_pb2.TxnRequest) -> rpc_pb2.TxnResponse:
-        return await self._kv.Txn(request, timeout=self.request_timeout_seconds)
+    async def _txn(self, request: rpc_pb2.TxnRequest, timeout_seconds: float | None = None) -> rpc_pb2.TxnResponse:
+        timeout = self.request_timeout_seconds if timeout_seconds is None else timeout_seconds
+        return await self._kv.Txn(request, timeout=timeout)
 
     # -- reads ---------------------------------------------------------------
 
     async def _load(self) -> ReplicaState:
-        try:
-            kvs, revision = await self._read_prefix()
-        except grpc.aio.AioRpcError as exc:
-            raise self._unavailable("return the lease table", exc) from exc
+        kvs, revision = await self._retry_transient("return the lease table", self._read_prefix, self.load_timeout_seconds)
         self._revision = revision
         leases: list[MirroredLease] = []
         high_water = 0.0
@@ -620,15 +773,16 @@ class EtcdLeaseStore:
         )
         return ReplicaState(leases=leases, high_water=high_water, audit_pending=pending, revision=revision)
 
-    async def _read_prefix(self) -> tuple[list[kv_pb2.KeyValue], int]:
-        """Read every key under the prefix at one revision, a page at a time."""
+    async def _read_prefix(self, timeout_seconds: float | None = None) -> tuple[list[kv_pb2.KeyValue], int]:
+        """Read every key under the prefix at one revision, a page at a time, each page within ``timeout_seconds``."""
+        timeout = self.request_timeout_seconds if timeout_seconds is None else timeout_seconds
         kvs: list[kv_pb2.KeyValue] = []
         start = self._prefix
         end = _prefix_end(self._prefix)
         revision = 0
         while True:
             request = rpc_pb2.RangeRequest(key=start, range_end=end, limit=LOAD_PAGE_SIZE, revision=revision)
-            response = await self._kv.Range(request, timeout=self.request_timeout_seconds)
+            response = await self._kv.Range(request, timeout=timeout)
             if revision == 0:
                 revision = response.header.revision
             kvs.extend(response.kvs)
@@ -652,10 +806,11 @@ class EtcdLeaseStore:
                 rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=end_key)),
             ]
         )
-        try:
-            response = await self._txn(request)
-        except grpc.aio.AioRpcError as exc:
-            raise self._unavailable(f"return lease {digest[:6].hex()}", exc) from exc
+        response = await self._retry_transient(
+            f"return lease {digest[:6].hex()}",
+            lambda timeout_seconds: self._txn(request, timeout_seconds),
+            self.request_timeout_seconds,
+        )
         for result in response.responses:
             for kv in result.response_range.kvs:
                 mirrored = self._decode(kv)
@@ -671,24 +826,38 @@ class EtcdLeaseStore:
         digest = lease.digest
         lease_key, end_key = self._key("leases", digest), self._key("ends", digest)
         mirrored = MirroredLease(lease, self.replica_id)
+        value = encode_lease(lease, self.replica_id)
         request = rpc_pb2.TxnRequest(
             # Neither the lease nor its end may exist yet, so a late grant can
             # never bring back a lease that has already ended.
             compare=[_created(lease_key, 0), _created(end_key, 0)],
-            success=[_put(lease_key, encode_lease(lease, self.replica_id))],
+            success=[_put(lease_key, value)],
+            failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=lease_key))],
         )
+
         self._granting.add(digest)
         try:
-            response = await self._txn(request)
-        except grpc.aio.AioRpcError as exc:
-            # NOTE: a grant that timed out may still have been committed. The
-            # holder never receives its ID, so the lease idles out in etcd.
-            raise self._unavailable(f"store the grant of lease {digest[:6].hex()}", exc) from exc
+            # NOTE: a grant whose last attempt timed out may still have been
+            # committed. The holder never receives its ID, so the lease idles
+            # out in etcd.
+            response = await self._retry_transient(
+                f"store the grant of lease {digest[:6].hex()}",
+                lambda timeout_seconds: self._txn(request, timeout_seconds),
+                self.request_timeout_seconds,
+            )
         finally:
             self._granting.discard(digest)
-        if not response.succeeded:
-            raise StoreError(f"lease {digest[:6].hex()} already exists in etcd at {','.join(self.endpoints)}")
-        self._known[digest] = _Known(response.header.revision, mirrored)
+
+        if response.succeeded:
+            self._known[digest] = _Known(response.header.revision, mirrored)
+            return
+        # An attempt that etcd committed, but whose reply was lost, makes the
+        # retry fail its comparison. The record is then this grant's own.
+        for kv in response.responses[0].response_range.kvs:
+            if kv.value == value:
+                self._known[digest] = _Known(kv.create_revision, mirrored)
+                return
+        raise StoreError(f"lease {digest[:6].hex()} already exists in etcd at {','.join(self.endpoints)}")
 
     # -- end claims --------------------------------------------------------------
 
@@ -805,14 +974,28 @@ class EtcdLeaseStore:
             else:
                 delay = ACTIVITY_FLUSH_INTERVAL_SECONDS
 
-    async def _flush_all(self) -> None:
-        await self._flush_activity()
-        await self._flush_deletes()
-        await self._flush_high_water()
+    async def _flush_all(self, timeout_seconds: float) -> None:
+        await self._retry_transient(
+            "take the queued writes", lambda _timeout_seconds: self._flush_writes(), timeout_seconds
+        )
         claims = list(self._claims)
         if claims:
             # asyncio.wait, unlike gather, leaves the claims running if this wait is cancelled.
             await asyncio.wait(claims)
+
+    async def _flush_writes(self) -> None:
+        """Write queued activity, pending-key deletions and the high-water mark once.
+
+        Raises:
+            grpc.aio.AioRpcError: A write failed; what it did not write stays queued.
+        """
+        try:
+            await self._flush_activity()
+        except _RetryLater as exc:
+            assert isinstance(exc.__cause__, grpc.aio.AioRpcError)
+            raise exc.__cause__ from None
+        await self._flush_deletes()
+        await self._flush_high_water()
 
     async def _flush_activity(self) -> None:
         with self._lock:
@@ -940,20 +1123,20 @@ class EtcdLeaseStore:
             delay = min(MAX_RETRY_SECONDS, delay * 2)
 
     async def _watch_from(self, start_revision: int) -> None:
-        closed = asyncio.Event()
-
-        async def requests() -> Any:
-            yield rpc_pb2.WatchRequest(
-                create_request=rpc_pb2.WatchCreateRequest(
-                    key=self._prefix, range_end=_prefix_end(self._prefix), start_revision=start_revision
-                )
-            )
-            await closed.wait()
-
         # "hasleader" makes a member that has lost its leader cancel the watch,
         # instead of keeping a stream open that receives nothing.
-        call = self._watch.Watch(requests(), metadata=(("hasleader", "true"),))
+        call = self._watch.Watch(metadata=(("hasleader", "true"),))
+        # The request is written on this task rather than from a request
+        # iterator, because grpc.aio logs a traceback when the task that
+        # consumes such an iterator is cancelled, as it is at every close.
         try:
+            await call.write(
+                rpc_pb2.WatchRequest(
+                    create_request=rpc_pb2.WatchCreateRequest(
+                        key=self._prefix, range_end=_prefix_end(self._prefix), start_revision=start_revision
+                    )
+                )
+            )
             async for response in call:
                 if response.compact_revision:
                     raise _Compacted(response.compact_revision)
@@ -963,7 +1146,6 @@ class EtcdLeaseStore:
                 if response.events:
                     self._deliver(response.events)
         finally:
-            closed.set()
             call.cancel()
 
     async def _reload(self) -> None:

@@ -235,8 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(args: argparse.Namespace) -> AuthorityConfig:
+def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> AuthorityConfig:
     """Turn parsed flags into a config.
+
+    Args:
+        args: Flags parsed by ``parser``.
+        parser: Reports flags that contradict each other as usage errors
+            (exit status 2); None uses a new :func:`build_parser`.
 
     Raises:
         SystemExit: With a one-line message when a flag or file is invalid.
@@ -250,7 +255,7 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
 
     credentials = _server_credentials(args)
     authenticator = _authenticator(args)
-    store_options = _store_options(args)
+    store_options = _store_options(args, parser or build_parser())
     return AuthorityConfig(
         authenticator=authenticator,
         listen=args.listen,
@@ -265,20 +270,20 @@ def build_config(args: argparse.Namespace) -> AuthorityConfig:
     )
 
 
-def _store_options(args: argparse.Namespace) -> dict[str, object]:
+def _store_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, object]:
     # Flags and environment values both arrive here, so values from the
-    # environment are checked again.
+    # environment are checked again. parser.error exits with status 2.
     endpoints = args.etcd_endpoints
     if args.store not in ("sqlite", "etcd"):
-        raise SystemExit(f"session-authority serve: --store {args.store!r} is invalid; use sqlite or etcd")
+        parser.error(f"--store {args.store!r} is invalid; use sqlite or etcd")
     if args.store == "sqlite":
         if endpoints is not None or args.replica_id is not None:
             flag = "--etcd-endpoints" if endpoints is not None else "--replica-id"
-            raise SystemExit(f"session-authority serve: {flag} applies only to --store etcd; add --store etcd or drop {flag}")
+            parser.error(f"{flag} applies only to --store etcd; add --store etcd or drop {flag}")
         return {}
     if endpoints is None:
-        raise SystemExit(
-            "session-authority serve: --store etcd needs --etcd-endpoints, for example"
+        parser.error(
+            "--store etcd needs --etcd-endpoints, for example"
             " --etcd-endpoints http://127.0.0.1:2379,http://127.0.0.1:22379"
         )
     try:
@@ -289,7 +294,7 @@ def _store_options(args: argparse.Namespace) -> dict[str, object]:
             "etcd_prefix": check_prefix(args.etcd_prefix),
         }
     except ValueError as exc:
-        raise SystemExit(f"session-authority serve: {exc}") from exc
+        parser.error(str(exc))
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
@@ -369,13 +374,14 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """Run ``session-authority serve`` with ``argv`` (without the ``serve`` word)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = build_config(args)
+    config = build_config(args, parser)
     try:
         telemetry = configure_sdk(prometheus_host=args.prometheus_host, prometheus_port=args.prometheus_port)
     except TelemetryConfigError as exc:

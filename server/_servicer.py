@@ -646,8 +646,10 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             except asyncio.TimeoutError as exc:
                 logger.error("end of lease %s not stored within %g s", lease.fingerprint, self._end_reply_timeout)
                 raise Unavailable(
-                    f"the lease ended here, but the shared store did not confirm the end within"
-                    f" {self._end_reply_timeout:g} s; the authority retries the write until it lands"
+                    f"the lease ended on this replica, but etcd did not commit the end within"
+                    f" {self._end_reply_timeout:g} s. Other replicas accept the lease until etcd commits"
+                    " the end, which this replica retries until it lands; check the lease's state with"
+                    " TimeToLive on another replica"
                 ) from exc
             except Exception as exc:
                 logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
