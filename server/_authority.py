@@ -265,25 +265,31 @@ class Persistence:
             with self._lock:
                 self._end_futures[lease.digest] = future
 
+    def record_of(self, row: StoredLease) -> LeaseRecord:
+        """Return the table record of a stored row, its times converted to this run's monotonic scale."""
+        record = LeaseRecord(
+            digest=row.digest,
+            principal=row.principal,
+            tier=row.tier,
+            idle_timeout=row.idle_timeout,
+            max_duration=row.max_duration,
+            granted_at=self.from_authority_time(row.granted_at),
+            granted_wall=row.granted_wall,
+            last_activity=self.from_authority_time(row.last_activity),
+        )
+        if row.ended_at is not None:
+            record.end_reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
+            record.ended_at = self.from_authority_time(row.ended_at)
+            record.ended_wall = row.ended_wall
+            record.revoked_by = row.revoked_by
+        return record
+
     def restore_into_table(self, rows: Iterable[StoredLease]) -> tuple[int, int]:
         """Load stored rows into the table; return (live, ended) counts."""
         live = ended = 0
         for row in rows:
-            record = LeaseRecord(
-                digest=row.digest,
-                principal=row.principal,
-                tier=row.tier,
-                idle_timeout=row.idle_timeout,
-                max_duration=row.max_duration,
-                granted_at=self.from_authority_time(row.granted_at),
-                granted_wall=row.granted_wall,
-                last_activity=self.from_authority_time(row.last_activity),
-            )
+            record = self.record_of(row)
             if row.ended_at is not None:
-                record.end_reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
-                record.ended_at = self.from_authority_time(row.ended_at)
-                record.ended_wall = row.ended_wall
-                record.revoked_by = row.revoked_by
                 ended += 1
             else:
                 live += 1
@@ -363,24 +369,8 @@ class ReplicaMirror:
         return rows, skip_grants
 
     def _record_of(self, mirrored: MirroredLease) -> LeaseRecord:
-        row = mirrored.lease
-        persistence = self._persistence
-        record = LeaseRecord(
-            digest=row.digest,
-            principal=row.principal,
-            tier=row.tier,
-            idle_timeout=row.idle_timeout,
-            max_duration=row.max_duration,
-            granted_at=persistence.from_authority_time(row.granted_at),
-            granted_wall=row.granted_wall,
-            last_activity=persistence.from_authority_time(row.last_activity),
-        )
+        record = self._persistence.record_of(mirrored.lease)
         record.granted_here = mirrored.granted_by == self._replica_id
-        if row.ended_at is not None:
-            record.end_reason = EndReason(row.end_reason) if row.end_reason else EndReason.REVOKED
-            record.ended_at = persistence.from_authority_time(row.ended_at)
-            record.ended_wall = row.ended_wall
-            record.revoked_by = row.revoked_by
         return record
 
     # ReplicaListener interface.
