@@ -220,10 +220,16 @@ class Persistence:
             self._store.save_activity(lease.digest, self.to_authority_time(lease.last_activity))
 
     def end_written(self, digest: bytes) -> concurrent.futures.Future[None]:
-        """Return the future of the store write for a lease's end."""
+        """Return the future of the store write for a lease's end; a done one once the write succeeded."""
         with self._lock:
-            future = self._end_futures.pop(digest, None)
+            future = self._end_futures.get(digest)
         return future if future is not None else _done()
+
+    def _forget_written_end(self, digest: bytes, future: concurrent.futures.Future[None]) -> None:
+        if future.cancelled() or future.exception() is None:
+            with self._lock:
+                if self._end_futures.get(digest) is future:
+                    del self._end_futures[digest]
 
     def housekeeping(self) -> None:
         """Advance the clock high-water mark and drop ended rows past retention."""
@@ -260,10 +266,12 @@ class Persistence:
             # leave the audit log ahead of the store with another reason.
             future.add_done_callback(lambda done, digest=lease.digest: recorder.end_settled(digest, done))
         if lease.end_reason in (EndReason.REVOKED, EndReason.RELEASED):
-            # Only revokes and releases wait for the write; keep the future
-            # until the servicer picks it up.
+            # Only revokes and releases wait for the write. The future stays
+            # until the write succeeds, so a revoke repeated before then waits
+            # for the same write instead of reporting an end that may not last.
             with self._lock:
                 self._end_futures[lease.digest] = future
+            future.add_done_callback(lambda done, digest=lease.digest: self._forget_written_end(digest, done))
 
     def record_of(self, row: StoredLease) -> LeaseRecord:
         """Return the table record of a stored row, its times converted to this run's monotonic scale."""

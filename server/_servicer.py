@@ -638,28 +638,30 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         lease, already_ended = self._table.end(digest, reason, revoked_by=revoked_by)
         if lease.state is LeaseState.NOT_FOUND:
             return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=False)
+        # A lease that an earlier revoke ended may still wait for its store
+        # write; a repeated revoke waits for that same write, so that no reply
+        # confirms an end that a restart could undo.
+        try:
+            claim = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(self._persistence.end_written(digest))), self._end_reply_timeout
+            )
+        except asyncio.TimeoutError as exc:
+            logger.error("end of lease %s not stored within %g s", lease.fingerprint, self._end_reply_timeout)
+            raise Unavailable(
+                f"the lease ended on this replica, but etcd did not commit the end within"
+                f" {self._end_reply_timeout:g} s, and other replicas accept the lease until it does."
+                " The revoke is not confirmed: send it again until it succeeds"
+            ) from exc
+        except Exception as exc:
+            logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
+            raise Unavailable(
+                f"the lease ended, but storing the end failed: {exc}. The revoke is not confirmed, and a"
+                " restart of the authority would bring the lease back: send it again until it succeeds"
+            ) from exc
+        if isinstance(claim, EndClaim) and not claim.won:
+            # Another replica had ended the lease first; its end is the one that counts.
+            return pb.RevokeResponse(lease=lease_to_proto(self._table.lookup_digest(digest)), already_ended=True)
         if not already_ended:
-            try:
-                claim = await asyncio.wait_for(
-                    asyncio.shield(asyncio.wrap_future(self._persistence.end_written(digest))), self._end_reply_timeout
-                )
-            except asyncio.TimeoutError as exc:
-                logger.error("end of lease %s not stored within %g s", lease.fingerprint, self._end_reply_timeout)
-                raise Unavailable(
-                    f"the lease ended on this replica, but etcd did not commit the end within"
-                    f" {self._end_reply_timeout:g} s. Other replicas accept the lease until etcd commits"
-                    " the end, which this replica retries until it lands; check the lease's state with"
-                    " TimeToLive on another replica"
-                ) from exc
-            except Exception as exc:
-                logger.error("end of lease %s not stored: %s", lease.fingerprint, exc)
-                raise Unavailable(
-                    f"the lease ended, but storing the end failed: {exc}; the authority retries the"
-                    " write, and until it lands a restart of the authority would bring the lease back"
-                ) from exc
-            if isinstance(claim, EndClaim) and not claim.won:
-                # Another replica had ended the lease first; its end is the one that counts.
-                return pb.RevokeResponse(lease=lease_to_proto(self._table.lookup_digest(digest)), already_ended=True)
             logger.info(
                 "lease %s %s by %s", lease.fingerprint, "released" if request.release else "revoked", revoked_by
             )

@@ -126,3 +126,39 @@ def test_grant_without_quorum_returns_unavailable(cluster: EtcdCluster, tmp_path
 
 def test_request_timeout_below_client_default() -> None:
     assert REQUEST_TIMEOUT_SECONDS < DEFAULT_TIMEOUT_SECONDS
+
+
+def test_repeated_revoke_without_quorum_not_confirmed(cluster: EtcdCluster, tmp_path: pathlib.Path) -> None:
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=POLICY,
+        data_dir=tmp_path / "replica-a",
+        admin_everyone=True,
+        store="etcd",
+        etcd_endpoints=tuple(cluster.endpoints),
+        replica_id="replica-a",
+        etcd_prefix=PREFIX,
+    )
+    replica = AuthorityThread(config).start()
+    client = AuthorityClient(replica.target, principal="svc-a")
+    try:
+        lease_id = client.grant().lease_id
+        cluster.kill(cluster.members[0])
+        cluster.kill(cluster.members[1])
+
+        with pytest.raises(AuthorityUnavailable) as first:
+            client.revoke(lease_id)
+        # The lease already ended on this replica, but etcd has not committed
+        # the end, so a repeat must not report success either.
+        with pytest.raises(AuthorityUnavailable) as repeated:
+            client.revoke(lease_id)
+
+        cluster.restart(cluster.members[0])
+        confirmed = client.revoke(lease_id)
+    finally:
+        client.close()
+        replica.stop()
+
+    assert "send it again" in first.value.details
+    assert "send it again" in repeated.value.details
+    assert confirmed.lease.state.name == "ENDED"
