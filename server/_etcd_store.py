@@ -183,11 +183,12 @@ def redact_userinfo(endpoint: str) -> str:
     scheme, separator, rest = endpoint.partition("://")
     if not separator:
         scheme, rest = "", endpoint
-    authority, slash, path = rest.partition("/")
-    if "@" not in authority:
+    # The last '@' ends the user information even when the password holds a
+    # '/' that was not percent-encoded; an endpoint has no other use for '@'.
+    if "@" not in rest:
         return endpoint
-    host = authority.rpartition("@")[2]
-    return f"{scheme}{separator}***@{host}{slash}{path}"
+    host = rest.rpartition("@")[2]
+    return f"{scheme}{separator}***@{host}"
 
 
 def check_replica_id(text: str) -> str:

@@ -30,7 +30,7 @@ from session_authority.server import (
     parse_policy,
 )
 from session_authority.server._etcd_store import DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX
-from session_authority.server._etcd_store import EndClaim, EtcdLeaseStore, MirroredLease, encode_lease
+from session_authority.server._etcd_store import EndClaim, EtcdLeaseStore, MirroredLease, encode_lease, redact_userinfo
 from session_authority.server._main import build_config, build_parser
 from session_authority.server._store import StoredLease
 from session_authority.server._table import LeaseRecord, SessionEnd
@@ -780,3 +780,9 @@ def test_serve_builds_etcd_config() -> None:
     assert config.etcd_endpoints == ("http://127.0.0.1:2379", "http://127.0.0.1:22379")
     assert config.replica_id == "replica-a"
     assert config.etcd_prefix == "/sessions/"
+
+
+@pytest.mark.parametrize("endpoint", ["http://admin:s3cret@127.0.0.1:2379", "http://admin:s3/cret@127.0.0.1:2379"])
+def test_redact_userinfo_hides_password(endpoint: str) -> None:
+    assert redact_userinfo(endpoint) == "http://***@127.0.0.1:2379"
+
