@@ -89,12 +89,15 @@ _LEASE_NOT_FOUND = "requested lease not found"
 
 _CONTEXT_DEADLINE = "context deadline exceeded"
 
-_TRANSIENT_DETAILS = ("leader changed", "no leader", "timed out")
-"""Parts of etcd's UNAVAILABLE details that last only until an election ends, so a retry can cure them.
+_TRANSIENT_DETAILS = ("leader changed", "no leader", "timed out", "Stream removed", "Socket closed")
+"""Parts of UNAVAILABLE details that last only until an election ends or a member is replaced, so a retry can cure them.
 
-They match ``etcdserver: leader changed``, ``etcdserver: no leader`` and the
-``etcdserver: request timed out`` family, as etcd's
-``api/v3rpc/rpctypes/error.go`` defines them.
+The first three match ``etcdserver: leader changed``, ``etcdserver: no
+leader`` and the ``etcdserver: request timed out`` family, as etcd's
+``api/v3rpc/rpctypes/error.go`` defines them. The last two are grpcio's
+details when the member serving the request dies with the request in
+flight; the channel then moves to another member. A retried grant accepts
+its own committed record, so sending a write twice is safe.
 """
 
 
@@ -902,7 +905,7 @@ class EtcdLeaseStore:
             # whose watch event has not arrived): read its record first.
             found = await self._fetch(digest)
             if found is None or found.lease.ended_at is not None:
-                return EndClaim(won=False, stored_end=found)
+                return EndClaim(won=found is not None and found.claimed_by == self.replica_id, stored_end=found)
             known = self._known[digest]
 
         ended = dataclasses.replace(
@@ -937,6 +940,12 @@ class EtcdLeaseStore:
             stored = self._decode(kv)
         if stored is None:
             logger.warning("lease %s ended here but was no longer in etcd; no replica records its end", digest[:6].hex())
+        elif stored.claimed_by == self.replica_id:
+            # An earlier attempt of this claim committed, but its reply was
+            # lost (the connection broke or the request timed out). The claim
+            # is this replica's, and so is the audit record.
+            logger.info("claim of lease %s had committed before a retry", digest[:6].hex())
+            return EndClaim(won=True)
         return EndClaim(won=False, stored_end=stored)
 
     async def _end_lease_id(self) -> int:

@@ -258,6 +258,27 @@ def test_exactly_one_replica_wins_end_claim(etcd: EtcdMember, prefix: str) -> No
     b.close()
 
 
+def test_claim_retried_after_commit_still_won(etcd: EtcdMember, prefix: str) -> None:
+    # Two stores of one replica ID stand for one claim sent twice: the first
+    # attempt commits, and the retry finds the end already claimed by itself.
+    first = open_store(etcd, prefix, "replica-a")
+    retry = open_store(etcd, prefix, "replica-a")
+    changes = Changes()
+    retry.load_replica()
+    retry.start_watch(changes)
+    lease = make_lease(14)
+    first.save_grant(lease).result(10)
+    changes.next("stored", lease.digest)
+
+    committed = first.save_end(lease.digest, 1_010.0, 1_767_225_610.0, REVOKED, "admin").result(10)
+    retried = retry.save_end(lease.digest, 1_010.0, 1_767_225_610.0, REVOKED, "admin").result(10)
+    first.close()
+    retry.close()
+
+    assert committed == EndClaim(won=True)
+    assert retried.won is True
+
+
 def test_claim_leaves_pending_key_until_cleared(etcd: EtcdMember, prefix: str) -> None:
     store = open_store(etcd, prefix, "replica-a")
     lease = make_lease(5)
