@@ -186,8 +186,8 @@ def redact_userinfo(endpoint: str) -> str:
     scheme, separator, rest = endpoint.partition("://")
     if not separator:
         scheme, rest = "", endpoint
-    # The last '@' ends the user information even when the password holds a
-    # '/' that was not percent-encoded; an endpoint has no other use for '@'.
+    # The last '@' ends the user information even when the password contains
+    # a '/' that was not percent-encoded, because an endpoint has no other '@'.
     if "@" not in rest:
         return endpoint
     host = rest.rpartition("@")[2]
