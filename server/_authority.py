@@ -614,7 +614,7 @@ class Authority:
                 self.audit_log = config.audit_log_factory(directory)
             else:
                 self.audit_log = AuditLog(directory, wall_clock=config.clock.wall)
-            # NOTE: leases granted in this chain are told apart from earlier
+            # NOTE: leases granted in this chain are distinguished from earlier
             # ones by authority time, which never runs behind the stored
             # high-water mark. That mark is written about every 0.5 s, so a
             # crash right after a new chain starts, followed by a boot with

@@ -639,7 +639,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         if lease.state is LeaseState.NOT_FOUND:
             return pb.RevokeResponse(lease=lease_to_proto(lease), already_ended=False)
         # A lease that an earlier revoke ended may still wait for its store
-        # write; a repeated revoke waits for that same write, so that no reply
+        # write. A repeated revoke waits for that same write, so that no reply
         # confirms an end that a restart could undo.
         try:
             claim = await asyncio.wait_for(
