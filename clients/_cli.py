@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[global_options],
         epilog=(
             f"Exit status: {EXIT_OK} ok, {EXIT_REJECTED} rejected by the authority, "
-            f"{EXIT_USAGE} invalid usage, {EXIT_UNREACHABLE} authority unreachable."
+            f"{EXIT_USAGE} invalid usage, {EXIT_UNREACHABLE} authority unreachable or unavailable (no reply"
+            " in time, or its store is down): retry later."
         ),
     )
     parser.add_argument(
