@@ -675,7 +675,10 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             )
         matches = self._table.find_by_fingerprint(fingerprint)
         if not matches:
-            raise FailedPrecondition(f"no lease has fingerprint {fingerprint}")
+            raise FailedPrecondition(
+                f"no lease has fingerprint {fingerprint}: it may have ended and been purged, or be held by"
+                " another authority; check it with ListLeases or the audit log"
+            )
         if len(matches) > 1:
             raise FailedPrecondition(
                 f"{len(matches)} leases share fingerprint {fingerprint}; revoke by lease_id instead"

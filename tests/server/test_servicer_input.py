@@ -122,7 +122,7 @@ BAD_REQUESTS: list[tuple[str, Callable[[pb_grpc.SessionAuthorityStub], object], 
         "revoke unknown fingerprint",
         lambda s: s.Revoke(pb.RevokeRequest(fingerprint="0123456789ab")),
         grpc.StatusCode.FAILED_PRECONDITION,
-        r"^no lease has fingerprint 0123456789ab$",
+        r"^no lease has fingerprint 0123456789ab: .*check it with ListLeases",
     ),
     (
         "validate empty method",
