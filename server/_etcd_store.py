@@ -841,14 +841,17 @@ class EtcdLeaseStore:
 
         self._granting.add(digest)
         try:
-            # NOTE: a grant whose last attempt timed out may still have been
-            # committed. The holder never receives its ID, so the lease idles
-            # out in etcd.
             response = await self._retry_transient(
                 f"store the grant of lease {digest[:6].hex()}",
                 lambda timeout_seconds: self._txn(request, timeout_seconds),
                 self.request_timeout_seconds,
             )
+        except StoreError:
+            # The last attempt may still have been committed. The caller gets
+            # no lease ID, so the record is withdrawn; left alone it would live
+            # and later end with an audit record but no grant record.
+            self._start_withdrawal(lease_key, value, digest)
+            raise
         finally:
             self._granting.discard(digest)
 
@@ -862,6 +865,38 @@ class EtcdLeaseStore:
                 self._known[digest] = _Known(kv.create_revision, mirrored)
                 return
         raise StoreError(f"lease {digest[:6].hex()} already exists in etcd at {','.join(self.endpoints)}")
+
+    def _start_withdrawal(self, lease_key: bytes, value: bytes, digest: bytes) -> None:
+        task = self._loop.create_task(self._withdraw_grant(lease_key, value, digest))
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    async def _withdraw_grant(self, lease_key: bytes, value: bytes, digest: bytes) -> None:
+        """Delete a failed grant's record if etcd committed it after all, retrying until etcd answers."""
+        request = rpc_pb2.TxnRequest(
+            # Only this grant's own record, unchanged by any renewal; a lease
+            # that was renewed was in use, so its ID reached someone.
+            compare=[rpc_pb2.Compare(result=rpc_pb2.Compare.EQUAL, target=rpc_pb2.Compare.VALUE, key=lease_key, value=value)],
+            success=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=lease_key))],
+        )
+        delay = MIN_RETRY_SECONDS
+        while True:
+            try:
+                response = await self._txn(request, self.request_timeout_seconds)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning(
+                    "withdrawal of the failed grant of lease %s not answered by etcd (%s); retrying in %.2f s",
+                    digest[:6].hex(),
+                    _describe_rpc_error(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_SECONDS)
+                continue
+            if response.succeeded:
+                self._known.pop(digest, None)
+                logger.warning("failed grant of lease %s had been committed; its record is withdrawn", digest[:6].hex())
+            return
 
     # -- end claims --------------------------------------------------------------
 

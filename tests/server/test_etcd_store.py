@@ -807,3 +807,26 @@ def test_serve_builds_etcd_config() -> None:
 def test_redact_userinfo_hides_password(endpoint: str) -> None:
     assert redact_userinfo(endpoint) == "http://***@127.0.0.1:2379"
 
+
+def test_failed_grant_record_withdrawn(etcd: EtcdMember, prefix: str) -> None:
+    # A grant that failed for its caller but that etcd committed after all,
+    # and one that was renewed meanwhile: only the untouched record goes.
+    store = open_store(etcd, prefix, "replica-a")
+    untouched, renewed = make_lease(30), make_lease(31)
+    for lease in (untouched, renewed):
+        store.save_grant(lease).result(10)
+    etcd_values = {
+        lease.digest: etcd.get(f"{prefix}leases/{lease.digest.hex()}") for lease in (untouched, renewed)
+    }
+    store.save_activity(renewed.digest, 1_005.0)
+    store.flush(10)
+
+    for lease in (untouched, renewed):
+        key = f"{prefix}leases/{lease.digest.hex()}".encode()
+        store._loop.call_soon_threadsafe(store._start_withdrawal, key, etcd_values[lease.digest], lease.digest)
+    store.flush(10)
+    store.close()
+
+    assert etcd.get(f"{prefix}leases/{untouched.digest.hex()}") is None
+    assert etcd.get(f"{prefix}leases/{renewed.digest.hex()}") is not None
+
