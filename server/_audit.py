@@ -244,10 +244,14 @@ class LastHash:
     Attributes:
         seq: Seq of the record.
         hash: SHA-256 (hex) of the record's line.
+        chain_start_time: The authority time in ``chain-start.json`` when
+            the writer read or wrote that file, else None. It shows that the
+            chain has a ``chain-start.json`` even after that file is deleted.
     """
 
     seq: int
     hash: str
+    chain_start_time: float | None = None
 
 
 def read_last_hash(directory: Path) -> LastHash | None:
@@ -284,7 +288,16 @@ def _parse_last_hash(data: bytes) -> LastHash:
         raise ValueError(f"seq must be a positive integer, got {seq!r}")
     if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
         raise ValueError(f"hash must be 64 lower-case hex characters, got {digest!r}")
-    return LastHash(seq=seq, hash=digest)
+    chain_start_time = record.get("chain_start_time")
+    if chain_start_time is not None and not _is_seconds(chain_start_time):
+        raise ValueError(f"chain_start_time must be a number of seconds, got {chain_start_time!r}")
+    if chain_start_time is not None:
+        chain_start_time = float(chain_start_time)
+    return LastHash(seq=seq, hash=digest, chain_start_time=chain_start_time)
+
+
+def _is_seconds(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def read_chain_start(directory: Path) -> float | None:
@@ -305,28 +318,45 @@ def read_chain_start(directory: Path) -> float | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    try:
+        return _parse_chain_start(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def _parse_chain_start(data: bytes) -> float:
     record = _parse_line(data.rstrip(b"\n"))
     if record is None:
-        raise ValueError(f"{path}: not a JSON object, so it was edited or corrupted")
+        raise ValueError("not a JSON object, so it was edited or corrupted")
     if record.get("v") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown format version {record.get('v')!r}; this version reads {FORMAT_VERSION}")
+        raise ValueError(f"unknown format version {record.get('v')!r}; this version reads {FORMAT_VERSION}")
     authority_time = record.get("authority_time")
-    if isinstance(authority_time, bool) or not isinstance(authority_time, (int, float)):
-        raise ValueError(f"{path}: authority_time must be a number of seconds, got {authority_time!r}")
+    if not _is_seconds(authority_time):
+        raise ValueError(f"authority_time must be a number of seconds, got {authority_time!r}")
     return float(authority_time)
 
 
 def _write_file_atomically(path: Path, data: bytes, fsync: bool) -> None:
-    """Replace ``path`` with ``data``: write a temporary file, fsync it, rename it over ``path``."""
+    """Replace ``path`` with ``data``: write a temporary file, fsync it, rename it over ``path``.
+
+    On failure the temporary file is removed, so that only a crash can leave it behind.
+    """
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        _write_all(fd, data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            temporary.unlink()
+        except OSError:
+            logger.debug("failed to remove %s after a failed replacement of %s", temporary, path, exc_info=True)
+        raise
 
 
 @dataclasses.dataclass(slots=True)
@@ -463,7 +493,10 @@ class AuditLog:
     :class:`AuditWriteError`, so that new records cannot cover up records
     removed from the end while the log was closed. Opening a log that has
     records but no ``last-hash.json`` logs a warning, because then nothing
-    shows whether records were cut from its end.
+    shows whether records were cut from its end. Opening and closing never
+    write ``last-hash.json`` on their own: only a log that has appended a
+    record does, so a start that fails before its first record keeps the
+    evidence of a missing file for ``audit verify --strict`` and the next open.
 
     Threading: all methods may be called from any thread; one lock serializes
     them, and :meth:`append` blocks on disk I/O (including ``fsync``) while
@@ -537,13 +570,16 @@ class AuditLog:
         self._last_hash_file_failures = 0
         # Set by _recover: no audit file had a byte and there was no last-hash.json.
         self._started_empty = False
+        # Set once this log has written a record. Only then does it write last-hash.json.
+        self._appended = False
+        # Time in chain-start.json, read from that file or from last-hash.json, and written to last-hash.json.
+        self._chain_start_time: float | None = None
 
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
             self._acquire_directory_lock()
             self._recover()
             self._open_current()
-            self._write_last_hash_file_locked()
         except OSError as exc:
             self._release_files()
             if isinstance(exc, AuditWriteError):
@@ -590,13 +626,23 @@ class AuditLog:
         :attr:`started_empty`, writes ``authority_time`` to it first (fsynced
         when the log fsyncs), so every later open returns the same time.
 
+        ``last-hash.json`` also stores the time once the log has read or
+        written ``chain-start.json`` and appended a record. When
+        ``chain-start.json`` is missing from a chain whose ``last-hash.json``
+        stores a time, the file was deleted: this logs a warning and returns
+        the time from ``last-hash.json``, so that the caller still writes no
+        grant record of an earlier chain. A chain whose two files are both
+        missing cannot be distinguished from one started by an older
+        version, and returns None.
+
         Args:
             authority_time: The authority's time now, in seconds; leases
                 granted from now on have their grant records in this chain.
 
         Returns:
             The stored time, or None for a chain that has records but no
-            ``chain-start.json`` (started by a version that did not write it).
+            ``chain-start.json`` and no time in ``last-hash.json`` (started
+            by a version that did not write the file).
 
         Raises:
             AuditWriteError: The file cannot be read, is invalid, or cannot
@@ -619,8 +665,25 @@ class AuditLog:
                 " fix it and start again",
                 str(path),
             ) from exc
-        if stored is not None or not self._started_empty:
+        if stored is not None:
+            with self._lock:
+                self._chain_start_time = stored
             return stored
+        if self._chain_start_time is not None:
+            logger.warning(
+                "%s is missing, but %s records that the audit chain in %s started at authority time %.6f, so"
+                " the file was deleted. This start uses that time and writes no grant record for leases granted"
+                " before it. Restore %s from a backup, or write %s to it",
+                path,
+                LAST_HASH_FILE_NAME,
+                self._directory,
+                self._chain_start_time,
+                path,
+                _encode({"v": FORMAT_VERSION, "authority_time": self._chain_start_time}).decode(),
+            )
+            return self._chain_start_time
+        if not self._started_empty:
+            return None
 
         data = _encode({"v": FORMAT_VERSION, "authority_time": authority_time}) + b"\n"
         try:
@@ -633,6 +696,8 @@ class AuditLog:
                 f"failed to write {path}: {exc.strerror or exc}. Make {self._directory} writable, then start again",
                 str(path),
             ) from exc
+        with self._lock:
+            self._chain_start_time = authority_time
         return authority_time
 
     @property
@@ -752,6 +817,7 @@ class AuditLog:
             self._size = len(data)
         if stored is not None:
             self._last_hash_file_seq = stored.seq
+            self._chain_start_time = stored.chain_start_time
 
     def _read_last_hash_file(self) -> LastHash | None:
         path = self._last_hash_path
@@ -786,8 +852,8 @@ class AuditLog:
         logger.warning(
             "audit log %s has records up to seq %d but no %s, so records cut from its end before this start"
             " cannot be detected. The file was deleted, or an older version wrote the log. Run"
-            " 'session-authority audit verify %s' and compare its last seq and hash with a copy kept elsewhere;"
-            " this start writes a new %s",
+            " 'session-authority audit verify %s' and compare its last seq and hash with a copy kept elsewhere."
+            " The first record written from now on writes a new %s",
             self._directory,
             last_seq,
             LAST_HASH_FILE_NAME,
@@ -1006,6 +1072,7 @@ class AuditLog:
         self._size = start + len(data)
         self._last_seq = lines[-1].seq
         self._last_hash = lines[-1].hash
+        self._appended = True
         if self._first_seq_in_file == 0:
             self._first_seq_in_file = lines[0].seq
         for encoded in lines:
@@ -1018,14 +1085,20 @@ class AuditLog:
     def _write_last_hash_file_locked(self) -> None:
         """Replace ``last-hash.json`` with the last record's seq and hash: write a temporary file, fsync, rename.
 
+        Does nothing until this log has appended a record, so that opening a
+        log without the file does not hide that it was missing.
+
         A failure is logged and retried after the next write, because the
         records themselves are durable. The directory is not fsynced after
         the rename: if a power loss undoes the rename, the file names an
         earlier record of the same chain, which the log may run ahead of.
         """
-        if self._last_hash_file_seq == self._last_seq or self._last_seq == 0:
+        if not self._appended or self._last_hash_file_seq == self._last_seq:
             return
-        data = _encode({"v": FORMAT_VERSION, "seq": self._last_seq, "hash": self._last_hash}) + b"\n"
+        record: dict[str, object] = {"v": FORMAT_VERSION, "seq": self._last_seq, "hash": self._last_hash}
+        if self._chain_start_time is not None:
+            record["chain_start_time"] = self._chain_start_time
+        data = _encode(record) + b"\n"
         try:
             _write_file_atomically(self._last_hash_path, data, self._fsync)
         except OSError as exc:
@@ -1414,6 +1487,11 @@ class VerifyResult:
             checked without ``expected_last_hash`` and has no
             ``last-hash.json``, so records cut from the end, or an edit of
             the last record, went unchecked.
+        chain_start_error: What is wrong with a directory's
+            ``chain-start.json``, or None. The file cannot be read or is
+            invalid, so the authority does not start on the directory, or it
+            is missing although ``last-hash.json`` stores a chain start
+            time. It fails the result only with ``require_valid_chain_start``.
     """
 
     ok: bool
@@ -1424,6 +1502,7 @@ class VerifyResult:
     last_hash: str = ZERO_HASH
     last_hash_file_seq: int | None = None
     last_hash_file_missing: bool = False
+    chain_start_error: VerifyError | None = None
 
 
 @dataclasses.dataclass
@@ -1560,7 +1639,11 @@ def _verify_file(path: Path, first_file: bool, state: _ChainState) -> VerifyErro
 
 
 def verify(
-    paths: Sequence[Path] | Path, *, expected_last_hash: str | None = None, require_last_hash_file: bool = False
+    paths: Sequence[Path] | Path,
+    *,
+    expected_last_hash: str | None = None,
+    require_last_hash_file: bool = False,
+    require_valid_chain_start: bool = False,
 ) -> VerifyResult:
     """Check the hash chain of an audit directory or of audit files, and report the first break.
 
@@ -1584,6 +1667,10 @@ def verify(
     at seq 1, so rotated files can be archived elsewhere but must be passed
     back in for a check.
 
+    A directory's ``chain-start.json`` is read too, because the authority
+    does not start on a directory whose file cannot be read or is invalid.
+    A problem with it is reported in ``chain_start_error``.
+
     Args:
         paths: A directory (all of its audit files, in chain order), one
             file, or several files; files are put in order of their first seq.
@@ -1592,6 +1679,10 @@ def verify(
         require_last_hash_file: Fail when a directory has records but no
             ``last-hash.json`` (and ``expected_last_hash`` is not given). A
             directory without records never has the file, so it passes.
+        require_valid_chain_start: Fail when a directory's
+            ``chain-start.json`` has a problem (see ``chain_start_error``),
+            rather than only reporting it. A missing file is a problem only
+            when ``last-hash.json`` stores a chain start time.
 
     Returns:
         The result; ``error`` names the file and line of the first break.
@@ -1603,14 +1694,19 @@ def verify(
         raise ValueError(
             f"expected_last_hash must be 64 lower-case hex characters (a SHA-256), got {expected_last_hash!r}"
         )
-    return _verify(paths, expected_last_hash, require_last_hash_file, _ChainState())
+    return _verify(paths, expected_last_hash, require_last_hash_file, require_valid_chain_start, _ChainState())
 
 
 def _verify(
-    paths: Sequence[Path] | Path, expected_last_hash: str | None, require_last_hash_file: bool, state: _ChainState
+    paths: Sequence[Path] | Path,
+    expected_last_hash: str | None,
+    require_last_hash_file: bool,
+    require_valid_chain_start: bool,
+    state: _ChainState,
 ) -> VerifyResult:
     stored: LastHash | None = None
     stored_error: VerifyError | None = None
+    chain_start_error: VerifyError | None = None
     # Path of the last-hash.json that a directory lacks; None when it has one or when files were given.
     missing_last_hash_file: Path | None = None
     if isinstance(paths, (str, os.PathLike)):
@@ -1624,6 +1720,7 @@ def _verify(
                 stored, stored_error = _load_last_hash_for_verify(target)
                 if stored is None and stored_error is None:
                     missing_last_hash_file = target / LAST_HASH_FILE_NAME
+            chain_start_error = _check_chain_start_for_verify(target, stored)
         else:
             files = [target]
     else:
@@ -1642,7 +1739,15 @@ def _verify(
         if error is not None:
             missing = missing_last_hash_file is not None and state.records > 0
             return VerifyResult(
-                False, state.records, index + 1, error, state.last_seq, state.last_hash, stored_seq, missing
+                False,
+                state.records,
+                index + 1,
+                error,
+                state.last_seq,
+                state.last_hash,
+                stored_seq,
+                missing,
+                chain_start_error,
             )
 
     error = stored_error
@@ -1661,9 +1766,42 @@ def _verify(
             f"missing, although the log has {state.records} records, so records cut from its end cannot be"
             " detected (the file was deleted, or an older version wrote the log)",
         )
+    if error is None and require_valid_chain_start:
+        error = chain_start_error
     return VerifyResult(
-        error is None, state.records, len(files), error, state.last_seq, state.last_hash, stored_seq, missing
+        error is None,
+        state.records,
+        len(files),
+        error,
+        state.last_seq,
+        state.last_hash,
+        stored_seq,
+        missing,
+        chain_start_error,
     )
+
+
+def _check_chain_start_for_verify(directory: Path, stored: LastHash | None) -> VerifyError | None:
+    """Read a directory's ``chain-start.json`` and return its problem (``VerifyResult.chain_start_error``), or None."""
+    path = directory / CHAIN_START_FILE_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if stored is None or stored.chain_start_time is None:
+            return None
+        return VerifyError(
+            path,
+            0,
+            f"missing, although {LAST_HASH_FILE_NAME} records that the chain started at authority time"
+            f" {stored.chain_start_time:.6f} (the file was deleted)",
+        )
+    except OSError as exc:
+        return VerifyError(path, 0, f"cannot read the file: {exc.strerror or exc}")
+    try:
+        _parse_chain_start(data)
+    except ValueError as exc:
+        return VerifyError(path, 0, f"invalid chain-start file: {exc}")
+    return None
 
 
 def _load_last_hash_for_verify(directory: Path) -> tuple[LastHash | None, VerifyError | None]:
@@ -1755,7 +1893,9 @@ class ReplicaVerifyResult:
         return not self.duplicates and all(result.ok for _, result in self.results)
 
 
-def verify_replicas(directories: Sequence[Path], *, require_last_hash_file: bool = False) -> ReplicaVerifyResult:
+def verify_replicas(
+    directories: Sequence[Path], *, require_last_hash_file: bool = False, require_valid_chain_start: bool = False
+) -> ReplicaVerifyResult:
     """Check several audit directories whose events must each be recorded once among them.
 
     The directories are the chains of authority replicas, or an earlier
@@ -1776,6 +1916,7 @@ def verify_replicas(directories: Sequence[Path], *, require_last_hash_file: bool
     Args:
         directories: Two or more audit directories.
         require_last_hash_file: Passed to :func:`verify` for each directory.
+        require_valid_chain_start: Passed to :func:`verify` for each directory.
 
     Returns:
         The per-directory results and every duplicated event.
@@ -1801,7 +1942,7 @@ def verify_replicas(directories: Sequence[Path], *, require_last_hash_file: bool
     duplicates: list[DuplicateEvent] = []
     for index, path in enumerate(paths):
         state = _ChainState(event_places={})
-        results.append((path, _verify(path, None, require_last_hash_file, state)))
+        results.append((path, _verify(path, None, require_last_hash_file, require_valid_chain_start, state)))
         assert state.event_places is not None
         for event_id, (type, file, line) in state.event_places.items():
             first = first_places.setdefault(event_id, (index, file, line))
@@ -2027,7 +2168,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help=f"exit 1 when a directory has records but no {LAST_HASH_FILE_NAME}, so the end of the log cannot "
-        "be checked. With audit files instead of a directory it requires --expected-last-hash",
+        f"be checked, or when its {CHAIN_START_FILE_NAME} cannot be read, is invalid, or is missing although "
+        f"{LAST_HASH_FILE_NAME} records a chain start (without --strict that prints a warning). With audit "
+        "files instead of a directory it requires --expected-last-hash",
     )
     verify_parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -2064,7 +2207,10 @@ def _run_verify(arguments: argparse.Namespace) -> int:
     target: Path | list[Path] = paths[0] if len(paths) == 1 else paths
     try:
         result = verify(
-            target, expected_last_hash=arguments.expected_last_hash, require_last_hash_file=arguments.strict
+            target,
+            expected_last_hash=arguments.expected_last_hash,
+            require_last_hash_file=arguments.strict,
+            require_valid_chain_start=arguments.strict,
         )
     except ValueError as exc:
         print(f"session-authority audit verify: error: {exc}", file=sys.stderr)
@@ -2093,7 +2239,9 @@ def _run_verify_replicas(arguments: argparse.Namespace, paths: list[Path], direc
         problem = "--expected-last-hash checks one log; pass a single directory with it"
     if problem is None:
         try:
-            replicas = verify_replicas(paths, require_last_hash_file=arguments.strict)
+            replicas = verify_replicas(
+                paths, require_last_hash_file=arguments.strict, require_valid_chain_start=arguments.strict
+            )
         except ValueError as exc:
             problem = str(exc)
     if problem is not None:
@@ -2145,6 +2293,7 @@ def _verify_summary(result: VerifyResult) -> dict[str, object]:
         "last_hash": result.last_hash,
         "last_hash_file_seq": result.last_hash_file_seq,
         "last_hash_file_missing": result.last_hash_file_missing,
+        "chain_start_error": None if result.chain_start_error is None else str(result.chain_start_error),
         "error": None,
     }
     if result.error is not None:
@@ -2159,6 +2308,13 @@ def _verify_summary(result: VerifyResult) -> dict[str, object]:
 def _verify_line(result: VerifyResult) -> str:
     if not result.ok:
         return f"FAIL: {result.error}"
+    line = _verify_ok_line(result)
+    if result.chain_start_error is not None:
+        line += f"\nWARNING: {result.chain_start_error} (--strict makes this a failure)"
+    return line
+
+
+def _verify_ok_line(result: VerifyResult) -> str:
     records = "record" if result.records == 1 else "records"
     files = "file" if result.files == 1 else "files"
     line = f"OK: {result.records} {records} in {result.files} {files}, chain verified"

@@ -563,6 +563,10 @@ class Authority:
         except RuntimeError:
             port = 0
         if port == 0:
+            # Write the records queued at start, then close the audit log and
+            # the store, so that a failed start leaves their files complete
+            # and their locks free.
+            await self.stop(0)
             raise RuntimeError(
                 f"cannot listen on {config.listen}: the address is in use (another authority?) or invalid;"
                 " stop the other process or choose another --listen address"

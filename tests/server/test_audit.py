@@ -1347,14 +1347,50 @@ def test_reopen_with_invalid_last_hash_file_rejected(tmp_path: Path) -> None:
         open_log(tmp_path)
 
 
-def test_open_writes_missing_last_hash_file(tmp_path: Path) -> None:
+def test_open_close_keeps_last_hash_missing(tmp_path: Path) -> None:
+    write_records(tmp_path, 4)
+    (tmp_path / LAST_HASH_FILE_NAME).unlink()
+
+    open_log(tmp_path).close()
+
+    assert not (tmp_path / LAST_HASH_FILE_NAME).exists()
+    assert not (tmp_path / (LAST_HASH_FILE_NAME + ".tmp")).exists()
+    assert not verify(tmp_path, require_last_hash_file=True).ok
+
+
+def test_first_append_writes_missing_last_hash(tmp_path: Path) -> None:
     write_records(tmp_path, 4)
     (tmp_path / LAST_HASH_FILE_NAME).unlink()
 
     with open_log(tmp_path) as log:
+        log.append("end:5", "end", end_fields(5))
         last_hash = log.last_hash
 
-    assert read_last_hash(tmp_path) == LastHash(seq=4, hash=last_hash)
+    assert read_last_hash(tmp_path) == LastHash(seq=5, hash=last_hash)
+
+
+def test_open_keeps_stale_last_hash(tmp_path: Path) -> None:
+    write_records(tmp_path, 4)
+    earlier = (tmp_path / LAST_HASH_FILE_NAME).read_bytes()
+    with open_log(tmp_path) as log:
+        log.append("end:5", "end", end_fields(5))
+    # A crash between a write and the replacement of last-hash.json.
+    (tmp_path / LAST_HASH_FILE_NAME).write_bytes(earlier)
+
+    open_log(tmp_path).close()
+
+    assert (tmp_path / LAST_HASH_FILE_NAME).read_bytes() == earlier
+
+
+def test_failed_replacement_removes_temporary(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.append("end:1", "end", end_fields(1))
+        # A directory in place of last-hash.json makes the rename fail after the temporary file is written.
+        (tmp_path / LAST_HASH_FILE_NAME).unlink()
+        (tmp_path / LAST_HASH_FILE_NAME).mkdir()
+        log.append("end:2", "end", end_fields(2))
+
+    assert not (tmp_path / (LAST_HASH_FILE_NAME + ".tmp")).exists()
 
 
 def test_last_hash_file_failure_keeps_appending(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -1694,3 +1730,147 @@ def test_cli_replicas_expected_hash_exits_2(tmp_path: Path, capsys: pytest.Captu
 
     assert code == 2
     assert "--expected-last-hash checks one log; pass a single directory with it" in capsys.readouterr().err
+
+
+def test_chain_start_stored_in_last_hash(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+
+    stored = read_last_hash(tmp_path)
+    assert stored is not None
+    assert stored.chain_start_time == 1234.5
+
+
+def test_deleted_chain_start_uses_last_hash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+    (tmp_path / CHAIN_START_FILE_NAME).unlink()
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        with open_log(tmp_path) as log:
+            started = log.chain_start_time(9999.0)
+
+    assert started == 1234.5
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert caplog.records[0].getMessage().startswith(
+        f"{tmp_path / CHAIN_START_FILE_NAME} is missing, but last-hash.json records that the audit chain in"
+        f" {tmp_path} started at authority time 1234.500000, so the file was deleted"
+    )
+    assert not (tmp_path / CHAIN_START_FILE_NAME).exists()
+
+
+def test_deleted_chain_start_time_kept(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+    (tmp_path / CHAIN_START_FILE_NAME).unlink()
+
+    with open_log(tmp_path) as log:
+        log.chain_start_time(9999.0)
+        log.append("end:2", "end", end_fields(2))
+
+    stored = read_last_hash(tmp_path)
+    assert stored is not None
+    assert stored.chain_start_time == 1234.5
+
+
+def test_last_hash_invalid_chain_start_rejected(tmp_path: Path) -> None:
+    write_records(tmp_path, 1)
+    stored = read_last_hash(tmp_path)
+    assert stored is not None
+    (tmp_path / LAST_HASH_FILE_NAME).write_bytes(
+        reencode({"v": 1, "seq": 1, "hash": stored.hash, "chain_start_time": "soon"}) + b"\n"
+    )
+
+    expected = f"{tmp_path / LAST_HASH_FILE_NAME}: chain_start_time must be a number of seconds, got 'soon'"
+    with pytest.raises(ValueError) as caught:
+        read_last_hash(tmp_path)
+
+    assert str(caught.value) == expected
+
+
+# --------------------------------------------------------------------------
+# verify and chain-start.json
+
+
+def test_verify_invalid_chain_start_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / CHAIN_START_FILE_NAME).write_bytes(b"garbage\n")
+
+    code = audit_main(["verify", str(tmp_path)])
+
+    assert code == 0
+    assert capsys.readouterr().out == (
+        "OK: 3 records in 1 file, chain verified, last record matches last-hash.json\n"
+        f"WARNING: {tmp_path / CHAIN_START_FILE_NAME}: invalid chain-start file: not a JSON object, so it was edited"
+        " or corrupted (--strict makes this a failure)\n"
+    )
+
+
+def test_verify_strict_invalid_chain_start_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / CHAIN_START_FILE_NAME).write_bytes(b'{"authority_time":"soon","v":1}\n')
+
+    code = audit_main(["verify", "--strict", str(tmp_path)])
+
+    assert code == 1
+    assert capsys.readouterr().out == (
+        f"FAIL: {tmp_path / CHAIN_START_FILE_NAME}: invalid chain-start file: authority_time must be a number of"
+        " seconds, got 'soon'\n"
+    )
+
+
+def test_verify_strict_chain_start_directory_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 3)
+    (tmp_path / CHAIN_START_FILE_NAME).mkdir()
+
+    code = audit_main(["verify", "--strict", str(tmp_path)])
+
+    assert code == 1
+    assert capsys.readouterr().out == (
+        f"FAIL: {tmp_path / CHAIN_START_FILE_NAME}: cannot read the file: Is a directory\n"
+    )
+
+
+def test_verify_strict_deleted_chain_start_fails(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+    (tmp_path / CHAIN_START_FILE_NAME).unlink()
+
+    result = verify(tmp_path, require_valid_chain_start=True)
+
+    assert not result.ok
+    assert result.error == result.chain_start_error
+    assert str(result.error) == (
+        f"{tmp_path / CHAIN_START_FILE_NAME}: missing, although last-hash.json records that the chain started at"
+        " authority time 1234.500000 (the file was deleted)"
+    )
+
+
+def test_verify_valid_chain_start_no_error(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.chain_start_time(1234.5)
+        log.append("end:1", "end", end_fields(1))
+
+    result = verify(tmp_path, require_valid_chain_start=True)
+
+    assert result.ok
+    assert result.chain_start_error is None
+
+
+def test_verify_json_lists_chain_start_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path, 2)
+    (tmp_path / CHAIN_START_FILE_NAME).write_bytes(b"garbage\n")
+
+    code = audit_main(["verify", "--json", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out)
+
+    assert code == 0
+    assert summary["ok"] is True
+    assert summary["chain_start_error"] == (
+        f"{tmp_path / CHAIN_START_FILE_NAME}: invalid chain-start file: not a JSON object, so it was edited or"
+        " corrupted"
+    )

@@ -8,6 +8,9 @@ import errno
 import json
 import logging
 import pathlib
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +37,7 @@ from session_authority.server._telemetry import SessionTelemetry
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-POLICY = parse_policy(
-    """
+POLICY_TEXT = """
 version = 1
 default_tier = "standard"
 admins = ["ops"]
@@ -44,7 +46,8 @@ admins = ["ops"]
 idle_timeout = "10s"
 max_duration = "100s"
 """
-)
+
+POLICY = parse_policy(POLICY_TEXT)
 
 
 class FaultyDisk:
@@ -496,3 +499,133 @@ def test_start_last_hash_directory_rejected(tmp_path: pathlib.Path, channels) ->
         f" the file that stores the seq and hash of the last record. Move that directory out of {tmp_path / 'audit'},"
         f" run 'session-authority audit verify {tmp_path / 'audit'}', and start again"
     )
+
+
+FAILED_START_SCRIPT = """
+import asyncio, pathlib, sys
+from session_authority.server import Authority, AuthorityConfig, InsecureDevAuthenticator, parse_policy
+
+config = AuthorityConfig(
+    authenticator=InsecureDevAuthenticator(),
+    policy=parse_policy(sys.argv[1]),
+    data_dir=pathlib.Path(sys.argv[2]),
+    listen=sys.argv[3],
+)
+try:
+    asyncio.run(Authority(config).start())
+except RuntimeError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def start_on_port_in_use(data_dir: pathlib.Path) -> None:
+    """Start an authority process on a port that a listening socket holds, and expect it to exit on the bind."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        # A separate process, as `serve` runs: a grpc.aio server whose start
+        # failed in this process, beside the other authorities of the test,
+        # crashed the test process (grpcio in this venv).
+        completed = subprocess.run(
+            [sys.executable, "-c", FAILED_START_SCRIPT, POLICY_TEXT, str(data_dir), listen],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert completed.returncode == 3, completed.stderr
+    assert completed.stdout.startswith(f"cannot listen on {listen}: the address is in use")
+
+
+def run_revoked_lease(data_dir: pathlib.Path, clock: ManualClock, channels) -> None:  # type: ignore[no-untyped-def]
+    """Grant a lease and revoke it, so that a later start owes no audit record."""
+    running = start(data_dir, clock)
+    stub = channels(running)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    stub.Revoke(pb.RevokeRequest(lease_id=granted.lease_id), metadata=[("x-session-principal", "ops")])
+    running.stop()
+
+
+def test_failed_start_keeps_last_hash_missing(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = ManualClock()
+    run_revoked_lease(tmp_path, clock, channels)
+    last_hash = tmp_path / "audit" / "last-hash.json"
+    last_hash.unlink()
+
+    start_on_port_in_use(tmp_path)
+    code = audit_main(["verify", "--strict", str(tmp_path / "audit")])
+
+    assert not last_hash.exists()
+    assert not (tmp_path / "audit" / "last-hash.json.tmp").exists()
+    assert code == 1
+    assert capsys.readouterr().out.startswith(f"FAIL: {last_hash}: missing, although the log has 3 records")
+
+
+def test_start_after_failed_start_warns(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    run_revoked_lease(tmp_path, clock, channels)
+    (tmp_path / "audit" / "last-hash.json").unlink()
+    start_on_port_in_use(tmp_path)
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        start(tmp_path, clock).stop()
+
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and record.name == "session_authority.server._audit"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"audit log {tmp_path / 'audit'} has records up to seq 3 but no last-hash.json, so records cut from its end"
+    )
+
+
+def test_invalid_chain_start_keeps_last_hash_missing(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels
+) -> None:
+    clock = ManualClock()
+    running = start(tmp_path, clock)
+    channels(running).Grant(pb.GrantRequest(principal="svc-a"))
+    running.stop()
+    last_hash = tmp_path / "audit" / "last-hash.json"
+    last_hash.unlink()
+    (tmp_path / "audit" / "chain-start.json").write_bytes(b"garbage\n")
+    config = AuthorityConfig(authenticator=InsecureDevAuthenticator(), policy=POLICY, data_dir=tmp_path, clock=clock)
+
+    with pytest.raises(AuditWriteError, match=r"^cannot tell when the audit chain in .* started"):
+        asyncio.run(Authority(config).start())
+
+    assert not last_hash.exists()
+    assert not verify_audit_log(tmp_path / "audit", require_last_hash_file=True).ok
+
+
+def test_deleted_chain_start_writes_no_earlier_grants(  # type: ignore[no-untyped-def]
+    tmp_path: pathlib.Path, channels, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    run_first_chain(tmp_path, clock, channels)
+    second = start(tmp_path, clock)
+    granted_here = channels(second).Grant(pb.GrantRequest(principal="svc-c"))
+    second.stop()
+    (tmp_path / "audit" / "chain-start.json").unlink()
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        start(tmp_path, clock).stop()
+
+    assert [record["event_id"] for record in records_of(tmp_path, "grant")] == [f"grant:{granted_here.lease.digest}"]
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and record.name == "session_authority.server._audit"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"{tmp_path / 'audit' / 'chain-start.json'} is missing, but last-hash.json records")
