@@ -848,7 +848,7 @@ class EtcdLeaseStore:
             )
         except StoreError:
             # The last attempt may still have been committed. The caller gets
-            # no lease ID, so the record is withdrawn; left alone it would live
+            # no lease ID, so the record is withdrawn. Left alone, it would live
             # and later end with an audit record but no grant record.
             self._start_withdrawal(lease_key, value, digest)
             raise
@@ -885,7 +885,7 @@ class EtcdLeaseStore:
                 response = await self._txn(request, self.request_timeout_seconds)
             except grpc.aio.AioRpcError as exc:
                 logger.warning(
-                    "withdrawal of the failed grant of lease %s not answered by etcd (%s); retrying in %.2f s",
+                    "withdrawal of the failed grant of lease %s failed in etcd (%s); retrying in %.2f s",
                     digest[:6].hex(),
                     _describe_rpc_error(exc),
                     delay,
