@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     import fcntl
@@ -254,6 +254,9 @@ class LastHash:
     chain_start_time: float | None = None
 
 
+_Anchor = TypeVar("_Anchor")
+
+
 def read_last_hash(directory: Path) -> LastHash | None:
     """Read the ``last-hash.json`` file of an audit directory.
 
@@ -266,23 +269,33 @@ def read_last_hash(directory: Path) -> LastHash | None:
             names the file and the problem.
         OSError: The file exists but cannot be read.
     """
-    path = Path(directory) / LAST_HASH_FILE_NAME
+    return _read_anchor_file(Path(directory) / LAST_HASH_FILE_NAME, _parse_last_hash)
+
+
+def _read_anchor_file(path: Path, parse: Callable[[bytes], _Anchor]) -> _Anchor | None:
+    """Read and parse one of the small JSON files beside the chain; None when it does not exist."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return _parse_last_hash(data)
+        return parse(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def _parse_last_hash(data: bytes) -> LastHash:
+def _parse_versioned(data: bytes) -> dict[str, Any]:
+    """Return the JSON object of an anchor file, checked for its format version."""
     record = _parse_line(data.rstrip(b"\n"))
     if record is None:
         raise ValueError("not a JSON object, so it was edited or corrupted")
     if record.get("v") != FORMAT_VERSION:
         raise ValueError(f"unknown format version {record.get('v')!r}; this version reads {FORMAT_VERSION}")
+    return record
+
+
+def _parse_last_hash(data: bytes) -> LastHash:
+    record = _parse_versioned(data)
     seq, digest = record.get("seq"), record.get("hash")
     if not _is_seq(seq):
         raise ValueError(f"seq must be a positive integer, got {seq!r}")
@@ -313,23 +326,11 @@ def read_chain_start(directory: Path) -> float | None:
             names the file and the problem.
         OSError: The file exists but cannot be read.
     """
-    path = Path(directory) / CHAIN_START_FILE_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        return _parse_chain_start(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    return _read_anchor_file(Path(directory) / CHAIN_START_FILE_NAME, _parse_chain_start)
 
 
 def _parse_chain_start(data: bytes) -> float:
-    record = _parse_line(data.rstrip(b"\n"))
-    if record is None:
-        raise ValueError("not a JSON object, so it was edited or corrupted")
-    if record.get("v") != FORMAT_VERSION:
-        raise ValueError(f"unknown format version {record.get('v')!r}; this version reads {FORMAT_VERSION}")
+    record = _parse_versioned(data)
     authority_time = record.get("authority_time")
     if not _is_seconds(authority_time):
         raise ValueError(f"authority_time must be a number of seconds, got {authority_time!r}")
