@@ -443,8 +443,8 @@ class EtcdLeaseStore:
         load_timeout_seconds: Time the start-up read may take, retries included.
         loop: A running event loop to do the I/O on. A process whose gRPC
             calls all run on one loop avoids the spurious ``BlockingIOError``
-            that grpc.aio logs when several loops in several threads share
-            its completion queue (grpc/grpc issue 25364).
+            that grpc.aio logged in this project's tests when several loops
+            in several threads shared its completion queue.
     """
 
     def __init__(
@@ -872,7 +872,7 @@ class EtcdLeaseStore:
         task.add_done_callback(self._claims.discard)
 
     async def _withdraw_grant(self, lease_key: bytes, value: bytes, digest: bytes) -> None:
-        """Delete a failed grant's record if etcd committed it after all, retrying until etcd answers."""
+        """Delete a failed grant's record if etcd committed it after all, retrying until a request succeeds."""
         request = rpc_pb2.TxnRequest(
             # Only this grant's own record, unchanged by any renewal; a lease
             # that was renewed was in use, so its ID reached someone.
@@ -906,11 +906,19 @@ class EtcdLeaseStore:
         task.add_done_callback(self._claims.discard)
 
     async def _claim_until_landed(self, claim: _Claim) -> None:
+        try:
+            _settle(claim.future, await self._retry_claim(claim))
+        except asyncio.CancelledError:
+            # Cancelled by close, in an attempt or in the wait between two.
+            _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
+            raise
+
+    async def _retry_claim(self, claim: _Claim) -> EndClaim:
         delay = MIN_RETRY_SECONDS
         attempt = 1
         while True:
             try:
-                result = await self._claim(claim)
+                return await self._claim(claim)
             except (grpc.aio.AioRpcError, StoreError) as exc:
                 reason = _describe_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 logger.warning(
@@ -920,12 +928,6 @@ class EtcdLeaseStore:
                     reason,
                     delay,
                 )
-            except asyncio.CancelledError:
-                _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
-                raise
-            else:
-                _settle(claim.future, result)
-                return
             await asyncio.sleep(delay)
             delay = min(MAX_RETRY_SECONDS, delay * 2)
             attempt += 1
