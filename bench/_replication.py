@@ -91,7 +91,7 @@ class Plan:
     @classmethod
     def for_options(cls, options: Options) -> Plan:
         # NOTE: on a busy machine 1,000 grants can take longer than the 2 s
-        # lifetime, so the first ends then overlap the last grants; the
+        # lifetime, so the first ends then overlap the last grants. The
         # figures print how long the grants took.
         return cls(expiring_leases=200 if options.quick else 1000)
 

@@ -873,7 +873,7 @@ def test_sink_rejects_invalid_backoff(tmp_path: Path) -> None:
 class HeldFirstWrite:
     """``before_write`` hook that keeps the first write waiting until ``release`` is set.
 
-    It notes the file size at each call. Every call of one write sees the
+    It notes the file size at each call. Every call of one write finds the
     same file size, so the distinct sizes count the writes.
     """
 
