@@ -103,6 +103,7 @@ class _AioCall:
         "finished",
         "stopped",
         "refusal",
+        "headers",
     )
 
     def __init__(self, queue: _CutOffQueue, task: asyncio.Task[Any] | None, method: str) -> None:
@@ -120,6 +121,8 @@ class _AioCall:
         self.finished = False
         self.stopped = False
         self.refusal: LeaseRefused | None = None
+        # The task that sends the call's initial metadata, once started.
+        self.headers: asyncio.Task[None] | None = None
 
     def cut_off(self, refusal: LeaseRefused) -> None:
         self._queue.put(self, refusal)
@@ -133,6 +136,35 @@ class _AioCall:
         self.stop()
         if self.running and self._task is not None:
             self._task.cancel()
+
+    async def send_headers(self, context: grpc.aio.ServicerContext, metadata: Any) -> None:
+        """Send the call's initial metadata in a task of its own, which a cut-off cannot interrupt.
+
+        grpc.aio records the metadata as sent only when the awaiting task
+        resumes after the send completes. Were the handler's own task cancelled
+        in between, the abort would send the metadata a second time, the core
+        would refuse the whole batch, and the client would get no status.
+        """
+        if self.headers is not None:
+            # A second send: grpc.aio raises its own error for it.
+            await context.send_initial_metadata(metadata)
+            return
+        headers = asyncio.ensure_future(context.send_initial_metadata(metadata))
+        headers.add_done_callback(_retrieve_error)
+        self.headers = headers
+        await asyncio.shield(headers)
+
+    async def write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        """Write a response; the first write sends the initial metadata on its own first."""
+        if self.headers is None:
+            await self.send_headers(context, ())
+        await context.write(message)
+
+    async def headers_settled(self) -> None:
+        """Wait until a send of initial metadata that a cut-off overtook has completed (event loop)."""
+        headers = self.headers
+        if headers is not None and not headers.done():
+            await asyncio.wait((headers,), timeout=HEADERS_WAIT_SECONDS)
 
     def enable_waits(self) -> None:
         """Prepare :meth:`wait_on_loop` for a sync handler; call before its thread starts."""
@@ -173,6 +205,17 @@ class _AioCall:
                     self._pending = None
 
 
+HEADERS_WAIT_SECONDS = 5.0
+"""Maximum wait, at a cut-off, for the call's initial metadata to finish sending before the status is sent."""
+
+
+def _retrieve_error(task: asyncio.Task[None]) -> None:
+    # The handler that started the send may be gone when it fails (the
+    # client left): read the error so that asyncio does not report it.
+    if not task.cancelled():
+        task.exception()
+
+
 class _CallEnded(grpc.RpcError):
     """Raised in a sync handler's thread when its call was cut off or cancelled."""
 
@@ -211,10 +254,11 @@ class _Context:
     Everything else is the server's own context, reached by attribute lookup.
     """
 
-    def __init__(self, context: grpc.aio.ServicerContext, enforcer: Enforcer, entry: _Entry) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, enforcer: Enforcer, entry: _Entry, call: _AioCall) -> None:
         self._context = context
         self._enforcer = enforcer
         self._entry = entry
+        self._call = call
 
     async def read(self) -> Any:
         message = await self._context.read()
@@ -224,7 +268,10 @@ class _Context:
 
     async def write(self, message: Any) -> None:
         self._enforcer.touch(self._entry)
-        await self._context.write(message)
+        await self._call.write(self._context, message)
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        await self._call.send_headers(self._context, initial_metadata)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -266,7 +313,7 @@ def _run_sync_stream_response(
     try:
         for response in responses:
             touch()
-            call.wait_on_loop(raw_context.write(response))
+            call.wait_on_loop(call.write(raw_context, response))
     finally:
         # After a cut-off the generator is suspended: run its cleanup now.
         close_responses(responses)
@@ -335,7 +382,7 @@ class _SyncContext:
         return True
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
-        self._call.wait_on_loop(self._context.send_initial_metadata(initial_metadata))
+        self._call.wait_on_loop(self._call.send_headers(self._context, initial_metadata))
 
     def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         # The aio abort sends the status and raises AbortError. The same
@@ -510,7 +557,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
             if is_async:
                 if streaming_requests:
                     argument = _Requests(argument, enforcer, entry)
-                handler_run = drive(behavior, argument, _Context(context, enforcer, entry))
+                handler_run = drive(behavior, argument, _Context(context, enforcer, entry, call))
             else:
                 handler_run = self._run_sync(behavior, drive, argument, context, call, entry, streaming_requests)
             handler_context = call.admission_context.copy()
@@ -542,6 +589,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
                 call.finished = True
             call.stop()
             if call.refusal is not None:
+                await call.headers_settled()
                 await _abort(context, call.refusal)
             return result
         finally:
