@@ -13,13 +13,19 @@ machine, so their clocks are the same clocks:
   when the call returns; each client reads ``CLOCK_MONOTONIC`` when its
   stream ends. On Linux that clock is one system-wide clock, the same for
   every process outside a time namespace.
-- ``idle``: the leases are in a tier with a 1 s idle timeout and the streams
-  carry no messages, so the leases idle out. The expected end is the
+- ``idle``: the leases are in a tier with a 1 s idle timeout (8 s with one
+  lease per stream, below) and the streams carry no messages, so the leases idle out. The expected end is the
   authority's own deadline. After the end, ``TimeToLive`` reports it as
   ``ended_at`` (wall time). Each client reads ``CLOCK_REALTIME`` when its
   stream ends. The authority maps its monotonic deadline to wall time from a
   reading taken at grant, a few seconds earlier, so a wall-clock step in
   between would shift these figures (NTP slewing moves them by under 1 ms).
+- one lease per stream: every stream carries a lease of its own, and only
+  the first 200 leases to end are counted (20 of 100 with ``--quick``), each
+  while at least 800 other streams stay open. For ``revoke`` this process revokes the leases one by
+  one. For ``idle`` the streams open over ``SPREAD_SECONDS``, so the leases
+  idle out one at a time. Without this layout, one lease (or four) carries
+  every stream, and all of them end in the same instant.
 - ``holders``: a child process holds N sessions (``Session`` or ``AioSession``,
   one lease each, all sharing one authority client) and opens one ``Hold``
   stream per session through the aio server, via the session's
@@ -83,30 +89,67 @@ max_duration = "8h"
 [tiers.idle1]
 idle_timeout = "1s"
 max_duration = "1m"
+
+[tiers.idle8]
+idle_timeout = "8s"
+max_duration = "1m"
 """
+
+SPREAD_SECONDS = 5.0
+"""The streams of a one-lease-per-stream idle scenario open over this long, so their idle deadlines spread too."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
-    """One cut-off measurement: server kind, what ends the leases, and the stream layout."""
+    """One cut-off measurement: server kind, what ends the leases, and the stream layout.
+
+    Stream ``i`` carries lease ``i % leases``. With ``measured`` set, every
+    stream has a lease of its own, and only the first ``measured`` leases to
+    end count: the ones that end while nearly every other stream is still
+    open. Leases end one at a time in those scenarios. Without it, every
+    stream counts, and the streams of one lease end together.
+    """
 
     kind: str
     trigger: str
     streams: int
     clients: int
     leases: int
+    measured: int = 0
 
     @property
     def label(self) -> str:
         if self.kind == "aio-bare":
             return f"aio, no interceptor, {self.streams:,} streams"
+        if self.measured:
+            return f"{self.kind}, {self.streams:,} streams open, a lease each, first {self.measured} to end"
         leases = "1 lease" if self.leases == 1 else f"{self.leases} leases"
         return f"{self.kind}, {self.streams:,} streams, {leases}"
+
+    @property
+    def spread(self) -> bool:
+        """True when the streams open over ``SPREAD_SECONDS``.
+
+        Each admission reports activity, which moves the lease's idle
+        deadline, so the leases end one at a time, as in a fleet, rather than
+        all in the same instant.
+        """
+        return self.trigger == "idle" and self.measured > 0
+
+    @property
+    def tier(self) -> str:
+        if self.trigger != "idle":
+            return "standard"
+        return "idle8" if self.measured else "idle1"
 
 
 def scenarios(options: Options) -> list[Scenario]:
     aio_streams, aio_clients = (100, 2) if options.quick else (1000, 4)
+    measured = 20 if options.quick else 200
     return [
+        Scenario("aio", "revoke", aio_streams, aio_clients, aio_streams, measured),
+        Scenario("aio", "idle", aio_streams, aio_clients, aio_streams, measured),
+        Scenario("sync", "revoke", aio_streams, aio_clients, aio_streams, measured),
         Scenario("aio", "revoke", aio_streams, aio_clients, 1),
         Scenario("aio", "idle", aio_streams, aio_clients, 4),
         Scenario("aio-bare", "server", aio_streams, aio_clients, 1),
@@ -218,8 +261,14 @@ def serve_sync(authority: str, port_file: pathlib.Path, workers: int) -> None:
 # -- stream client (child process) ----------------------------------------------------
 
 
-async def hold_streams(target: str, count: int) -> dict[str, Any]:
+async def hold_streams(target: str, count: int, first: int, step_seconds: float) -> dict[str, Any]:
     """Open ``count`` streams under the leases read from stdin and record how each ends.
+
+    Streams are numbered across all client processes from ``first`` on, and
+    stream ``i`` carries lease ``i % len(leases)``. With ``step_seconds``,
+    stream ``i`` opens ``i * step_seconds`` after the leases arrive, so that
+    the activity each admission reports, and the idle deadline it sets, is
+    spread in time across all clients.
 
     Protocol on stdout: ``connected`` once the channel is ready, ``ready`` once
     every stream has its initial metadata, then one JSON line with the results.
@@ -231,10 +280,15 @@ async def hold_streams(target: str, count: int) -> dict[str, Any]:
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         leases: list[str] = json.loads(line)["leases"]
         hold = channel.unary_stream(HOLD)
-        calls = [
-            hold(b"", metadata=((LEASE_KEY, leases[index % len(leases)]),), timeout=STREAM_TIMEOUT_SECONDS)
-            for index in range(count)
-        ]
+        start = time.monotonic()
+        calls = []
+        for index in range(first, first + count):
+            pause = start + index * step_seconds - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            calls.append(
+                hold(b"", metadata=((LEASE_KEY, leases[index % len(leases)]),), timeout=STREAM_TIMEOUT_SECONDS)
+            )
         await asyncio.wait_for(asyncio.gather(*(call.initial_metadata() for call in calls)), STREAM_TIMEOUT_SECONDS)
         print("ready", flush=True)
 
@@ -249,7 +303,7 @@ async def hold_streams(target: str, count: int) -> dict[str, Any]:
                 "realtime_ns": realtime_ns,
             }
 
-        ends = await asyncio.gather(*(ending(index, call) for index, call in enumerate(calls)))
+        ends = await asyncio.gather(*(ending(index, call) for index, call in enumerate(calls, start=first)))
     return {"ends": ends}
 
 
@@ -554,13 +608,22 @@ class StreamClients:
         self.processes: list[subprocess.Popen[str]] = []
         self.logs: list[pathlib.Path] = []
         share, extra = divmod(scenario.streams, scenario.clients)
+        step_seconds = SPREAD_SECONDS / scenario.streams if scenario.spread else 0.0
+        first = 0
         for index in range(scenario.clients):
+            count = share + (index < extra)
             log = log_dir / f"client-{scenario.kind}-{scenario.trigger}-{index}.log"
             self.logs.append(log)
             with open(log, "ab") as stderr:
                 self.processes.append(
                     subprocess.Popen(
-                        python_command("bench._cutoff", "streams", "--target", target, "--count", str(share + (index < extra))),
+                        python_command(
+                            "bench._cutoff", "streams",
+                            "--target", target,
+                            "--count", str(count),
+                            "--first", str(first),
+                            "--step", str(step_seconds),
+                        ),  # fmt: skip
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=stderr,
@@ -569,6 +632,7 @@ class StreamClients:
                         cwd=REPO_ROOT,
                     )
                 )
+            first += count
 
     def expect(self, word: str, timeout_seconds: float) -> None:
         """Wait until every client has printed ``word``."""
@@ -612,17 +676,24 @@ def read_line(stream: IO[str], deadline: float) -> str:
     return stream.readline()
 
 
-def measure(scenario: Scenario, server: ServerProcess, authority_target: str, work_dir: pathlib.Path) -> list[float]:
-    """Run one scenario once; return each stream's cut-off delay in milliseconds."""
+def measure(
+    scenario: Scenario, server: ServerProcess, authority_target: str, work_dir: pathlib.Path
+) -> tuple[list[float], float]:
+    """Run one scenario once.
+
+    Returns:
+        The cut-off delay of each counted stream, and the time from the first
+        to the last end of the counted leases, all in milliseconds.
+    """
     from session_authority.clients import AuthorityClient, EndReason
 
-    tier = "idle1" if scenario.trigger == "idle" else "standard"
     clients = StreamClients(server.target, scenario, work_dir)
     try:
         clients.expect("connected", 60.0)
         with AuthorityClient(authority_target) as authority_client:
             leases = [
-                authority_client.grant(tier=tier, principal="bench-cutoff").lease_id for _ in range(scenario.leases)
+                authority_client.grant(tier=scenario.tier, principal="bench-cutoff").lease_id
+                for _ in range(scenario.leases)
             ]
             clients.send_leases(leases)
             clients.expect("ready", STREAM_TIMEOUT_SECONDS)
@@ -647,8 +718,15 @@ def measure(scenario: Scenario, server: ServerProcess, authority_target: str, wo
     wrong = [end["code"] for end in ends if end["code"] != "UNAUTHENTICATED"]
     if wrong:
         raise RuntimeError(f"{len(wrong)} of {len(ends)} streams ended with {sorted(set(wrong))}, not UNAUTHENTICATED")
+    if scenario.measured:
+        # Leases are revoked in list order; idle ones end in deadline order.
+        first = sorted(range(len(leases)), key=expected_ns.__getitem__)[: scenario.measured]
+        counted = set(first)
+        ends = [end for end in ends if end["lease"] in counted]
+        expected_ns = [expected_ns[index] if index in counted else expected_ns[first[0]] for index in range(len(leases))]
     clock = "realtime_ns" if scenario.trigger == "idle" else "monotonic_ns"
-    return [(end[clock] - expected_ns[end["lease"]]) / 1e6 for end in ends]
+    span_ms = (max(expected_ns) - min(expected_ns)) / 1e6
+    return [(end[clock] - expected_ns[end["lease"]]) / 1e6 for end in ends], span_ms
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -665,6 +743,7 @@ def run(options: Options) -> list[Figure]:
     rounds = 1 if options.quick else 3
     plan = scenarios(options)
     delays: dict[Scenario, list[float]] = {scenario: [] for scenario in plan}
+    spans: dict[Scenario, list[float]] = {scenario: [] for scenario in plan}
     holders = holder_counts(options)
     holder_delays_of: dict[str, tuple[list[float], list[float], list[float]]] = {
         api: ([], [], []) for api in holders
@@ -680,7 +759,9 @@ def run(options: Options) -> list[Figure]:
             )
         for _ in range(rounds):
             for scenario in plan:
-                delays[scenario].extend(measure(scenario, servers[scenario.kind], authority_server.target, options.work_dir))
+                measured, span_ms = measure(scenario, servers[scenario.kind], authority_server.target, options.work_dir)
+                delays[scenario].extend(measured)
+                spans[scenario].append(span_ms)
             for api, count in holders.items():
                 measured = measure_holders(api, count, servers["aio"], authority_server.target, options.work_dir)
                 for pooled, new in zip(holder_delays_of[api], measured):
@@ -690,8 +771,8 @@ def run(options: Options) -> list[Figure]:
     figures: list[Figure] = []
     baseline = next(scenario for scenario in plan if scenario.kind == "aio-bare")
     for scenario in plan:
-        figures.extend(scenario_figures(scenario, delays[scenario], rounds))
-        if scenario.kind == "aio":
+        figures.extend(scenario_figures(scenario, delays[scenario], rounds, spans[scenario]))
+        if scenario.kind == "aio" and not scenario.measured:
             figures.extend(baseline_figures(scenario, delays[scenario], delays[baseline]))
     for api, count in holders.items():
         figures.extend(holder_figures(api, count, holder_delays_of[api], rounds))
@@ -713,9 +794,14 @@ def print_profile(path: pathlib.Path, top: int = 20) -> None:
     print(table[table.index("ncalls") :].rstrip() if "ncalls" in table else table)
 
 
-def scenario_figures(scenario: Scenario, delays: list[float], rounds: int) -> list[Figure]:
+def scenario_figures(scenario: Scenario, delays: list[float], rounds: int, spans_ms: list[float]) -> list[Figure]:
     start = {"revoke": "Revoke returning", "idle": "idle deadline", "server": "EndAll returning"}[scenario.trigger]
+    if not delays:
+        raise RuntimeError(f"no cut-off delays measured for {scenario}")
     note = f"{len(delays):,} streams over {rounds} round(s); min {min(delays):.2f} ms"
+    if scenario.measured:
+        # How far apart the counted leases ended shows whether they ended one at a time.
+        note += f"; their leases ended over {statistics.median(spans_ms):,.0f} ms per round"
     has_target = scenario.kind != "aio-bare"
     return [
         Figure(
@@ -763,6 +849,8 @@ def main(argv: list[str] | None = None) -> None:
     streams = commands.add_parser("streams", help="hold streams open and report how they end, as JSON")
     streams.add_argument("--target", required=True)
     streams.add_argument("--count", type=int, required=True)
+    streams.add_argument("--first", type=int, default=0, help="number of this client's first stream across all clients")
+    streams.add_argument("--step", type=float, default=0.0, help="seconds between the openings of stream i and i+1")
 
     holders = commands.add_parser("holders", help="hold sessions, each with one stream, and report how they learn of their ends, as JSON")
     holders.add_argument("--api", choices=("sync", "aio"), required=True)
@@ -783,7 +871,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             serve_sync(args.authority, args.port_file, args.workers)
     else:
-        print(json.dumps(asyncio.run(hold_streams(args.target, args.count))), flush=True)
+        print(json.dumps(asyncio.run(hold_streams(args.target, args.count, args.first, args.step))), flush=True)
 
 
 if __name__ == "__main__":
