@@ -39,7 +39,10 @@ class Options:
 class Figure:
     """One result printed beside its baseline from the same run.
 
-    ``ratio`` is ``value / baseline``. ``target`` is the bound the ratio should
+    ``ratio`` is ``value / baseline``, unless ``paired_ratio`` is set: the
+    median of ratios measured pair by pair (each pair in the same round,
+    seconds apart), which a busy spell on a shared machine disturbs
+    less than the ratio of two medians. ``target`` is the bound the ratio should
     meet, compared with ``target_op`` (``">="``, ``">"``, ``"<="`` or ``"<"``); None prints the
     ratio for reference only.
     """
@@ -52,9 +55,12 @@ class Figure:
     target: float | None = None
     target_op: str = ">="
     note: str = ""
+    paired_ratio: float | None = None
 
     @property
     def ratio(self) -> float:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         return self.value / self.baseline if self.baseline else float("inf")
 
     @property
