@@ -23,8 +23,8 @@ machine, so their clocks are the same clocks:
 - one lease per stream: every stream carries a lease of its own, and only
   the first 200 leases to end are counted (20 of 100 with ``--quick``), each
   while at least 800 other streams stay open. For ``revoke`` this process revokes the leases one by
-  one. For ``idle`` the streams open over ``SPREAD_SECONDS``, so the leases
-  idle out one at a time. Without this layout, one lease (or four) carries
+  one. For ``idle`` the streams open ``OPEN_INTERVAL_SECONDS`` apart, so the
+  leases idle out one at a time, 200 per second. Without this layout, one lease (or four) carries
   every stream, and all of them end in the same instant.
 - ``holders``: a child process holds N sessions (``Session`` or ``AioSession``,
   one lease each, all sharing one authority client) and opens one ``Hold``
@@ -95,8 +95,8 @@ idle_timeout = "8s"
 max_duration = "1m"
 """
 
-SPREAD_SECONDS = 5.0
-"""The streams of a one-lease-per-stream idle scenario open over this long, so their idle deadlines spread too."""
+OPEN_INTERVAL_SECONDS = 0.005
+"""Time between the openings of two streams in a one-lease-per-stream idle scenario, and so between their idle deadlines."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,7 @@ class Scenario:
 
     @property
     def spread(self) -> bool:
-        """True when the streams open over ``SPREAD_SECONDS``.
+        """True when the streams open ``OPEN_INTERVAL_SECONDS`` apart.
 
         Each admission reports activity, which moves the lease's idle
         deadline, so the leases end one at a time, as in a fleet, rather than
@@ -608,7 +608,7 @@ class StreamClients:
         self.processes: list[subprocess.Popen[str]] = []
         self.logs: list[pathlib.Path] = []
         share, extra = divmod(scenario.streams, scenario.clients)
-        step_seconds = SPREAD_SECONDS / scenario.streams if scenario.spread else 0.0
+        step_seconds = OPEN_INTERVAL_SECONDS if scenario.spread else 0.0
         first = 0
         for index in range(scenario.clients):
             count = share + (index < extra)
