@@ -173,6 +173,11 @@ def test_utc_isoformat_has_microseconds_and_offset() -> None:
         ("end:1", "end", {"fingerprint": "ABC"}, ValueError, r"^field 'fingerprint' must be the 12 lower-case hex"),
         ("end:1", "end", {"duration_seconds": float("nan")}, ValueError, r"^audit fields must be finite numbers"),
         ("end:1", "end", {"when": object()}, TypeError, r"^audit fields must be JSON-serializable"),
+        ("end:1", "end", {"duration_seconds": float("inf")}, ValueError, r"^audit fields must be finite numbers"),
+        ("end:1", "end", {"principal": "svc-\ud800"}, ValueError, r"^audit fields must be finite numbers and valid text"),
+        ("end:1", "end", {"svc-\ud800": "a"}, ValueError, r"^audit fields must be finite numbers and valid text"),
+        ("end:1", "end", {"details": [float("nan")]}, ValueError, r"^audit fields must be finite numbers"),
+        ("end:1", "end", {"details": {"when": object()}}, TypeError, r"^audit fields must be JSON-serializable"),
     ],
 )
 def test_append_rejects_invalid_event(
@@ -184,6 +189,26 @@ def test_append_rejects_invalid_event(
 
         assert log.last_seq == 0
     assert (tmp_path / CURRENT_FILE_NAME).read_bytes() == b""
+
+
+def test_append_writes_non_ascii_and_nested_fields(tmp_path: Path) -> None:
+    fields: dict[str, object] = {
+        "principal": "dienst-zürich",
+        "count": 3,
+        "flag": True,
+        "revoked_by": None,
+        "details": {"nested": [1, 2.5]},
+    }
+
+    with open_log(tmp_path) as log:
+        log.append("end:1", "end", fields)
+
+    record = json.loads(read_lines(tmp_path / CURRENT_FILE_NAME)[0])
+    assert record["principal"] == "dienst-zürich"
+    assert record["count"] == 3
+    assert record["flag"] is True
+    assert record["revoked_by"] is None
+    assert record["details"] == {"nested": [1, 2.5]}
 
 
 def test_fingerprint_error_does_not_echo_value(tmp_path: Path) -> None:
