@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -55,6 +56,13 @@ def test_grant_never_reuses_an_id(table: LeaseTable) -> None:
     ids = {table.grant("svc-a", "standard", 10, 100)[0] for _ in range(1000)}
 
     assert len(ids) == 1000
+
+
+def test_lease_id_is_url_safe_base64(table: LeaseTable) -> None:
+    lease_ids = [table.grant("svc-a", "standard", 10, 100)[0] for _ in range(300)]
+
+    for lease_id in lease_ids:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}", lease_id), lease_id
 
 
 def test_idle_lease_ends_at_idle_timeout(table: LeaseTable, clock: ManualClock, recorder: Recorder) -> None:
