@@ -3,14 +3,15 @@
 Cutting off a call on an aio server: the wrapper runs the handler in gRPC's
 own task for the RPC, with every step in a copy of the task's context
 (``_RunInContext``), so a call costs no extra task. When the lease ends, the
-enforcer's thread queues the cut-off for the server's event loop, which
-cancels the task of every call of that lease in one callback. The wrapper
-catches the cancellation and aborts the call with ``UNAUTHENTICATED``, the
-details and the ``session-end-reason`` trailer. The cancellation reaches the
-handler wherever it waits: reading the next request, writing, sleeping or
-awaiting anything else. Streamed responses of async generators are written
-by the wrapper with ``context.write``, so every message in either direction
-passes through it and counts as activity.
+enforcer's thread queues the cut-off for the server's event loop, which, in
+one callback for every call of that lease, starts a task that aborts the call
+with ``UNAUTHENTICATED``, the details and the ``session-end-reason`` trailer,
+and cancels the handler's task. The cancellation reaches the handler wherever
+it waits: reading the next request, writing, sleeping or awaiting anything
+else. A handler that swallows it does not delay the status, and its later
+reads and writes raise ``CancelledError``. Streamed responses of async
+generators are written by the wrapper with ``context.write``, so every
+message in either direction passes through it and counts as activity.
 
 Sync handlers (plain functions and sync generators) are legal on aio servers
 too. The wrapper runs them on a worker thread (the loop's default executor, or
@@ -86,15 +87,17 @@ class _CutOffQueue:
 class _AioCall:
     """One admitted call on an aio server, as stored in the enforcer's registry.
 
-    The handler runs in gRPC's own task for the RPC. A cut-off cancels that
-    task while the handler runs, and the wrapper catches the cancellation and
-    aborts the call.
+    The handler runs in gRPC's own task for the RPC. A cut-off sends the
+    status from a task of its own and cancels the handler's task, so the
+    client gets the status even when the handler swallows the cancellation.
     """
 
     __slots__ = (
         "_queue",
         "_task",
         "_method",
+        "_context",
+        "aborting",
         "admission_context",
         "_lock",
         "_pending",
@@ -106,10 +109,15 @@ class _AioCall:
         "headers",
     )
 
-    def __init__(self, queue: _CutOffQueue, task: asyncio.Task[Any] | None, method: str) -> None:
+    def __init__(
+        self, queue: _CutOffQueue, task: asyncio.Task[Any] | None, method: str, context: grpc.aio.ServicerContext
+    ) -> None:
         self._queue = queue
         self._task = task
         self._method = method
+        self._context = context
+        # The task that sends the cut-off status, once cut off.
+        self.aborting: asyncio.Task[None] | None = None
         # Copying a context costs far less than reading the active span, so
         # the span is looked up only if the call is cut off.
         self.admission_context = contextvars.copy_context()
@@ -128,14 +136,49 @@ class _AioCall:
         self._queue.put(self, refusal)
 
     def cut_off_on_loop(self, refusal: LeaseRefused) -> None:
-        """Record the refusal and cancel the handler if it runs (event loop thread)."""
+        """Record the refusal, start sending the status and cancel the handler if it runs (event loop thread)."""
         if self.finished or self.refusal is not None:
             return
         self.refusal = refusal
         _telemetry.add_cut_off_event(self.admission_context, self.handler_context, refusal, self._method)
         self.stop()
+        # Created before the cancellation, so this task's first step runs
+        # before the handler gets the CancelledError.
+        aborting = asyncio.ensure_future(self._send_cut_off_status(refusal), loop=self._queue.loop)
+        aborting.add_done_callback(_retrieve_error)
+        self.aborting = aborting
         if self.running and self._task is not None:
             self._task.cancel()
+
+    async def _send_cut_off_status(self, refusal: LeaseRefused) -> None:
+        """Abort the call with the refusal, and raise the ``AbortError`` that gRPC expects from the handler.
+
+        Returns without sending when the handler's own ``context.abort``
+        already sent a status: the client gets that one, and gRPC raises the
+        handler's ``AbortError`` once the wrapper returns.
+        """
+        await self.headers_settled()
+        if self._context.done():
+            return
+        await _abort(self._context, refusal)
+
+    async def cut_off_status_sent(self) -> None:
+        """Wait for the cut-off status to go out, then raise its ``AbortError`` (handler's task).
+
+        A cancellation of the handler's task (the client left) stops only
+        this wait: the status task goes on by itself.
+        """
+        assert self.aborting is not None, "the call was not cut off"
+        await asyncio.shield(self.aborting)
+
+    def raise_if_stopped(self) -> None:
+        """Raise ``CancelledError`` once the call was cut off or cancelled.
+
+        A handler that swallows the cancellation of a cut-off must not go on
+        reading or writing the call.
+        """
+        if self.stopped:
+            raise asyncio.CancelledError()
 
     async def send_headers(self, context: grpc.aio.ServicerContext, metadata: Any) -> None:
         """Send the call's initial metadata in a task of its own, which a cut-off cannot interrupt.
@@ -211,7 +254,8 @@ HEADERS_WAIT_SECONDS = 5.0
 
 def _retrieve_error(task: asyncio.Task[None]) -> None:
     # The handler that started the send may be gone when it fails (the
-    # client left): read the error so that asyncio does not report it.
+    # client left), and the cut-off status task always ends with the
+    # AbortError: read the error so that asyncio does not report it.
     if not task.cancelled():
         task.exception()
 
@@ -229,18 +273,20 @@ def _ended_error(refusal: LeaseRefused | None) -> _CallEnded:
 class _Requests:
     """The request iterator a handler gets: every message counts as activity."""
 
-    def __init__(self, requests: AsyncIterator[Any], enforcer: Enforcer, entry: _Entry) -> None:
+    def __init__(self, requests: AsyncIterator[Any], enforcer: Enforcer, entry: _Entry, call: _AioCall) -> None:
         # __aiter__ is called on first use: a handler that reads with
         # context.read() must not leave an unstarted receiver behind.
         self._source = requests
         self._requests: AsyncIterator[Any] | None = None
         self._enforcer = enforcer
         self._entry = entry
+        self._call = call
 
     def __aiter__(self) -> _Requests:
         return self
 
     async def __anext__(self) -> Any:
+        self._call.raise_if_stopped()
         if self._requests is None:
             self._requests = self._source.__aiter__()
         request = await self._requests.__anext__()
@@ -261,16 +307,19 @@ class _Context:
         self._call = call
 
     async def read(self) -> Any:
+        self._call.raise_if_stopped()
         message = await self._context.read()
         if message is not grpc.aio.EOF:
             self._enforcer.touch(self._entry)
         return message
 
     async def write(self, message: Any) -> None:
+        self._call.raise_if_stopped()
         self._enforcer.touch(self._entry)
         await self._call.write(self._context, message)
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._call.raise_if_stopped()
         await self._call.send_headers(self._context, initial_metadata)
 
     def __getattr__(self, name: str) -> Any:
@@ -286,10 +335,26 @@ async def _drive_stream_response(
     # Async generators are written out here; coroutines write for themselves.
     result = behavior(argument, context)
     if hasattr(result, "__aiter__"):
-        async for response in result:
-            await context.write(response)
+        try:
+            async for response in result:
+                await context.write(response)
+        finally:
+            # A cut-off or cancel that lands in a write leaves the generator
+            # suspended at its yield: run its cleanup now, not at garbage
+            # collection.
+            await _close_async_responses(result)
         return
     await result
+
+
+async def _close_async_responses(responses: Any) -> None:
+    aclose = getattr(responses, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # noqa: BLE001 - the call's status does not depend on the cleanup
+        logger.exception("closing the handler's async response generator failed")
 
 
 async def _drive_unary_response(behavior: Callable[..., Any], argument: Any, context: Any) -> Any:
@@ -535,7 +600,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
     ) -> Any:
         enforcer = self._enforcer
         task = asyncio.current_task()
-        call = _AioCall(self._cut_off_queue(task), task, method)
+        call = _AioCall(self._cut_off_queue(task), task, method, context)
         try:
             lease_id = enforcer.read_lease_id(context.invocation_metadata())
             entry = await enforcer.admit_async(lease_id, method, enforcer.caller_principal(context), call)
@@ -556,7 +621,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         try:
             if is_async:
                 if streaming_requests:
-                    argument = _Requests(argument, enforcer, entry)
+                    argument = _Requests(argument, enforcer, entry, call)
                 handler_run = drive(behavior, argument, _Context(context, enforcer, entry, call))
             else:
                 handler_run = self._run_sync(behavior, drive, argument, context, call, entry, streaming_requests)
@@ -589,8 +654,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
                 call.finished = True
             call.stop()
             if call.refusal is not None:
-                await call.headers_settled()
-                await _abort(context, call.refusal)
+                await call.cut_off_status_sent()
             return result
         finally:
             enforcer.release(entry, call)

@@ -368,6 +368,31 @@ class AioServer:
         self.loop.close()
 
 
+class LoopGate:
+    """Blocks an event loop from inside one of its callbacks until the test releases it.
+
+    Tests use it to hold a race window open: a handler calls
+    :meth:`block_soon` just before the step under test, and whatever the test
+    then queues for the loop (a cut-off, a completion) runs only after
+    ``release`` is set.
+    """
+
+    def __init__(self) -> None:
+        # Set once the server's loop exists.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.blocked = threading.Event()
+        self.release = threading.Event()
+
+    def _block(self) -> None:
+        self.blocked.set()
+        self.release.wait(GUARD_SECONDS)
+
+    def block_soon(self) -> None:
+        """Block the loop at its next iteration; safe from the loop or a handler thread."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._block)
+
+
 # -- client ------------------------------------------------------------------------------
 
 

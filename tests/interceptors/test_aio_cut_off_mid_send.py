@@ -12,37 +12,18 @@ up behind the block, and then lets the loop run.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from lease_harness import GUARD_SECONDS, HOLD, AioServer, TestCall, enforcer_config, lease_metadata, wait_for
+from lease_harness import GUARD_SECONDS, HOLD, AioServer, LoopGate, TestCall, enforcer_config, lease_metadata, wait_for
 
 from session_authority.clients._client import AuthorityClient
 
 
-class _Gate:
-    """Blocks the server's event loop from inside one of its callbacks until the test releases it."""
-
-    def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.blocked = threading.Event()
-        self.release = threading.Event()
-
-    def block(self) -> None:
-        self.blocked.set()
-        self.release.wait(GUARD_SECONDS)
-
-    def block_soon(self) -> None:
-        """Block the loop at its next iteration; safe from the loop or a handler thread."""
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self.block)
-
-
-def _handlers(gate: _Gate) -> dict[str, grpc.RpcMethodHandler]:
+def _handlers(gate: LoopGate) -> dict[str, grpc.RpcMethodHandler]:
     async def metadata_then_hold(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         gate.block_soon()
         await context.send_initial_metadata(())
@@ -103,7 +84,7 @@ def _handlers(gate: _Gate) -> dict[str, grpc.RpcMethodHandler]:
 )
 def test_cut_off_mid_send_reaches_client(form: str, shape: str, authority: Any) -> None:
     admin = AuthorityClient(authority.target, principal="svc")
-    gate = _Gate()
+    gate = LoopGate()
     server = AioServer(enforcer_config(authority.target), extra=_handlers(gate))
     gate.loop = server.loop
     channel = grpc.insecure_channel(server.target)
