@@ -133,7 +133,11 @@ class _SyncCall:
             _telemetry.report_status(self._context, refusal)
 
     def finish(self) -> bool:
-        """Mark the handler done; False when the call was cut off first."""
+        """Mark the handler done (returned or raised), so that no later cut-off sends a status.
+
+        Returns:
+            False when the call was cut off first.
+        """
         with self._lock:
             if self.refusal is not None:
                 return False
@@ -326,7 +330,9 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
         try:
             response = handler_context.run(behavior, argument, context)
         except Exception:
-            if call.refusal is not None:
+            # The handler's exception, or its own abort, decides the status
+            # unless a cut-off came first. A later cut-off sends nothing.
+            if not call.finish():
                 raise call.rpc_error() from None
             raise
         finally:
@@ -345,7 +351,7 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
             try:
                 responses = iter(handler_context.run(behavior, argument, context))
             except Exception:
-                if call.refusal is not None:
+                if not call.finish():
                     raise call.rpc_error() from None
                 raise
             while True:
@@ -358,7 +364,7 @@ class LeaseServerInterceptor(EnforcingInterceptor, grpc.ServerInterceptor):
                 except StopIteration:
                     break
                 except Exception:
-                    if call.refusal is not None:
+                    if not call.finish():
                         raise call.rpc_error() from None
                     raise
                 if call.refusal is not None:
