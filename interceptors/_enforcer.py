@@ -43,7 +43,7 @@ from session_authority.interceptors._authority_link import AuthorityLink
 from session_authority.interceptors._cache import ExpiringLru
 from session_authority.interceptors._errors import LeaseRefused
 from session_authority.interceptors._telemetry import EnforcerMetrics
-from session_authority.interceptors._timer import Timer
+from session_authority.interceptors._timer import Timer, TimerHandle
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +304,7 @@ class _Entry:
         "calls",
         "had_calls",
         "timer_armed",
+        "timer",
         "ended",
     )
 
@@ -324,6 +325,8 @@ class _Entry:
         self.calls: set[CallHandle] = set()
         self.had_calls = False
         self.timer_armed = False
+        # The handle of the armed check, so that an end can cancel it.
+        self.timer: TimerHandle | None = None
         self.ended = False
 
     def refresh(self, lease: LeaseInfo, sent_at: float, drift: float) -> None:
@@ -760,7 +763,7 @@ class Enforcer:
         self._dirty.add(entry)
         if not entry.timer_armed:
             entry.timer_armed = True
-            self._timer.schedule(min(entry.deadline, entry.max_deadline), lambda: self._check_entry(entry))
+            entry.timer = self._timer.schedule(min(entry.deadline, entry.max_deadline), lambda: self._check_entry(entry))
 
     def _validation_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._lock:
@@ -830,6 +833,12 @@ class Enforcer:
         if entry.ended:
             return []
         entry.ended = True
+        if entry.timer is not None:
+            # The check would find the entry ended; cancelling it frees the
+            # entry now rather than at its deadline, which may be hours away.
+            self._timer.cancel(entry.timer)
+            entry.timer = None
+            entry.timer_armed = False
         if self._entries.get(entry.lease_id) is entry:
             del self._entries[entry.lease_id]
         if self._by_digest.get(entry.digest) is entry:
@@ -878,6 +887,7 @@ class Enforcer:
         # Timer thread: the entry's local deadline or max deadline came due.
         with self._lock:
             entry.timer_armed = False
+            entry.timer = None
             if entry.ended or not entry.calls:
                 return
             now = self._clock()
@@ -908,7 +918,7 @@ class Enforcer:
                 next_check = min(entry.deadline, entry.max_deadline)
             if next_check is not None:
                 entry.timer_armed = True
-                self._timer.schedule(next_check, lambda: self._check_entry(entry))
+                entry.timer = self._timer.schedule(next_check, lambda: self._check_entry(entry))
         if flush:
             self._link.request_flush()
         self._run_cut_offs(cut, ended_at)
@@ -990,7 +1000,7 @@ class Enforcer:
                 entry.deadline = min(entry.deadline, now)
                 if not entry.timer_armed:
                     entry.timer_armed = True
-                    self._timer.schedule(now, lambda entry=entry: self._check_entry(entry))
+                    entry.timer = self._timer.schedule(now, lambda entry=entry: self._check_entry(entry))
             kept = len(self._entries)
         logger.info("watch reset: dropped %d cached lease(s), confirming %d with calls in flight", dropped, kept)
 

@@ -1,0 +1,75 @@
+"""The enforcer's timer thread: order, cancellation and the memory a cancelled callback holds."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+from session_authority.interceptors._timer import Timer
+
+
+class _Callback:
+    def __init__(self, ran: list[str], name: str) -> None:
+        self.ran = ran
+        self.name = name
+
+    def __call__(self) -> None:
+        self.ran.append(self.name)
+
+
+def test_timer_runs_due_callbacks_in_time_order() -> None:
+    timer = Timer()
+    timer.start()
+    ran: list[str] = []
+    done = threading.Event()
+    now = time.monotonic()
+    try:
+        timer.schedule(now + 0.02, _Callback(ran, "second"))
+        timer.schedule(now, _Callback(ran, "first"))
+        timer.schedule(now + 0.04, done.set)
+
+        assert done.wait(5)
+        assert ran == ["first", "second"]
+    finally:
+        timer.close()
+
+
+def test_cancelled_callback_never_runs() -> None:
+    timer = Timer()
+    timer.start()
+    ran: list[str] = []
+    done = threading.Event()
+    now = time.monotonic()
+    try:
+        handle = timer.schedule(now + 0.02, _Callback(ran, "cancelled"))
+        timer.schedule(now + 0.04, done.set)
+        timer.cancel(handle)
+        timer.cancel(handle)
+
+        assert done.wait(5)
+        assert ran == []
+    finally:
+        timer.close()
+
+
+def test_cancelled_callbacks_are_freed_before_their_time() -> None:
+    timer = Timer()
+    timer.start()
+    far = time.monotonic() + 3600.0
+    try:
+        pending = timer.schedule(far, _Callback([], "pending"))
+        callbacks = [_Callback([], str(index)) for index in range(1000)]
+        references = [weakref.ref(callback) for callback in callbacks]
+        handles = [timer.schedule(far, callback) for callback in callbacks]
+        del callbacks
+        for handle in handles:
+            timer.cancel(handle)
+        gc.collect()
+
+        assert all(reference() is None for reference in references)
+        assert len(timer) == 1
+        assert pending[0] is not None
+    finally:
+        timer.close()
