@@ -71,51 +71,14 @@ class CallerInfo:
 
 
 def caller_info_from_context(context: Any) -> CallerInfo:
-    """Describe the caller of a servicer context, copying each of its metadata, peer and auth context on first read.
+    """Copy the caller's metadata, peer and auth context from a servicer context.
 
     Works for both ``grpc.ServicerContext`` and ``grpc.aio.ServicerContext``, which share
-    these three methods. None of them does I/O. The copies are made on first read because
-    most authenticators read one of the three, and the insecure development one often none.
-    Read them while the call runs, as ``Authenticator.authenticate`` does.
+    these three methods. None of them does I/O.
     """
-    return _ContextCallerInfo(context)
-
-
-class _ContextCallerInfo(CallerInfo):
-    """A ``CallerInfo`` whose attributes are copied from a servicer context when first read.
-
-    The properties shadow the dataclass fields, which stay unset, so equality,
-    hashing and ``repr`` see the copied values.
-    """
-
-    __slots__ = ("_context", "_copies")
-
-    def __init__(self, context: Any) -> None:
-        # The frozen dataclass rejects plain assignment to any attribute.
-        object.__setattr__(self, "_context", context)
-        object.__setattr__(self, "_copies", {})
-
-    @property  # type: ignore[override]
-    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        copies = self._copies
-        if "metadata" not in copies:
-            copies["metadata"] = tuple((str(item[0]), item[1]) for item in self._context.invocation_metadata() or ())
-        return copies["metadata"]  # type: ignore[no-any-return]
-
-    @property  # type: ignore[override]
-    def peer(self) -> str:
-        copies = self._copies
-        if "peer" not in copies:
-            copies["peer"] = self._context.peer() or ""
-        return copies["peer"]  # type: ignore[no-any-return]
-
-    @property  # type: ignore[override]
-    def auth_context(self) -> Mapping[str, Sequence[bytes]]:
-        copies = self._copies
-        if "auth_context" not in copies:
-            auth_context = {str(name): tuple(values) for name, values in (self._context.auth_context() or {}).items()}
-            copies["auth_context"] = types.MappingProxyType(auth_context)
-        return copies["auth_context"]  # type: ignore[no-any-return]
+    metadata = tuple((str(item[0]), item[1]) for item in context.invocation_metadata() or ())
+    auth_context = {str(name): tuple(values) for name, values in (context.auth_context() or {}).items()}
+    return CallerInfo(metadata=metadata, peer=context.peer() or "", auth_context=types.MappingProxyType(auth_context))
 
 
 @runtime_checkable
