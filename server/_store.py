@@ -197,8 +197,18 @@ class _PendingEnd:
     revoked_by: str
 
 
-def _write_nothing(connection: sqlite3.Connection) -> None:
-    """Stand for a write whose data the commit takes from the pending sets."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _EndMarker:
+    """The place of a lease's end in the write queue.
+
+    The commit whose batch reaches the marker writes the end, after every
+    grant row queued before it, so the end always finds its lease's row.
+    """
+
+    digest: bytes
+
+    def __call__(self, connection: sqlite3.Connection) -> None:
+        """Write nothing here: the commit writes the end after the batch's rows."""
 
 
 class SqliteLeaseStore:
@@ -242,6 +252,8 @@ class SqliteLeaseStore:
         # failed write would bring the lease back alive at the next start,
         # after its end was reported to the caller and audited.
         self._pending_ends: dict[bytes, _PendingEnd] = {}
+        # Ends whose marker a failed commit took; every later commit writes them until one succeeds.
+        self._retry_ends: set[bytes] = set()
         self._high_water: float | None = None
         self._clock_anchor: ClockAnchor | None = None
         self._closed = False
@@ -312,8 +324,7 @@ class SqliteLeaseStore:
         with self._pending_lock:
             # A lease ends once: the first end reported wins.
             self._pending_ends.setdefault(digest, _PendingEnd(ended_at, ended_wall, end_reason, revoked_by))
-        # The commit that runs this operation also writes every pending end.
-        return self._submit(_write_nothing)
+        return self._submit(_EndMarker(digest))
 
     def set_high_water(self, authority_time: float) -> None:
         with self._pending_lock:
@@ -431,7 +442,12 @@ class SqliteLeaseStore:
     def _commit(self, batch: list[tuple[_Write, concurrent.futures.Future[None]]]) -> None:
         with self._pending_lock:
             activity, self._pending_activity = self._pending_activity, {}
-            ends, self._pending_ends = self._pending_ends, {}
+            # An end is due once its marker is in the batch. Writing it
+            # earlier, while its grant row waits for a later batch, would
+            # update no row and lose the end.
+            due = self._retry_ends.union(write.digest for write, _ in batch if isinstance(write, _EndMarker))
+            self._retry_ends = set()
+            ends = {digest: self._pending_ends.pop(digest) for digest in due if digest in self._pending_ends}
             high_water, self._high_water = self._high_water, None
             anchor, self._clock_anchor = self._clock_anchor, None
         if not batch and not activity and not ends and high_water is None and anchor is None:
@@ -489,6 +505,7 @@ class SqliteLeaseStore:
                         self._pending_activity[digest] = at
                 for digest, end in ends.items():
                     self._pending_ends.setdefault(digest, end)
+                    self._retry_ends.add(digest)
                 if high_water is not None and (self._high_water is None or high_water > self._high_water):
                     self._high_water = high_water
                 if anchor is not None and self._clock_anchor is None:
