@@ -215,12 +215,16 @@ def _check_event(event_id: str, type: str, fields: Mapping[str, object]) -> dict
     return copied
 
 
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+
+
 def _encodes_as_is(fields: Mapping[str, object]) -> bool:
     """Return whether :func:`_encode` is sure to accept ``fields``, judged from the value types alone.
 
     True when every name is ASCII text and every value is ASCII text, an
-    int, a bool, None or a finite float, which covers the fields of the
-    authority's own events. Any other value returns False, and the caller
+    int of up to 64 bits, a bool, None or a finite float, which covers the
+    fields of the authority's own events. Any other value returns False, and the caller
     then encodes the fields to find out. Non-ASCII text is in that group,
     because text with a lone surrogate fails to encode as UTF-8.
     """
@@ -234,7 +238,12 @@ def _encodes_as_is(fields: Mapping[str, object]) -> bool:
         elif kind is float:
             if not math.isfinite(value):  # type: ignore[arg-type]
                 return False
-        elif kind is not int and kind is not bool and value is not None:
+        elif kind is int:
+            # Python refuses to format ints past sys.get_int_max_str_digits()
+            # digits (3.11 and later), so only ints of up to 64 bits skip the check.
+            if not _INT64_MIN <= value <= _INT64_MAX:  # type: ignore[operator]
+                return False
+        elif kind is not bool and value is not None:
             return False
     return True
 
