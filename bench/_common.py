@@ -76,10 +76,14 @@ class Figure:
             verdict = "(reference, no target)"
         else:
             verdict = f"(target {self.target_op} {self.target:.2f}: {'met' if self.met else 'MISSED'})"
+        ratio = f"{self.ratio:.2f}"
+        if self.target is not None and ratio == f"{self.target:.2f}":
+            # Two decimals would show a missed target as equal to it.
+            ratio = f"{self.ratio:.3f}"
         text = (
             f"{self.name} {format_number(self.value)}{self.unit}"
             f" | {self.baseline_name} {format_number(self.baseline)}{self.unit}"
-            f" | ratio {self.ratio:.2f} {verdict}"
+            f" | ratio {ratio} {verdict}"
         )
         if self.note:
             text += f"  [{self.note}]"

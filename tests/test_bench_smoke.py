@@ -15,7 +15,7 @@ import sys
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-RATIO_LINE = re.compile(r"^(?P<name>.+?) [0-9][0-9,.]*.* \| (?P<baseline>.+?) [0-9][0-9,.]*.* \| ratio [0-9]+\.[0-9]{2} ")
+RATIO_LINE = re.compile(r"^(?P<name>.+?) [0-9][0-9,.]*.* \| (?P<baseline>.+?) [0-9][0-9,.]*.* \| ratio [0-9]+\.[0-9]{2,3} ")
 
 
 @pytest.mark.timeout(300)
