@@ -2,11 +2,11 @@
 
 grpc.aio marks initial metadata as sent only when the task resumes after the
 send's batch completes. If a cut-off cancels the task before then, the mark
-stays unset and a plain abort asks the core to send initial metadata a second
-time. The core rejects that batch, so no status goes out and the client waits
-until its own deadline. Each test blocks the server's event loop right after
-the handler starts its first send, revokes the lease, lets the cut-off queue
-up behind the block, and then lets the loop run.
+stays unset and a plain abort requests a second send of the initial
+metadata. The core rejects that batch, so no status goes out and the client
+waits until its own deadline. Each test blocks the server's event loop right
+after the handler starts its first send, revokes the lease, lets the cut-off
+queue up behind the block, and then lets the loop run.
 """
 
 from __future__ import annotations

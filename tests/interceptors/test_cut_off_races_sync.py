@@ -6,7 +6,7 @@ already ended when its cut-off runs, so the status it chose must reach the
 client. Each test holds the enforcer inside that gap with a logging handler
 that blocks on the enforcer's "cutting off" record. The handler then ends,
 and its wrapper waits for the enforcer's lock. An interceptor placed before
-ours holds the exception between the wrapper and grpcio until the cut-off
+ours keeps the exception between the wrapper and grpcio until the cut-off
 has run.
 """
 
