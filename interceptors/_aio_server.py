@@ -180,7 +180,7 @@ class _AioCall:
         if self.stopped:
             raise asyncio.CancelledError()
 
-    async def send_headers(self, context: grpc.aio.ServicerContext, metadata: Any) -> None:
+    async def send_headers(self, metadata: Any) -> None:
         """Send the call's initial metadata in a task of its own, which a cut-off cannot interrupt.
 
         grpc.aio records the metadata as sent only when the awaiting task
@@ -190,18 +190,18 @@ class _AioCall:
         """
         if self.headers is not None:
             # A second send: grpc.aio raises its own error for it.
-            await context.send_initial_metadata(metadata)
+            await self._context.send_initial_metadata(metadata)
             return
-        headers = asyncio.ensure_future(context.send_initial_metadata(metadata))
+        headers = asyncio.ensure_future(self._context.send_initial_metadata(metadata))
         headers.add_done_callback(_retrieve_error)
         self.headers = headers
         await asyncio.shield(headers)
 
-    async def write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+    async def write(self, message: Any) -> None:
         """Write a response; the first write sends the initial metadata on its own first."""
         if self.headers is None:
-            await self.send_headers(context, ())
-        await context.write(message)
+            await self.send_headers(())
+        await self._context.write(message)
 
     async def headers_settled(self) -> None:
         """Wait until a send of initial metadata that a cut-off overtook has completed (event loop)."""
@@ -316,11 +316,11 @@ class _Context:
     async def write(self, message: Any) -> None:
         self._call.raise_if_stopped()
         self._enforcer.touch(self._entry)
-        await self._call.write(self._context, message)
+        await self._call.write(message)
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._call.raise_if_stopped()
-        await self._call.send_headers(self._context, initial_metadata)
+        await self._call.send_headers(initial_metadata)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -369,7 +369,6 @@ def _run_sync_stream_response(
     behavior: Callable[..., Any],
     argument: Any,
     context: _SyncContext,
-    raw_context: grpc.aio.ServicerContext,
     call: _AioCall,
     touch: Callable[[], None],
 ) -> None:
@@ -378,7 +377,7 @@ def _run_sync_stream_response(
     try:
         for response in responses:
             touch()
-            call.wait_on_loop(call.write(raw_context, response))
+            call.wait_on_loop(call.write(response))
     finally:
         # After a cut-off the generator is suspended: run its cleanup now.
         close_responses(responses)
@@ -447,7 +446,7 @@ class _SyncContext:
         return True
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
-        self._call.wait_on_loop(self._call.send_headers(self._context, initial_metadata))
+        self._call.wait_on_loop(self._call.send_headers(initial_metadata))
 
     def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         # The aio abort sends the status and raises AbortError. The same
@@ -682,7 +681,7 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         handler_context = contextvars.copy_context()
         if drive is _drive_stream_response:
             run: Callable[[], Any] = lambda: _run_sync_stream_response(
-                behavior, argument, sync_context, context, call, touch
+                behavior, argument, sync_context, call, touch
             )
         else:
             run = lambda: _run_sync_unary_response(behavior, argument, sync_context)
