@@ -303,7 +303,6 @@ class _Entry:
         "probe_requested",
         "calls",
         "had_calls",
-        "timer_armed",
         "timer",
         "ended",
     )
@@ -324,8 +323,7 @@ class _Entry:
         self.probe_requested = False
         self.calls: set[CallHandle] = set()
         self.had_calls = False
-        self.timer_armed = False
-        # The handle of the armed check, so that an end can cancel it.
+        # The handle of the armed check, or None while none is armed; an end cancels it.
         self.timer: TimerHandle | None = None
         self.ended = False
 
@@ -761,8 +759,7 @@ class Enforcer:
         entry.had_calls = True
         entry.last_activity = now
         self._dirty.add(entry)
-        if not entry.timer_armed:
-            entry.timer_armed = True
+        if entry.timer is None:
             entry.timer = self._timer.schedule(min(entry.deadline, entry.max_deadline), lambda: self._check_entry(entry))
 
     def _validation_pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -838,7 +835,6 @@ class Enforcer:
             # entry now rather than at its deadline, which may be hours away.
             self._timer.cancel(entry.timer)
             entry.timer = None
-            entry.timer_armed = False
         if self._entries.get(entry.lease_id) is entry:
             del self._entries[entry.lease_id]
         if self._by_digest.get(entry.digest) is entry:
@@ -886,7 +882,6 @@ class Enforcer:
     def _check_entry(self, entry: _Entry) -> None:
         # Timer thread: the entry's local deadline or max deadline came due.
         with self._lock:
-            entry.timer_armed = False
             entry.timer = None
             if entry.ended or not entry.calls:
                 return
@@ -917,7 +912,6 @@ class Enforcer:
             else:
                 next_check = min(entry.deadline, entry.max_deadline)
             if next_check is not None:
-                entry.timer_armed = True
                 entry.timer = self._timer.schedule(next_check, lambda: self._check_entry(entry))
         if flush:
             self._link.request_flush()
@@ -998,8 +992,7 @@ class Enforcer:
                     dropped += 1
                     continue
                 entry.deadline = min(entry.deadline, now)
-                if not entry.timer_armed:
-                    entry.timer_armed = True
+                if entry.timer is None:
                     entry.timer = self._timer.schedule(now, lambda entry=entry: self._check_entry(entry))
             kept = len(self._entries)
         logger.info("watch reset: dropped %d cached lease(s), confirming %d with calls in flight", dropped, kept)
