@@ -718,14 +718,15 @@ def measure(
     wrong = [end["code"] for end in ends if end["code"] != "UNAUTHENTICATED"]
     if wrong:
         raise RuntimeError(f"{len(wrong)} of {len(ends)} streams ended with {sorted(set(wrong))}, not UNAUTHENTICATED")
+    counted: list[int] = list(range(len(leases)))
     if scenario.measured:
         # Leases are revoked in list order; idle ones end in deadline order.
-        first = sorted(range(len(leases)), key=expected_ns.__getitem__)[: scenario.measured]
-        counted = set(first)
-        ends = [end for end in ends if end["lease"] in counted]
-        expected_ns = [expected_ns[index] if index in counted else expected_ns[first[0]] for index in range(len(leases))]
+        counted = sorted(counted, key=expected_ns.__getitem__)[: scenario.measured]
+        counted_set = set(counted)
+        ends = [end for end in ends if end["lease"] in counted_set]
+    counted_ns = [expected_ns[index] for index in counted]
+    span_ms = (max(counted_ns) - min(counted_ns)) / 1e6
     clock = "realtime_ns" if scenario.trigger == "idle" else "monotonic_ns"
-    span_ms = (max(expected_ns) - min(expected_ns)) / 1e6
     return [(end[clock] - expected_ns[end["lease"]]) / 1e6 for end in ends], span_ms
 
 
