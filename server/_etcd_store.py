@@ -73,6 +73,17 @@ LOAD_TIMEOUT_SECONDS = 20.0
 MAX_TXN_OPS = 128
 """etcd's default ``--max-txn-ops``: the maximum number of operations in one transaction."""
 
+# etcd counts a nested transaction against the outer one: the outer
+# transaction's operations plus the widest branch of any nested transaction
+# must not exceed --max-txn-ops (checkTxnRequest in etcd 3.4's
+# etcdserver/api/v3rpc/key.go). Against etcd 3.4.23, 127 nested renewals
+# and 125 nested claims pass, and one more of either fails.
+MAX_RENEWALS_PER_TXN = MAX_TXN_OPS - 1
+"""Maximum renewals in one etcd transaction, each a nested transaction of one put."""
+
+MAX_CLAIMS_PER_TXN = MAX_TXN_OPS - 3
+"""Maximum end claims in one etcd transaction, each a nested transaction of a delete and two puts."""
+
 LOAD_PAGE_SIZE = 1000
 """Keys per range request at start-up, to stay far below gRPC's 4 MiB message limit."""
 
@@ -472,6 +483,7 @@ class EtcdLeaseStore:
         self._lock = threading.Lock()
         self._pending_activity: dict[bytes, float] = {}
         self._pending_deletes: set[bytes] = set()
+        self._queued_claims: list[_Claim] = []
         self._high_water: float | None = None
         self._closed = False
 
@@ -479,6 +491,7 @@ class EtcdLeaseStore:
         self._known: dict[bytes, _Known] = {}
         self._granting: set[bytes] = set()
         self._claims: set[asyncio.Task[None]] = set()
+        self._claimer: asyncio.Task[None] | None = None
         self._end_lease: tuple[int, float] | None = None
         self._revision = 0
         self._listener: ReplicaListener | None = None
@@ -546,6 +559,9 @@ class EtcdLeaseStore:
     ) -> concurrent.futures.Future[EndClaim]:
         """Claim a lease's end in etcd, retrying until etcd returns a result.
 
+        Claims queued while an earlier claim transaction is in flight go to
+        etcd together, up to :data:`MAX_CLAIMS_PER_TXN` in one transaction.
+
         Returns:
             A future of the :class:`EndClaim`. It fails only when the store
             closes before the claim lands.
@@ -554,8 +570,7 @@ class EtcdLeaseStore:
         if self._closed:
             future.set_exception(StoreError(f"lease store {self.description} is closed"))
             return future
-        claim = _Claim(digest, ended_at, ended_wall, end_reason, revoked_by, future)
-        self._loop.call_soon_threadsafe(self._start_claim, claim)
+        self._queue_claims([_Claim(digest, ended_at, ended_wall, end_reason, revoked_by, future)])
         return future
 
     def set_high_water(self, authority_time: float) -> None:
@@ -723,11 +738,12 @@ class EtcdLeaseStore:
         self._flush_task = asyncio.get_running_loop().create_task(self._run_flusher())
 
     async def _shutdown(self) -> None:
-        tasks = [task for task in (self._watch_task, self._flush_task) if task is not None]
+        tasks = [task for task in (self._watch_task, self._flush_task, self._claimer) if task is not None]
         tasks += list(self._claims)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_queued_claims()
         await self._channel.close()
         if self._thread is not None:
             # gRPC finishes cancelled calls in tasks of its own; the store's loop stops only after them.
@@ -867,9 +883,7 @@ class EtcdLeaseStore:
         raise StoreError(f"lease {digest[:6].hex()} already exists in etcd at {','.join(self.endpoints)}")
 
     def _start_withdrawal(self, lease_key: bytes, value: bytes, digest: bytes) -> None:
-        task = self._loop.create_task(self._withdraw_grant(lease_key, value, digest))
-        self._claims.add(task)
-        task.add_done_callback(self._claims.discard)
+        self._start_task(self._withdraw_grant(lease_key, value, digest))
 
     async def _withdraw_grant(self, lease_key: bytes, value: bytes, digest: bytes) -> None:
         """Delete a failed grant's record if etcd committed it after all, retrying until a request succeeds."""
@@ -900,51 +914,129 @@ class EtcdLeaseStore:
 
     # -- end claims --------------------------------------------------------------
 
-    def _start_claim(self, claim: _Claim) -> None:
-        task = self._loop.create_task(self._claim_until_landed(claim))
-        self._claims.add(task)
-        task.add_done_callback(self._claims.discard)
+    # Claims go to etcd in batches, one transaction in flight at a time. An
+    # expiry pass can end hundreds of leases within a few milliseconds, and
+    # the store shares the authority's event loop with the gRPC server that
+    # sends those ends to WatchSessionEnds streams. A transaction per lease
+    # would cost the loop a task and a gRPC call per end, and etcd a Raft
+    # entry per end.
 
-    async def _claim_until_landed(self, claim: _Claim) -> None:
-        try:
-            _settle(claim.future, await self._retry_claim(claim))
-        except asyncio.CancelledError:
-            # Cancelled by close, in an attempt or in the wait between two.
+    def _queue_claims(self, claims: list[_Claim], *, first: bool = False) -> None:
+        """Queue claims from any thread. With ``first`` they go ahead of those queued, as a retry does."""
+        with self._lock:
+            was_empty = not self._queued_claims
+            if first:
+                self._queued_claims[:0] = claims
+            else:
+                self._queued_claims.extend(claims)
+        if was_empty:
+            self._loop.call_soon_threadsafe(self._start_claimer)
+
+    def _start_claimer(self) -> None:
+        if self._closed:
+            self._fail_queued_claims()
+            return
+        if self._claimer is None or self._claimer.done():
+            self._claimer = self._loop.create_task(self._run_claims())
+
+    def _take_claims(self) -> list[_Claim]:
+        """Remove and return up to :data:`MAX_CLAIMS_PER_TXN` queued claims, each of a different lease."""
+        batch: list[_Claim] = []
+        digests: set[bytes] = set()
+        with self._lock:
+            left: list[_Claim] = []
+            for claim in self._queued_claims:
+                # etcd rejects a transaction that writes one key twice, so a
+                # second claim of the same lease waits for the next batch.
+                if len(batch) < MAX_CLAIMS_PER_TXN and claim.digest not in digests:
+                    batch.append(claim)
+                    digests.add(claim.digest)
+                else:
+                    left.append(claim)
+            self._queued_claims = left
+        return batch
+
+    def _fail_queued_claims(self) -> None:
+        with self._lock:
+            claims, self._queued_claims = self._queued_claims, []
+        for claim in claims:
             _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
-            raise
 
-    async def _retry_claim(self, claim: _Claim) -> EndClaim:
+    async def _run_claims(self) -> None:
+        """Send queued claims to etcd batch by batch until none is left, retrying failed batches."""
         delay = MIN_RETRY_SECONDS
         attempt = 1
-        while True:
-            try:
-                return await self._claim(claim)
-            except (grpc.aio.AioRpcError, StoreError) as exc:
-                reason = _describe_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                logger.warning(
-                    "claim of the end of lease %s in etcd failed (attempt %d, %s); retrying in %.2f s",
-                    claim.digest[:6].hex(),
-                    attempt,
-                    reason,
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(MAX_RETRY_SECONDS, delay * 2)
-            attempt += 1
+        claimed: list[tuple[_Claim, _Known]] = []
+        try:
+            while True:
+                batch = self._take_claims()
+                if not batch:
+                    return
+                claimed = self._known_claims(batch)
+                if not claimed:
+                    continue
+                try:
+                    await self._claim_batch(claimed)
+                except grpc.aio.AioRpcError as exc:
+                    if _LEASE_NOT_FOUND in (exc.details() or ""):
+                        self._end_lease = None
+                    logger.warning(
+                        "claim of the ends of %d leases in etcd failed (attempt %d, %s, first lease %s);"
+                        " retrying in %.2f s",
+                        len(claimed),
+                        attempt,
+                        _describe_rpc_error(exc),
+                        claimed[0][0].digest[:6].hex(),
+                        delay,
+                    )
+                    self._queue_claims([claim for claim, _ in claimed], first=True)
+                    claimed = []
+                    await asyncio.sleep(delay)
+                    delay = min(MAX_RETRY_SECONDS, delay * 2)
+                    attempt += 1
+                else:
+                    claimed = []
+                    delay = MIN_RETRY_SECONDS
+                    attempt = 1
+        except asyncio.CancelledError:
+            # Cancelled by close, in a transaction or in the wait between two.
+            for claim, _ in claimed:
+                _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
+            self._fail_queued_claims()
+            raise
 
-    async def _claim(self, claim: _Claim) -> EndClaim:
+    def _known_claims(self, batch: list[_Claim]) -> list[tuple[_Claim, _Known]]:
+        """Return the claims of leases this store has seen, and hand each other one to :meth:`_claim_unknown`."""
+        claimed = []
+        for claim in batch:
+            known = self._known.get(claim.digest)
+            if known is None:
+                self._start_task(self._claim_unknown(claim))
+            else:
+                claimed.append((claim, known))
+        return claimed
+
+    async def _claim_batch(self, claimed: list[tuple[_Claim, _Known]]) -> None:
+        """Claim the ends of ``claimed`` in one etcd transaction and settle each claim with its result.
+
+        Raises:
+            grpc.aio.AioRpcError: The transaction failed, and no claim of it is settled.
+        """
+        end_lease = await self._end_lease_id()
+        operations = [
+            rpc_pb2.RequestOp(request_txn=self._claim_request(claim, known, end_lease)) for claim, known in claimed
+        ]
+
+        response = await self._txn(rpc_pb2.TxnRequest(success=operations))
+
+        for (claim, _known), result in zip(claimed, response.responses):
+            self._known.pop(claim.digest, None)
+            _settle(claim.future, self._claim_result(claim.digest, result.response_txn))
+
+    def _claim_request(self, claim: _Claim, known: _Known, end_lease: int) -> rpc_pb2.TxnRequest:
+        """Return the transaction that moves a lease from ``leases/`` to ``ends/`` unless it was recreated or ended."""
         digest = claim.digest
         lease_key, end_key = self._key("leases", digest), self._key("ends", digest)
-
-        known = self._known.get(digest)
-        if known is None:
-            # A lease this store never saw (granted through another replica,
-            # whose watch event has not arrived): read its record first.
-            found = await self._fetch(digest)
-            if found is None or found.lease.ended_at is not None:
-                return EndClaim(won=found is not None and found.claimed_by == self.replica_id, stored_end=found)
-            known = self._known[digest]
-
         ended = dataclasses.replace(
             known.mirrored.lease,
             ended_at=claim.ended_at,
@@ -952,8 +1044,7 @@ class EtcdLeaseStore:
             end_reason=claim.end_reason,
             revoked_by=claim.revoked_by,
         )
-        end_lease = await self._end_lease_id()
-        request = rpc_pb2.TxnRequest(
+        return rpc_pb2.TxnRequest(
             compare=[_created(lease_key, known.create_revision)],
             success=[
                 rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=lease_key)),
@@ -962,14 +1053,8 @@ class EtcdLeaseStore:
             ],
             failure=[rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=end_key))],
         )
-        try:
-            response = await self._txn(request)
-        except grpc.aio.AioRpcError as exc:
-            if _LEASE_NOT_FOUND in (exc.details() or ""):
-                self._end_lease = None
-            raise
 
-        self._known.pop(digest, None)
+    def _claim_result(self, digest: bytes, response: rpc_pb2.TxnResponse) -> EndClaim:
         if response.succeeded:
             return EndClaim(won=True)
         stored: MirroredLease | None = None
@@ -984,6 +1069,45 @@ class EtcdLeaseStore:
             logger.info("claim of lease %s had committed before a retry", digest[:6].hex())
             return EndClaim(won=True)
         return EndClaim(won=False, stored_end=stored)
+
+    def _start_task(self, coroutine: Any) -> None:
+        """Run ``coroutine`` in a task that :meth:`flush` waits for and :meth:`close` cancels."""
+        task = self._loop.create_task(coroutine)
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    async def _claim_unknown(self, claim: _Claim) -> None:
+        """Read a lease this store never saw, then settle its claim or queue it again.
+
+        Such a lease was granted through another replica whose watch event
+        has not arrived yet.
+        """
+        delay = MIN_RETRY_SECONDS
+        attempt = 1
+        try:
+            while True:
+                try:
+                    found = await self._fetch(claim.digest)
+                    break
+                except StoreError as exc:
+                    logger.warning(
+                        "claim of the end of lease %s in etcd failed (attempt %d, %s); retrying in %.2f s",
+                        claim.digest[:6].hex(),
+                        attempt,
+                        exc,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(MAX_RETRY_SECONDS, delay * 2)
+                attempt += 1
+        except asyncio.CancelledError:
+            _settle(claim.future, StoreError(f"lease store {self.description} closed before the end was stored"))
+            raise
+        if found is None or found.lease.ended_at is not None:
+            _settle(claim.future, EndClaim(won=found is not None and found.claimed_by == self.replica_id, stored_end=found))
+        else:
+            # _fetch put the lease into _known, so the next batch claims it.
+            self._queue_claims([claim], first=True)
 
     async def _end_lease_id(self) -> int:
         """Return an etcd lease for ``ends/`` keys, granting a new one once the current one is old."""
@@ -1025,8 +1149,18 @@ class EtcdLeaseStore:
         await self._retry_transient(
             "take the queued writes", lambda _timeout_seconds: self._flush_writes(), timeout_seconds
         )
-        claims = list(self._claims)
-        if claims:
+        # A claim of an unknown lease moves from its own task back to the
+        # claimer's queue, so the wait repeats until both are idle.
+        while True:
+            with self._lock:
+                queued = bool(self._queued_claims)
+            if queued:
+                self._start_claimer()
+            claims = list(self._claims)
+            if self._claimer is not None and not self._claimer.done():
+                claims.append(self._claimer)
+            if not claims:
+                return
             # asyncio.wait, unlike gather, leaves the claims running if this wait is cancelled.
             await asyncio.wait(claims)
 
@@ -1058,8 +1192,8 @@ class EtcdLeaseStore:
                 continue
             if at > known.mirrored.lease.last_activity:
                 writes.append((digest, at, known))
-        for start in range(0, len(writes), MAX_TXN_OPS):
-            chunk = writes[start : start + MAX_TXN_OPS]
+        for start in range(0, len(writes), MAX_RENEWALS_PER_TXN):
+            chunk = writes[start : start + MAX_RENEWALS_PER_TXN]
             try:
                 await self._write_activity(chunk)
             except grpc.aio.AioRpcError as exc:

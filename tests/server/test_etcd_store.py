@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -293,6 +295,98 @@ def test_claim_leaves_pending_key_until_cleared(etcd: EtcdMember, prefix: str) -
 
     assert pending_before == {lease.digest}
     assert pending_after == set()
+
+
+def end_revisions(etcd: EtcdMember, prefix: str) -> list[int]:
+    """Return the mod revision of every ``ends/`` key under ``prefix``, which is one revision per transaction."""
+    start = f"{prefix}ends/".encode()
+    with grpc.insecure_channel(f"127.0.0.1:{etcd.client_port}") as channel:
+        response = rpc_pb2_grpc.KVStub(channel).Range(
+            rpc_pb2.RangeRequest(key=start, range_end=start[:-1] + b"0"), timeout=5.0
+        )
+    return [kv.mod_revision for kv in response.kvs]
+
+
+def claim_together(store: EtcdLeaseStore, leases: list[StoredLease]) -> list[EndClaim]:
+    """Queue the end claims of ``leases`` in one callback on the store's loop, so none is sent before the last is queued."""
+
+    async def queue_claims() -> list[concurrent.futures.Future[EndClaim]]:
+        return [store.save_end(lease.digest, 1_010.0, 1_767_225_610.0, REVOKED, "admin") for lease in leases]
+
+    futures = asyncio.run_coroutine_threadsafe(queue_claims(), store._loop).result(10)
+    return [future.result(10) for future in futures]
+
+
+def grant_all(store: EtcdLeaseStore, leases: list[StoredLease]) -> None:
+    for future in [store.save_grant(lease) for lease in leases]:
+        future.result(10)
+
+
+def test_claims_queued_together_share_transaction(etcd: EtcdMember, prefix: str) -> None:
+    store = open_store(etcd, prefix, "replica-a")
+    leases = [make_lease(number) for number in range(40, 45)]
+    grant_all(store, leases)
+
+    claims = claim_together(store, leases)
+    store.close()
+
+    assert claims == [EndClaim(won=True)] * len(leases)
+    revisions = end_revisions(etcd, prefix)
+    assert len(revisions) == len(leases)
+    assert len(set(revisions)) == 1
+
+
+def test_claims_split_at_etcd_operation_limit(etcd: EtcdMember, prefix: str) -> None:
+    # etcd rejects one transaction of all 130 claims (its limit is 128
+    # operations, nested ones included), so they must go in two.
+    store = open_store(etcd, prefix, "replica-a")
+    leases = [make_lease(number) for number in range(100, 230)]
+    grant_all(store, leases)
+
+    claims = claim_together(store, leases)
+    store.close()
+
+    assert claims == [EndClaim(won=True)] * len(leases)
+    revisions = end_revisions(etcd, prefix)
+    assert len(revisions) == len(leases)
+    assert len(set(revisions)) == 2
+
+
+def test_claims_retried_on_new_end_lease(etcd: EtcdMember, prefix: str) -> None:
+    # The ends/ keys hang on a cached etcd lease. Once etcd has dropped it,
+    # the batch fails with "requested lease not found" and goes again on a
+    # new etcd lease.
+    store = open_store(etcd, prefix, "replica-a")
+    first, second = make_lease(50), make_lease(51)
+    grant_all(store, [first, second])
+    assert claim_together(store, [first]) == [EndClaim(won=True)]
+    assert store._end_lease is not None
+    with grpc.insecure_channel(f"127.0.0.1:{etcd.client_port}") as channel:
+        rpc_pb2_grpc.LeaseStub(channel).LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=store._end_lease[0]), timeout=5.0)
+
+    claims = claim_together(store, [second])
+    store.close()
+
+    assert claims == [EndClaim(won=True)]
+    assert etcd.get(f"{prefix}ends/{second.digest.hex()}") is not None
+
+
+def test_activity_of_many_leases_written(etcd: EtcdMember, prefix: str) -> None:
+    # More renewals than etcd accepts in one transaction (128 operations,
+    # nested ones included) must be split, or none of them lands.
+    store = open_store(etcd, prefix, "replica-a")
+    leases = [make_lease(number) for number in range(300, 600)]
+    grant_all(store, leases)
+
+    for lease in leases:
+        store.save_activity(lease.digest, 1_005.0)
+    store.flush(10)
+    store.close()
+
+    for lease in (leases[0], leases[127], leases[-1]):
+        value = etcd.get(f"{prefix}leases/{lease.digest.hex()}")
+        assert value is not None
+        assert json.loads(value)["last_activity"] == 1_005.0
 
 
 def test_activity_never_recreates_ended_lease(etcd: EtcdMember, prefix: str) -> None:
