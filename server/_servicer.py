@@ -743,9 +743,15 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(), reset=reset)
             for end in replay:
                 yield self._end_message(end)
+            queue = subscription.queue
             while True:
                 try:
-                    end = await asyncio.wait_for(subscription.queue.get(), self._heartbeat_interval)
+                    # wait_for wraps the get in a task of its own, so ends
+                    # already queued (a burst of expiries) skip it.
+                    if queue.qsize():
+                        end = queue.get_nowait()
+                    else:
+                        end = await asyncio.wait_for(queue.get(), self._heartbeat_interval)
                 except asyncio.TimeoutError:
                     if subscription.overflowed:
                         raise Unavailable(
