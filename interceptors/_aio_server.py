@@ -31,6 +31,7 @@ import contextvars
 import inspect
 import logging
 import threading
+import types
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 
 import grpc
@@ -286,10 +287,13 @@ class _Requests:
         return self
 
     async def __anext__(self) -> Any:
-        self._call.raise_if_stopped()
-        if self._requests is None:
-            self._requests = self._source.__aiter__()
-        request = await self._requests.__anext__()
+        # This runs for every request message, so the stop check of raise_if_stopped is inlined.
+        if self._call.stopped:
+            raise asyncio.CancelledError()
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = self._source.__aiter__()
+        request = await requests.__anext__()
         self._enforcer.touch(self._entry)
         return request
 
@@ -314,9 +318,16 @@ class _Context:
         return message
 
     async def write(self, message: Any) -> None:
-        self._call.raise_if_stopped()
+        # This runs for every response message, so the stop check is inlined.
+        # After the first write it calls the server's context directly.
+        call = self._call
+        if call.stopped:
+            raise asyncio.CancelledError()
         self._enforcer.touch(self._entry)
-        await self._call.write(message)
+        if call.headers is None:
+            await call.write(message)
+        else:
+            await self._context.write(message)
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         self._call.raise_if_stopped()
@@ -359,6 +370,23 @@ async def _close_async_responses(responses: Any) -> None:
 
 async def _drive_unary_response(behavior: Callable[..., Any], argument: Any, context: Any) -> Any:
     return await behavior(argument, context)
+
+
+def _start_coroutine(behavior: Callable[..., Any], argument: Any, context: Any) -> Any:
+    # Takes the place of a drive function for handlers that
+    # _only_creates_coroutine accepts, which saves a coroutine per call.
+    return behavior(argument, context)
+
+
+def _only_creates_coroutine(behavior: Callable[..., Any]) -> bool:
+    """Return whether calling ``behavior`` only creates a coroutine, running none of its code.
+
+    True for ``async def`` functions and methods bound to them. Other
+    awaitable-returning callables may run code when called, which must
+    happen inside the handler's context, so they keep a drive coroutine.
+    """
+    function = getattr(behavior, "__func__", behavior)
+    return isinstance(function, types.FunctionType) and bool(function.__code__.co_flags & inspect.CO_COROUTINE)
 
 
 def _run_sync_unary_response(behavior: Callable[..., Any], argument: Any, context: _SyncContext) -> Any:
@@ -564,7 +592,10 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         # opentelemetry-instrumentation-grpc, iterate those handlers with
         # "async for" and fail on a coroutine.
         is_async = _is_async_behavior(behavior)
-        if drive is _drive_stream_response:
+        streaming_responses = drive is _drive_stream_response
+        if is_async and _only_creates_coroutine(behavior):
+            drive = _start_coroutine
+        if streaming_responses:
 
             async def enforced_stream(argument: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 await self._handle(behavior, is_async, method, drive, argument, context, streaming_requests)
@@ -602,7 +633,10 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
         call = _AioCall(self._cut_off_queue(task), task, method, context)
         try:
             lease_id = enforcer.read_lease_id(context.invocation_metadata())
-            entry = await enforcer.admit_async(lease_id, method, enforcer.caller_principal(context), call)
+            caller = enforcer.caller_principal(context)
+            entry = enforcer.admit_cached(lease_id, method, caller, call)
+            if entry is None:
+                entry = await enforcer.admit_async(lease_id, method, caller, call)
         except LeaseRefused as refusal:
             logger.debug(
                 "refused %s on lease %s: %s", method, refusal.fingerprint or "(none)", refusal.reason.value
@@ -715,12 +749,13 @@ class _RunInContext:
     def __await__(self) -> Generator[Any, Any, Any]:
         coroutine = self._coroutine
         run = self._context.run
+        send = coroutine.send
         value: Any = None
         error: BaseException | None = None
         while True:
             try:
                 if error is None:
-                    step = run(coroutine.send, value)
+                    step = run(send, value)
                 else:
                     step = run(coroutine.throw, error)
             except StopIteration as stop:

@@ -305,6 +305,7 @@ class _Entry:
         "had_calls",
         "timer",
         "ended",
+        "view",
     )
 
     def __init__(self, lease_id: str, lease: LeaseInfo, sent_at: float, drift: float) -> None:
@@ -326,6 +327,8 @@ class _Entry:
         # The handle of the armed check, or None while none is armed; an end cancels it.
         self.timer: TimerHandle | None = None
         self.ended = False
+        # The LeaseContext that handlers of this lease get, built on first use.
+        self.view: LeaseContext | None = None
 
     def refresh(self, lease: LeaseInfo, sent_at: float, drift: float) -> None:
         # Answers may be applied out of order (a Validate racing a KeepAlive),
@@ -658,6 +661,22 @@ class Enforcer:
             fresh = True
         raise _errors.unreachable(fingerprint(lease_id), "the authority's responses kept changing")
 
+    def admit_cached(self, lease_id: str, method: str, caller: str, call: CallHandle) -> _Entry | object | None:
+        """Decide a call from the cache alone and register it as in flight.
+
+        It waits for nothing but the enforcer's lock, so the event loop may call it.
+
+        Returns:
+            The lease's entry, :data:`EXEMPT` when the method needs no lease,
+            or None on a cache miss, which :meth:`admit` or
+            :meth:`admit_async` resolves. A miss registers nothing and starts no ``Validate``.
+
+        Raises:
+            LeaseRefused: The call may not run.
+        """
+        with self._lock:
+            return self._admit_from_cache(lease_id, method, caller, call, False)
+
     async def admit_async(self, lease_id: str, method: str, caller: str, call: CallHandle) -> _Entry | object:
         """Like :meth:`admit` for the event loop: ``Validate`` runs on a worker thread."""
         fresh = False
@@ -681,14 +700,25 @@ class Enforcer:
 
     def touch(self, entry: _Entry) -> None:
         """Record activity on a lease (a call or a stream message); reported later in a batch."""
-        now = self._clock()
+        entry.last_activity = self._clock()
+        # Every stream message lands here, so the common case takes no lock.
+        # When the entry is in the current batch, the reporter reads
+        # last_activity only after swapping that set out (collect_renewals),
+        # so it reads the value written above.
+        # NOTE: this ordering argument relies on the GIL running the attribute
+        # write and the set lookup one at a time; free-threaded builds are unchecked.
+        if entry in self._dirty:
+            return
         with self._lock:
-            entry.last_activity = now
             self._dirty.add(entry)
 
     def lease_context(self, entry: _Entry) -> LeaseContext:
         """Return the view of ``entry`` that handlers get from :func:`current_lease`."""
-        return LeaseContext(entry, self._clock)
+        view = entry.view
+        if view is None:
+            # Two threads may both build one; either is the same read-only view.
+            view = entry.view = LeaseContext(entry, self._clock)
+        return view
 
     # -- admission internals ---------------------------------------------------
 
@@ -698,38 +728,50 @@ class Enforcer:
         # Returns (None, entry-or-EXEMPT) when decided, or (future, owner) on a
         # miss, where owner is True when this caller must run the Validate.
         with self._lock:
-            now = self._clock()
-            stale_open = self._stale and self.config.fail_open
-            if self._closed:
-                raise _errors.unreachable(fingerprint(lease_id), "the enforcer is closed")
-            if self._stale and not self.config.fail_open:
-                raise _errors.unreachable(fingerprint(lease_id), "no word from the authority within the staleness bound")
-            tombstone = self._ended.get(lease_id, now)
-            if tombstone is not None:
-                raise _errors.ended(*tombstone)
-            if self._negative.get(lease_id, now):
-                fp = fingerprint(lease_id)
-                raise _errors.LeaseNotFound(
-                    f"session lease {fp} is not known to the authority; grant a new lease", fingerprint=fp
-                )
-            rule = self._rules.rule_for(method)
-            if rule is not None and rule.exempt:
-                return None, EXEMPT
-            entry = self._entries.get(lease_id)
-            if entry is not None and rule is not None:
-                expired = now >= entry.max_deadline or (now >= entry.deadline and not stale_open)
-                if fresh or not expired:
-                    refusal = self._decide(entry, rule, caller, now)
-                    if refusal is not None:
-                        raise refusal
-                    self._register(entry, call, now)
-                    return None, entry
+            decided = self._admit_from_cache(lease_id, method, caller, call, fresh)
+            if decided is not None:
+                return None, decided
             future = self._pending.get(lease_id)
             if future is not None:
                 return future, False
             future = concurrent.futures.Future()
             self._pending[lease_id] = future
             return future, True
+
+    def _admit_from_cache(
+        self, lease_id: str, method: str, caller: str, call: CallHandle, fresh: bool
+    ) -> _Entry | object | None:
+        # Under the lock: the entry or EXEMPT when decided, None on a miss.
+        # ``fresh`` means a Validate reply arrived for this call, so an entry
+        # past its local deadline is trusted once more.
+        now = self._clock()
+        stale_open = self._stale and self.config.fail_open
+        if self._closed:
+            raise _errors.unreachable(fingerprint(lease_id), "the enforcer is closed")
+        if self._stale and not self.config.fail_open:
+            raise _errors.unreachable(fingerprint(lease_id), "no word from the authority within the staleness bound")
+        tombstone = self._ended.get(lease_id, now)
+        if tombstone is not None:
+            raise _errors.ended(*tombstone)
+        if self._negative.get(lease_id, now):
+            fp = fingerprint(lease_id)
+            raise _errors.LeaseNotFound(
+                f"session lease {fp} is not known to the authority; grant a new lease", fingerprint=fp
+            )
+
+        rule = self._rules.rule_for(method)
+        if rule is not None and rule.exempt:
+            return EXEMPT
+        entry = self._entries.get(lease_id)
+        if entry is not None and rule is not None:
+            expired = now >= entry.max_deadline or (now >= entry.deadline and not stale_open)
+            if fresh or not expired:
+                refusal = self._decide(entry, rule, caller, now)
+                if refusal is not None:
+                    raise refusal
+                self._register(entry, call, now)
+                return entry
+        return None
 
     def _decide(self, entry: _Entry, rule: MethodRuleInfo, caller: str, now: float) -> LeaseRefused | None:
         # The same checks, in the same order, as the authority's Validate.
@@ -1017,10 +1059,14 @@ class Enforcer:
             for entry in dirty:
                 if entry.ended:
                     continue
-                if entry.last_activity > entry.reported_activity or entry.probe_requested:
-                    entry.reported_activity = entry.last_activity
+                # touch() writes last_activity without the lock, so it is read
+                # once here. A later touch finds the entry missing from the new
+                # set and adds it, so its activity goes in the next batch.
+                last_activity = entry.last_activity
+                if last_activity > entry.reported_activity or entry.probe_requested:
+                    entry.reported_activity = last_activity
                     entry.probe_requested = False
-                    batch.append((entry, entry.lease_id, max(0.0, now - entry.last_activity)))
+                    batch.append((entry, entry.lease_id, max(0.0, now - last_activity)))
             return batch
 
     def renewals_answered(self, tokens: Sequence[object], sent_at: float, result: RenewResult) -> None:
