@@ -173,8 +173,10 @@ class AuthorityLink:
 
     # -- calls on the caller's thread ----------------------------------------
 
-    def validate(self, lease_id: str, method: str, caller_principal: str) -> ValidateResult:
-        """Ask the authority about one call (blocks).
+    def validate(
+        self, lease_id: str, method: str, caller_principal: str, timeout_seconds: float | None = None
+    ) -> ValidateResult:
+        """Ask the authority about one call (blocks at most ``timeout_seconds``, default the client's timeout).
 
         Raises:
             AuthorityError: The call failed.
@@ -182,7 +184,7 @@ class AuthorityLink:
         """
         with self._lock:
             self._validate_calls += 1
-        return self._client.validate(lease_id, method, caller_principal=caller_principal)
+        return self._client.validate(lease_id, method, caller_principal=caller_principal, timeout_seconds=timeout_seconds)
 
     @property
     def validate_calls(self) -> int:

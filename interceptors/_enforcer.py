@@ -70,6 +70,7 @@ _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
 @dataclasses.dataclass(frozen=True)
+
 class EnforcerConfig:
     """Settings of a server interceptor's enforcer.
 
@@ -99,6 +100,13 @@ class EnforcerConfig:
         ended_cache_size: Ended lease IDs remembered with their end reason.
         activity_batch_interval_seconds: Pause between two activity reports.
         validate_timeout_seconds: Deadline of each ``Validate`` on a cache miss.
+            A call waits up to twice this long for its lease's ``Validate``,
+            queue included; a ``Validate`` that every waiting call gave up
+            on is not sent.
+        max_pending_validations: Most leases whose ``Validate`` may be queued
+            or in flight at once. A cache miss beyond it is refused at once
+            as ``authority_unreachable``, so a slow authority cannot make
+            the queue, and the calls waiting on it, grow without bound.
         policy_timeout_seconds: Deadline of the ``GetPolicy`` call at start.
         caller_identity: Returns the caller's principal from a servicer
             context, or None to skip the principal check for that call. By
@@ -126,6 +134,7 @@ class EnforcerConfig:
     ended_cache_size: int = 10_000
     activity_batch_interval_seconds: float = 0.1
     validate_timeout_seconds: float = 2.0
+    max_pending_validations: int = 1024
     policy_timeout_seconds: float = 5.0
     caller_identity: Callable[[Any], str | None] | None = None
     exempt_patterns: tuple[str, ...] = DEFAULT_EXEMPT_PATTERNS
@@ -150,7 +159,7 @@ class EnforcerConfig:
         _check_positive("reconnect_backoff_max_seconds", self.reconnect_backoff_max_seconds)
         if self.staleness_bound_seconds is not None:
             _check_positive("staleness_bound_seconds", self.staleness_bound_seconds)
-        for name in ("negative_cache_size", "ended_cache_size"):
+        for name in ("negative_cache_size", "ended_cache_size", "max_pending_validations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -479,6 +488,18 @@ EXEMPT = object()
 """Returned by admission for a method that needs no lease."""
 
 
+class _Validation:
+    """A ``Validate`` queued or in flight, shared by every call that missed the cache on its lease."""
+
+    __slots__ = ("future", "waited_until")
+
+    def __init__(self, waited_until: float) -> None:
+        self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Enforcer clock time at which the last waiting call gives up; a
+        # later call on the lease moves it on.
+        self.waited_until = waited_until
+
+
 class Enforcer:
     """Lease cache, admission decisions and the registry of calls in flight, for one server.
 
@@ -504,7 +525,7 @@ class Enforcer:
         self._negative: ExpiringLru[str, bool] = ExpiringLru(config.negative_cache_size, config.negative_cache_ttl_seconds)
         self._ended: ExpiringLru[str, tuple[EndReason, str]] = ExpiringLru(config.ended_cache_size, None)
         self._rules = _RuleBook(config.exempt_patterns)
-        self._pending: dict[str, concurrent.futures.Future[None]] = {}
+        self._pending: dict[str, _Validation] = {}
         self._dirty: set[_Entry] = set()
         self._callbacks: list[SessionEndCallback] = []
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -731,12 +752,21 @@ class Enforcer:
             decided = self._admit_from_cache(lease_id, method, caller, call, fresh)
             if decided is not None:
                 return None, decided
-            future = self._pending.get(lease_id)
-            if future is not None:
-                return future, False
-            future = concurrent.futures.Future()
-            self._pending[lease_id] = future
-            return future, True
+            # A caller waits up to twice the Validate timeout (see admit).
+            waits_until = self._clock() + 2 * self.config.validate_timeout_seconds
+            validation = self._pending.get(lease_id)
+            if validation is not None:
+                validation.waited_until = max(validation.waited_until, waits_until)
+                return validation.future, False
+            if len(self._pending) >= self.config.max_pending_validations:
+                raise _errors.unreachable(
+                    fingerprint(lease_id),
+                    f"{len(self._pending)} Validate calls are already waiting for the authority"
+                    " (max_pending_validations); retry later",
+                )
+            validation = _Validation(waits_until)
+            self._pending[lease_id] = validation
+            return validation.future, True
 
     def _admit_from_cache(
         self, lease_id: str, method: str, caller: str, call: CallHandle, fresh: bool
@@ -814,8 +844,28 @@ class Enforcer:
 
     def _validate(self, lease_id: str, method: str, caller: str, future: concurrent.futures.Future[None]) -> None:
         sent_at = self._clock()
+        with self._lock:
+            validation = self._pending.get(lease_id)
+            waited_until = validation.waited_until if validation is not None and validation.future is future else None
+            if waited_until is not None and waited_until - sent_at < self.config.validate_timeout_seconds / 4:
+                # It queued behind slow Validates until every call waiting
+                # for it gave up, or nearly: with less than a quarter of its
+                # deadline left, sending it would only delay the ones behind
+                # it further.
+                del self._pending[lease_id]
+                waited_until = None
+                dropped = True
+            else:
+                dropped = False
+        if dropped:
+            logger.debug("Validate of lease %s not sent: every call waiting for it gave up", fingerprint(lease_id))
+            future.set_exception(_errors.unreachable(fingerprint(lease_id), "Validate timed out in the queue"))
+            return
+        timeout = self.config.validate_timeout_seconds
+        if waited_until is not None:
+            timeout = min(timeout, waited_until - sent_at)
         try:
-            result = self._link.validate(lease_id, method, caller)
+            result = self._link.validate(lease_id, method, caller, timeout)
             answered_at = self._clock()
         except (AuthorityError, ValueError) as exc:
             logger.warning("Validate of lease %s failed: %s", fingerprint(lease_id), exc)
@@ -1118,6 +1168,12 @@ class Enforcer:
     def validate_calls(self) -> int:
         """How many ``Validate`` calls this enforcer has sent to the authority."""
         return self._link.validate_calls
+
+    @property
+    def pending_validations(self) -> int:
+        """How many leases have a ``Validate`` queued or in flight (see ``max_pending_validations``)."""
+        with self._lock:
+            return len(self._pending)
 
     @property
     def stale(self) -> bool:

@@ -486,6 +486,10 @@ class TestCall:
         """End the request stream so the client's sending thread can exit."""
         self._requests.put(None)
 
+    def done(self, timeout_seconds: float = 0.0) -> bool:
+        """Return whether the call has ended, waiting up to ``timeout_seconds`` for it."""
+        return self._done.wait(timeout_seconds)
+
     def result(self, timeout_seconds: float = 10.0) -> Outcome:
         assert self._done.wait(timeout_seconds), f"call did not end within {timeout_seconds} s"
         self.close()
