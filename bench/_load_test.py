@@ -34,7 +34,8 @@ Checks, printed as ``PASS``/``FAIL`` lines:
 - Every lease that ended has exactly one ``end`` audit record, no ``end``
   record lacks its ``grant``, and ``audit verify`` passes.
 - Resident memory of the authority and of the protected servers grows by
-  less than :data:`MEMORY_GROWTH_BOUND` over the last part of the run.
+  less than :data:`MEMORY_GROWTH_BOUND` over the last minute of the run,
+  after a warm-up minute (see :func:`plan_for`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ SAMPLE_INTERVAL_SECONDS = 2.0
 ENDED_CACHE_SIZE = 1_000
 """Ended leases each protected server remembers (``EnforcerConfig.ended_cache_size``)."""
 
+ENDED_RETENTION_SECONDS = 20
+"""The authority's ``--ended-retention`` in the load test, shorter than the warm-up minute."""
+
 MEMORY_GROWTH_BOUND = 0.10
 """Largest allowed RSS growth of one process over the measured window, as a share of its RSS at the window start."""
 
@@ -110,7 +114,18 @@ class Plan:
 def plan_for(options: Options) -> Plan:
     if options.quick:
         return Plan(sessions=200, client_processes=2, servers=1, seconds=10.0, ramp_seconds=3.0, revokes_per_second=3.0, memory_window_seconds=6.0)
-    return Plan(sessions=2000, client_processes=4, servers=2, seconds=60.0, ramp_seconds=10.0, revokes_per_second=4.0, memory_window_seconds=30.0)
+    # The memory check fits only the second minute, because the first is
+    # warm-up: the session ramp, the first re-grants at the 20 s max duration,
+    # the ended-lease cache filling, and malloc growing to its working size.
+    # One protected server ran 150 s with 1,000 of these sessions on a 2-core
+    # VM shared with other jobs (grpcio 1.85.3, glibc 2.36). Its RSS rose
+    # 9.5 MiB in the first minute and then a fitted 0.5 to 1.7 MiB/min. From
+    # then on malloc's in-use bytes (6.4 to 11.9 MiB) and Python's allocated
+    # blocks showed no trend, so the later growth is freed memory that malloc
+    # kept, and malloc_trim(0) at the end returned 3.7 MiB. A grpc.aio server
+    # without interceptors under the same load rose 8.6 MiB in 40 s, then
+    # stayed flat.
+    return Plan(sessions=2000, client_processes=4, servers=2, seconds=120.0, ramp_seconds=10.0, revokes_per_second=4.0, memory_window_seconds=60.0)
 
 
 # -- protected server (child process) ------------------------------------------------
@@ -454,6 +469,11 @@ def run(options: Options) -> list[Figure]:
         "--data-dir", str(data_dir),
         "--policy", str(work / "policy.toml"),
         "--port-file", str(work / "authority.port"),
+        # Ended leases stay in the authority's table for --ended-retention
+        # (an hour by default), which under this churn is growth by design.
+        # 20 s lets the retained ends reach their steady state within the
+        # warm-up minute, so the memory check looks for leaks, not retention.
+        "--ended-retention", str(ENDED_RETENTION_SECONDS),
     )  # fmt: skip
     authority = ServerProcess(authority_command, work / "authority.port", work / "authority.log")
     servers: list[ServerProcess] = []
