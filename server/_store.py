@@ -47,7 +47,7 @@ the previous commit, which is the case at low load, the writer commits at once.
 """
 
 GROUP_COMMIT_MAX_WAIT_SECONDS = 0.005
-"""Longest wait for more writes before a commit.
+"""Maximum wait for more writes before a commit.
 
 A commit costs the authority about 1 ms of CPU across its threads (on a
 2-core VM), more than a dozen grants' own store work, so during a burst

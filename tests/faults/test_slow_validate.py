@@ -54,9 +54,9 @@ def test_validate_given_up_by_every_caller_not_sent(authority, proxy) -> None:  
         with grpc.insecure_channel(server.target) as channel:
             proxy.set_mode(ProxyMode.BLACKHOLE)
             outcomes = [call.result(timeout_seconds=15) for call in send_misses(channel, MISSES)]
-            # Each call gives up after twice the Validate timeout; the four
-            # workers get through a handful of Validates in that time, and the
-            # rest are dropped from the queue instead of being sent one by one.
+            # Each call gives up after twice the Validate timeout. The four
+            # workers send a handful of Validates in that time, and the rest
+            # are dropped from the queue rather than sent one by one.
             wait_for(lambda: enforcer.pending_validations == 0, 15, "an empty Validate queue")
             sent = enforcer.validate_calls
             proxy.set_mode(ProxyMode.PASS)
