@@ -491,9 +491,11 @@ EXEMPT = object()
 class _Validation:
     """A ``Validate`` queued or in flight, shared by every call that missed the cache on its lease."""
 
-    __slots__ = ("future", "waited_until")
+    __slots__ = ("lease_id", "digest", "future", "waited_until")
 
-    def __init__(self, waited_until: float) -> None:
+    def __init__(self, lease_id: str, waited_until: float) -> None:
+        self.lease_id = lease_id
+        self.digest = lease_digest(lease_id)
         self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
         # Enforcer clock time at which the last waiting call gives up; a
         # later call on the lease moves it on.
@@ -526,6 +528,9 @@ class Enforcer:
         self._ended: ExpiringLru[str, tuple[EndReason, str]] = ExpiringLru(config.ended_cache_size, None)
         self._rules = _RuleBook(config.exempt_patterns)
         self._pending: dict[str, _Validation] = {}
+        # The same validations by lease digest, so an end pushed while one is
+        # pending is not lost (see session_ended).
+        self._pending_by_digest: dict[str, _Validation] = {}
         self._dirty: set[_Entry] = set()
         self._callbacks: list[SessionEndCallback] = []
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -764,8 +769,9 @@ class Enforcer:
                     f"{len(self._pending)} Validate calls are already waiting for the authority"
                     " (max_pending_validations); retry later",
                 )
-            validation = _Validation(waits_until)
+            validation = _Validation(lease_id, waits_until)
             self._pending[lease_id] = validation
+            self._pending_by_digest[validation.digest] = validation
             return validation.future, True
 
     def _admit_from_cache(
@@ -852,7 +858,7 @@ class Enforcer:
                 # for it gave up, or nearly: with less than a quarter of its
                 # deadline left, sending it would only delay the ones behind
                 # it further.
-                del self._pending[lease_id]
+                self._pop_pending(lease_id)
                 waited_until = None
                 dropped = True
             else:
@@ -870,19 +876,25 @@ class Enforcer:
         except (AuthorityError, ValueError) as exc:
             logger.warning("Validate of lease %s failed: %s", fingerprint(lease_id), exc)
             with self._lock:
-                self._pending.pop(lease_id, None)
+                self._pop_pending(lease_id)
             future.set_exception(_errors.unreachable(fingerprint(lease_id), f"Validate failed: {exc}"))
             return
         except BaseException as exc:
             with self._lock:
-                self._pending.pop(lease_id, None)
+                self._pop_pending(lease_id)
             future.set_exception(exc)
             raise
         with self._lock:
-            self._pending.pop(lease_id, None)
+            self._pop_pending(lease_id)
             cut = self._apply_validation(lease_id, method, result, sent_at)
         self._run_cut_offs(cut, answered_at)
         future.set_result(None)
+
+    def _pop_pending(self, lease_id: str) -> None:
+        # Under the lock.
+        validation = self._pending.pop(lease_id, None)
+        if validation is not None and self._pending_by_digest.get(validation.digest) is validation:
+            del self._pending_by_digest[validation.digest]
 
     def _apply_validation(
         self, lease_id: str, method: str, result: ValidateResult, sent_at: float
@@ -903,6 +915,13 @@ class Enforcer:
             self._ended.put(lease_id, (reason, lease.fingerprint or fingerprint(lease_id)), now)
             if entry is not None:
                 return self._finish_entry(entry, _errors.ended(reason, entry.fingerprint), session_end=True)
+            return []
+        tombstone = self._ended.get(lease_id, now)
+        if tombstone is not None:
+            # The watch stream reported the end while this Validate was on
+            # its way; its answer predates the end and must not revive the lease.
+            if entry is not None:
+                return self._finish_entry(entry, _errors.ended(*tombstone), session_end=True)
             return []
         if entry is None:
             entry = _Entry(lease_id, lease, sent_at, self.config.drift_margin_seconds)
@@ -1095,6 +1114,12 @@ class Enforcer:
         with self._lock:
             entry = self._by_digest.get(event.lease.digest)
             if entry is None:
+                validation = self._pending_by_digest.get(event.lease.digest)
+                if validation is not None:
+                    # Its Validate may have been answered before the end: the
+                    # tombstone keeps that answer from caching the lease as live.
+                    fp = event.lease.fingerprint or fingerprint(validation.lease_id)
+                    self._ended.put(validation.lease_id, (reason, fp), self._clock())
                 return
             received_at = self._clock()
             self._ended.put(entry.lease_id, (reason, entry.fingerprint), received_at)

@@ -155,6 +155,48 @@ def test_session_end_callback_once_per_lease(kind: str, authority: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_revoke_during_validate_not_cached_as_live(kind: str, authority: Any) -> None:
+    # The Validate answer (alive) leaves the authority before the revoke, and
+    # the watch stream delivers the end before that answer is applied.
+    admin = AuthorityClient(authority.target, principal="svc")
+    lease = admin.grant("standard", principal="svc")
+    # Activity reports every 30 s, so no renewal reply corrects the cache during the test.
+    server = _make_server(kind, enforcer_config(authority.target, activity_batch_interval_seconds=30.0))
+    enforcer = server.interceptor.enforcer
+    link = enforcer._link
+    real_validate = link.validate
+
+    def validate_then_revoke(*args: Any) -> Any:
+        answer = real_validate(*args)
+        admin.revoke(lease.lease_id)
+        wait_for(
+            lambda: enforcer._ended.get(lease.lease_id, enforcer._clock()) is not None,
+            10,
+            "the end from the watch stream",
+        )
+        return answer
+
+    link.validate = validate_then_revoke  # type: ignore[method-assign]
+    channel = grpc.insecure_channel(server.target)
+    method = channel.unary_unary(f"/test.Lease/{_quick_form(kind)}")
+    outcomes = []
+    try:
+        for _ in range(2):
+            try:
+                method(QUICK, metadata=lease_metadata(lease.lease_id), timeout=15)
+                outcomes.append(("OK", None))
+            except grpc.RpcError as exc:
+                trailers = {item.key: item.value for item in exc.trailing_metadata() or ()}
+                outcomes.append((exc.code().name, trailers.get(END_REASON_TRAILER_KEY)))
+    finally:
+        channel.close()
+        server.stop()
+        admin.close()
+
+    assert outcomes == [("UNAUTHENTICATED", "revoked")] * 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
 def test_client_cancel_leaves_in_flight_set(kind: str, authority: Any) -> None:
     admin = AuthorityClient(authority.target, principal="svc")
     lease_id = admin.grant("standard", principal="svc").lease_id
