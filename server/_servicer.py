@@ -739,10 +739,16 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         watcher = self._authenticate(context)
         subscription, replay, reset = self._hub.subscribe(request.after_sequence, request.instance_id)
         logger.info("watch stream opened by %s (%d watching)", watcher, self._hub.subscriber_count)
+        # Heartbeats carry the last sequence this stream has covered, never a
+        # later one, so a watcher that resumes after it misses no end: a
+        # resumed stream starts from the watcher's own sequence, a new or
+        # reset one from the latest end.
+        covered = request.after_sequence if request.after_sequence and not reset else self._hub.latest_sequence
         try:
-            yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(), reset=reset)
+            yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(covered), reset=reset)
             for end in replay:
                 yield self._end_message(end)
+                covered = max(covered, end.sequence)
             queue = subscription.queue
             while True:
                 try:
@@ -750,24 +756,26 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
                     # already queued (a burst of expiries) skip it.
                     if queue.qsize():
                         end = queue.get_nowait()
+                    elif subscription.overflowed:
+                        raise Unavailable(
+                            "this watcher fell too far behind and ends were dropped after the last one sent;"
+                            " reconnect with after_sequence to resume"
+                        )
                     else:
                         end = await asyncio.wait_for(queue.get(), self._heartbeat_interval)
                 except asyncio.TimeoutError:
-                    if subscription.overflowed:
-                        raise Unavailable(
-                            "this watcher fell too far behind; reconnect with after_sequence to resume"
-                        ) from None
-                    yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat())
+                    yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(covered))
                     continue
                 yield self._end_message(end)
+                covered = max(covered, end.sequence)
         finally:
             self._hub.unsubscribe(subscription)
             logger.info("watch stream closed by %s", watcher)
 
-    def _heartbeat(self) -> pb.Heartbeat:
+    def _heartbeat(self, sequence: int) -> pb.Heartbeat:
         return pb.Heartbeat(
             now=wall_to_timestamp(self._table.clock.wall()),
-            sequence=self._hub.latest_sequence,
+            sequence=sequence,
             interval=seconds_to_duration(self._heartbeat_interval),
             instance_id=self._hub.instance_id,
         )

@@ -27,8 +27,14 @@ class Subscription:
         self.overflowed = False
 
     def put(self, end: SessionEnd) -> None:
+        # After the first dropped end the stream must stop at the gap, so
+        # every later end is dropped too; the watcher resumes from the last
+        # end it got and the replay buffer fills the gap.
+        if self.overflowed:
+            return
         if self.queue.qsize() >= self.backlog:
             self.overflowed = True
+            logger.warning("a watcher fell %d ends behind; its stream closes once it reaches the gap", self.backlog)
             return
         self.queue.put_nowait(end)
 

@@ -40,6 +40,7 @@ from session_authority.clients._types import (
 )
 from session_authority.server import ApiKeyAuthenticator, AuthorityConfig, AuthorityThread, parse_policy
 from session_authority.server._auth import append_api_key
+from session_authority.server._table import EndReason as ServerEndReason
 from session_authority.v1 import session_authority_pb2 as pb
 
 from policies import TEST_POLICY
@@ -657,6 +658,71 @@ def test_watch_resumes_after_sequence(client: AuthorityClient) -> None:
     assert replayed.lease.fingerprint == second.fingerprint
     assert replayed.sequence > first_end.sequence
     assert not replayed.reset
+
+
+def test_watch_resumed_heartbeat_claims_only_what_it_sent(client: AuthorityClient) -> None:
+    # A heartbeat that named ends still to be replayed would let a watcher
+    # whose stream broke during the replay resume after them.
+    leases = [client.grant("standard") for _ in range(3)]
+    with client.watch_session_ends() as stream:
+        heartbeat = next(stream)
+        client.revoke(leases[0].lease_id)
+        first_end = next_end(stream)
+    assert isinstance(heartbeat, HeartbeatEvent)
+    client.revoke(leases[1].lease_id)
+    client.revoke(leases[2].lease_id)
+
+    with client.watch_session_ends(
+        after_sequence=first_end.sequence, instance_id=heartbeat.instance_id
+    ) as resumed:
+        resumed_heartbeat = next(resumed)
+        replayed = [next_end(resumed), next_end(resumed)]
+
+    assert isinstance(resumed_heartbeat, HeartbeatEvent)
+    assert resumed_heartbeat.sequence == first_end.sequence
+    assert [end.sequence for end in replayed] == [first_end.sequence + 1, first_end.sequence + 2]
+
+
+def test_watch_overflow_ends_stream_at_the_gap(authority, client: AuthorityClient) -> None:  # type: ignore[no-untyped-def]
+    # 200 ends published in one pass of the authority's event loop reach the
+    # stream's queue before the stream can send any: with a backlog of 5
+    # (instead of 100,000) it overflows at once. 20 more ends follow 50 ms
+    # later, once the stream has sent what it queued: they must not be sent
+    # after the gap.
+    authority.authority.hub._backlog = 5
+    leases = [client.grant("standard") for _ in range(220)]
+    stream = client.watch_session_ends()
+    heartbeat = next(stream)
+    assert isinstance(heartbeat, HeartbeatEvent)
+    table = authority.authority.table
+
+    def revoke(batch: list[GrantedLease]) -> None:
+        for lease in batch:
+            table.end(bytes.fromhex(lease_digest(lease.lease_id)), ServerEndReason.REVOKED, revoked_by="ops")
+
+    def revoke_in_two_bursts() -> None:
+        revoke(leases[:200])
+        authority._loop.call_later(0.05, revoke, leases[200:])
+
+    authority._loop.call_soon_threadsafe(revoke_in_two_bursts)
+    sequences: list[int] = []
+    with pytest.raises(AuthorityUnavailable, match="fell too far behind"):
+        for event in stream:
+            if isinstance(event, SessionEndEvent):
+                sequences.append(event.sequence)
+    assert 0 < len(sequences) < len(leases)
+    # A resumed stream may overflow again while it replays: resume until every end is in.
+    for _ in range(len(leases)):
+        if len(sequences) == len(leases):
+            break
+        with client.watch_session_ends(after_sequence=sequences[-1], instance_id=heartbeat.instance_id) as resumed:
+            try:
+                while len(sequences) < len(leases):
+                    sequences.append(next_end(resumed).sequence)
+            except AuthorityUnavailable:
+                pass
+
+    assert sequences == list(range(sequences[0], sequences[0] + len(leases)))
 
 
 def test_watch_cancel_ends_blocked_iteration(client: AuthorityClient) -> None:
