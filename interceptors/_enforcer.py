@@ -531,6 +531,8 @@ class Enforcer:
         # The same validations by lease digest, so an end pushed while one is
         # pending is not lost (see session_ended).
         self._pending_by_digest: dict[str, _Validation] = {}
+        self._validate_log_at = -math.inf
+        self._validate_log_suppressed = 0
         self._dirty: set[_Entry] = set()
         self._callbacks: list[SessionEndCallback] = []
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -874,9 +876,23 @@ class Enforcer:
             result = self._link.validate(lease_id, method, caller, timeout)
             answered_at = self._clock()
         except (AuthorityError, ValueError) as exc:
-            logger.warning("Validate of lease %s failed: %s", fingerprint(lease_id), exc)
             with self._lock:
                 self._pop_pending(lease_id)
+                # At most one line per second: during an outage every lease
+                # that misses the cache fails alike.
+                now = time.monotonic()
+                held_back = -1
+                if now - self._validate_log_at >= 1.0:
+                    held_back, self._validate_log_suppressed, self._validate_log_at = self._validate_log_suppressed, 0, now
+                else:
+                    self._validate_log_suppressed += 1
+            if held_back >= 0:
+                logger.warning(
+                    "could not validate lease %s: %s (%d more failures in the previous second not logged)",
+                    fingerprint(lease_id),
+                    exc,
+                    held_back,
+                )
             future.set_exception(_errors.unreachable(fingerprint(lease_id), f"Validate failed: {exc}"))
             return
         except BaseException as exc:

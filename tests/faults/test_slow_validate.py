@@ -8,6 +8,7 @@ do when a fleet of holders re-grants at once.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
 
@@ -46,7 +47,8 @@ def send_misses(channel: grpc.Channel, count: int) -> list[TestCall]:
     ]
 
 
-def test_validate_given_up_by_every_caller_not_sent(authority, proxy) -> None:  # type: ignore[no-untyped-def]
+def test_validate_given_up_by_every_caller_not_sent(authority, proxy, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.WARNING, logger="session_authority.interceptors._enforcer")
     server = start_server(proxy)
     enforcer = server.interceptor.enforcer
     holder = AuthorityClient(authority.target, principal="svc-slow", timeout_seconds=5)
@@ -71,6 +73,9 @@ def test_validate_given_up_by_every_caller_not_sent(authority, proxy) -> None:  
     assert {outcome.end_reason for outcome in outcomes} == {"authority_unreachable"}
     assert sent < MISSES // 2, f"{sent} of {MISSES} Validate calls were sent after their callers gave up"
     assert admitted.code is grpc.StatusCode.OK
+    # The failures of a few seconds log at most one line per second between them.
+    failure_lines = [record for record in caplog.records if "could not validate lease" in record.getMessage()]
+    assert 1 <= len(failure_lines) <= 5, [record.getMessage() for record in failure_lines]
 
 
 def test_misses_beyond_bound_refused_at_once(authority, proxy) -> None:  # type: ignore[no-untyped-def]
