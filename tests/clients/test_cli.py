@@ -28,6 +28,20 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def popen_interruptible(command: list[str]) -> subprocess.Popen[str]:
+    """Start the CLI with SIGINT at its default, as in a terminal, so that SIGINT stands for Ctrl-C.
+
+    A test run started in the background (``cmd &`` in a script, as some CI
+    runners do) ignores SIGINT, and children inherit an ignored signal. A
+    handler, unlike an ignored disposition, is reset to the default in the child.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SCRIPT), *args],
@@ -244,13 +258,7 @@ def test_cli_policy_json(target: str) -> None:
 
 def test_cli_watch_prints_end_and_stops_on_interrupt(target: str) -> None:
     lease_id = str(grant_json(target)["lease_id"])
-    process = subprocess.Popen(
-        [str(SCRIPT), "--authority", target, "watch", "--heartbeats", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+    process = popen_interruptible([str(SCRIPT), "--authority", target, "watch", "--heartbeats", "--json"])
     try:
         assert process.stdout is not None
         first = json.loads(process.stdout.readline())
@@ -403,13 +411,7 @@ def test_cli_watch_other_instance_warns_reset(target: str) -> None:
 
 
 def test_cli_watch_reset_warns_json(target: str) -> None:
-    process = subprocess.Popen(
-        [str(SCRIPT), "--authority", target, "watch", "--after-sequence", "5", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+    process = popen_interruptible([str(SCRIPT), "--authority", target, "watch", "--after-sequence", "5", "--json"])
     try:
         assert process.stderr is not None
         warning = process.stderr.readline()
