@@ -827,7 +827,7 @@ class EtcdLeaseStore:
             ]
         )
         response = await self._retry_transient(
-            f"return lease {digest[:6].hex()}",
+            f"answer the read of lease {digest[:6].hex()}",
             lambda timeout_seconds: self._txn(request, timeout_seconds),
             self.request_timeout_seconds,
         )
