@@ -101,10 +101,10 @@ class EnforcerConfig:
         activity_batch_interval_seconds: Pause between two activity reports.
         validate_timeout_seconds: Deadline of each ``Validate`` on a cache miss.
             A call waits up to twice this long for its lease's ``Validate``,
-            queue included; a ``Validate`` that every waiting call gave up
-            on is not sent.
-        max_pending_validations: Most leases whose ``Validate`` may be queued
-            or in flight at once. A cache miss beyond it is refused at once
+            time in the queue included. A ``Validate`` that every waiting
+            call gave up on is not sent.
+        max_pending_validations: Maximum number of leases whose ``Validate``
+            may be queued or in flight at once. A cache miss beyond it is refused at once
             as ``authority_unreachable``, so a slow authority cannot make
             the queue, and the calls waiting on it, grow without bound.
         policy_timeout_seconds: Deadline of the ``GetPolicy`` call at start.
@@ -497,8 +497,8 @@ class _Validation:
         self.lease_id = lease_id
         self.digest = lease_digest(lease_id)
         self.future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        # Enforcer clock time at which the last waiting call gives up; a
-        # later call on the lease moves it on.
+        # Enforcer clock time at which the last waiting call gives up. A
+        # later call on the same lease moves it later.
         self.waited_until = waited_until
 
 
@@ -744,7 +744,7 @@ class Enforcer:
         """Return the view of ``entry`` that handlers get from :func:`current_lease`."""
         view = entry.view
         if view is None:
-            # Two threads may both build one; either is the same read-only view.
+            # Two threads may both build one, which is harmless because the view is read-only.
             view = entry.view = LeaseContext(entry, self._clock)
         return view
 
@@ -856,10 +856,9 @@ class Enforcer:
             validation = self._pending.get(lease_id)
             waited_until = validation.waited_until if validation is not None and validation.future is future else None
             if waited_until is not None and waited_until - sent_at < self.config.validate_timeout_seconds / 4:
-                # It queued behind slow Validates until every call waiting
-                # for it gave up, or nearly: with less than a quarter of its
-                # deadline left, sending it would only delay the ones behind
-                # it further.
+                # It waited in the queue until every call waiting for it gave
+                # up, or nearly. With less than a quarter of its deadline left,
+                # sending it would only delay the Validates queued behind it.
                 self._pop_pending(lease_id)
                 waited_until = None
                 dropped = True
@@ -878,8 +877,8 @@ class Enforcer:
         except (AuthorityError, ValueError) as exc:
             with self._lock:
                 self._pop_pending(lease_id)
-                # At most one line per second: during an outage every lease
-                # that misses the cache fails alike.
+                # At most one line per second, because during an outage every
+                # lease that misses the cache fails the same way.
                 now = time.monotonic()
                 held_back = -1
                 if now - self._validate_log_at >= 1.0:
@@ -934,8 +933,8 @@ class Enforcer:
             return []
         tombstone = self._ended.get(lease_id, now)
         if tombstone is not None:
-            # The watch stream reported the end while this Validate was on
-            # its way; its answer predates the end and must not revive the lease.
+            # The watch stream reported the end while this Validate was in
+            # flight. Its reply predates the end and must not revive the lease.
             if entry is not None:
                 return self._finish_entry(entry, _errors.ended(*tombstone), session_end=True)
             return []
@@ -1132,8 +1131,8 @@ class Enforcer:
             if entry is None:
                 validation = self._pending_by_digest.get(event.lease.digest)
                 if validation is not None:
-                    # Its Validate may have been answered before the end: the
-                    # tombstone keeps that answer from caching the lease as live.
+                    # The authority may have replied to its Validate before the
+                    # end, and the tombstone keeps that reply from caching the lease as live.
                     fp = event.lease.fingerprint or fingerprint(validation.lease_id)
                     self._ended.put(validation.lease_id, (reason, fp), self._clock())
                 return

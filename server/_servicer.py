@@ -739,10 +739,9 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         watcher = self._authenticate(context)
         subscription, replay, reset = self._hub.subscribe(request.after_sequence, request.instance_id)
         logger.info("watch stream opened by %s (%d watching)", watcher, self._hub.subscriber_count)
-        # Heartbeats carry the last sequence this stream has covered, never a
-        # later one, so a watcher that resumes after it misses no end: a
-        # resumed stream starts from the watcher's own sequence, a new or
-        # reset one from the latest end.
+        # Heartbeats carry the last sequence this stream has covered, so a
+        # watcher that resumes after it misses no end. A resumed stream starts
+        # from the watcher's own sequence, a new or reset one from the latest end.
         covered = request.after_sequence if request.after_sequence and not reset else self._hub.latest_sequence
         try:
             yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(covered), reset=reset)

@@ -27,9 +27,9 @@ class Subscription:
         self.overflowed = False
 
     def put(self, end: SessionEnd) -> None:
-        # After the first dropped end the stream must stop at the gap, so
-        # every later end is dropped too; the watcher resumes from the last
-        # end it got and the replay buffer fills the gap.
+        # After the first dropped end the stream must stop at the gap, so every
+        # later end is dropped too. The watcher resumes from the last end it
+        # received, and the replay buffer fills the gap.
         if self.overflowed:
             return
         if self.queue.qsize() >= self.backlog:

@@ -660,7 +660,7 @@ def test_watch_resumes_after_sequence(client: AuthorityClient) -> None:
     assert not replayed.reset
 
 
-def test_watch_resumed_heartbeat_claims_only_what_it_sent(client: AuthorityClient) -> None:
+def test_resumed_heartbeat_covers_sent_ends(client: AuthorityClient) -> None:
     # A heartbeat that named ends still to be replayed would let a watcher
     # whose stream broke during the replay resume after them.
     leases = [client.grant("standard") for _ in range(3)]
@@ -683,7 +683,7 @@ def test_watch_resumed_heartbeat_claims_only_what_it_sent(client: AuthorityClien
     assert [end.sequence for end in replayed] == [first_end.sequence + 1, first_end.sequence + 2]
 
 
-def test_watch_overflow_ends_stream_at_the_gap(authority, client: AuthorityClient) -> None:  # type: ignore[no-untyped-def]
+def test_watch_overflow_stops_at_gap(authority, client: AuthorityClient) -> None:  # type: ignore[no-untyped-def]
     # 200 ends published in one pass of the authority's event loop reach the
     # stream's queue before the stream can send any: with a backlog of 5
     # (instead of 100,000) it overflows at once. 20 more ends follow 50 ms

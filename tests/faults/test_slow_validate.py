@@ -33,7 +33,7 @@ def proxy(authority) -> Iterator[TcpProxy]:  # type: ignore[no-untyped-def]
 
 def start_server(proxy: TcpProxy, **overrides: object) -> AioServer:
     # A long staleness bound keeps the black hole from failing every call
-    # closed, so the test sees the Validate queue alone.
+    # closed, so the test measures the Validate queue alone.
     settings: dict[str, object] = {"staleness_bound_seconds": 60.0, "validate_timeout_seconds": VALIDATE_TIMEOUT_SECONDS}
     settings.update(overrides)
     config = enforcer_config(proxy.target, **settings)
@@ -47,7 +47,7 @@ def send_misses(channel: grpc.Channel, count: int) -> list[TestCall]:
     ]
 
 
-def test_validate_given_up_by_every_caller_not_sent(authority, proxy, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_abandoned_validate_not_sent(authority, proxy, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.WARNING, logger="session_authority.interceptors._enforcer")
     server = start_server(proxy)
     enforcer = server.interceptor.enforcer
@@ -78,7 +78,7 @@ def test_validate_given_up_by_every_caller_not_sent(authority, proxy, caplog) ->
     assert 1 <= len(failure_lines) <= 5, [record.getMessage() for record in failure_lines]
 
 
-def test_misses_beyond_bound_refused_at_once(authority, proxy) -> None:  # type: ignore[no-untyped-def]
+def test_misses_beyond_bound_rejected_at_once(authority, proxy) -> None:  # type: ignore[no-untyped-def]
     server = start_server(proxy, max_pending_validations=5, validate_timeout_seconds=5.0)
     enforcer = server.interceptor.enforcer
     try:

@@ -155,9 +155,9 @@ def test_session_end_callback_once_per_lease(kind: str, authority: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sync", "aio"])
-def test_revoke_during_validate_not_cached_as_live(kind: str, authority: Any) -> None:
-    # The Validate answer (alive) leaves the authority before the revoke, and
-    # the watch stream delivers the end before that answer is applied.
+def test_revoke_during_validate_not_cached(kind: str, authority: Any) -> None:
+    # The authority replies "alive" to the Validate before the revoke, and the
+    # watch stream delivers the end before the enforcer applies that reply.
     admin = AuthorityClient(authority.target, principal="svc")
     lease = admin.grant("standard", principal="svc")
     # Activity reports every 30 s, so no renewal reply corrects the cache during the test.
@@ -167,14 +167,14 @@ def test_revoke_during_validate_not_cached_as_live(kind: str, authority: Any) ->
     real_validate = link.validate
 
     def validate_then_revoke(*args: Any) -> Any:
-        answer = real_validate(*args)
+        reply = real_validate(*args)
         admin.revoke(lease.lease_id)
         wait_for(
             lambda: enforcer._ended.get(lease.lease_id, enforcer._clock()) is not None,
             10,
             "the end from the watch stream",
         )
-        return answer
+        return reply
 
     link.validate = validate_then_revoke  # type: ignore[method-assign]
     channel = grpc.insecure_channel(server.target)
