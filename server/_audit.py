@@ -103,6 +103,29 @@ _ROTATED_FILE_NAME = re.compile(r"audit-(\d{12})\.jsonl")
 _FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
+# Event IDs of the form the authority writes, "<type>:<lease digest as 64
+# lower-case hex>", and the one-byte code of each type in an index key.
+_DIGEST_EVENT_ID = re.compile(r"(grant|revoke|end):([0-9a-f]{64})")
+_INDEX_TYPE_CODES = {"grant": b"g", "revoke": b"r", "end": b"e"}
+
+_IndexKey = bytes | str
+_EventIndex = dict[_IndexKey, int]
+"""Event IDs of one audit file, each mapped to the byte offset of its record's line in that file."""
+
+
+def _index_key(event_id: str) -> _IndexKey:
+    """Return the key of an event ID in an :data:`_EventIndex`.
+
+    An ID of the form ``<type>:<64 lower-case hex>`` becomes 33 bytes (a type
+    code and the raw digest), less than half the memory of the text. Any other
+    ID stays text. A bytes key never equals a str key, so two different IDs
+    never share a key.
+    """
+    match = _DIGEST_EVENT_ID.fullmatch(event_id) if isinstance(event_id, str) else None
+    if match is None:
+        return event_id
+    return _INDEX_TYPE_CODES[match.group(1)] + bytes.fromhex(match.group(2))
+
 
 # --------------------------------------------------------------------------
 # Encoding
@@ -433,7 +456,7 @@ class _EncodedLine:
 class _ScannedFile:
     """Chain state and event IDs read from one file when the log is opened."""
 
-    event_ids: dict[str, tuple[int, str]]
+    event_ids: _EventIndex
     first_seq: int = 0
     last_seq: int = 0
     last_hash: str = ZERO_HASH
@@ -448,7 +471,10 @@ def _scan_records(path: Path, data: bytes, find_seq: int = 0) -> _ScannedFile:
     """Index the complete lines of one file; lines that do not parse are logged and skipped."""
     scanned = _ScannedFile(event_ids={})
     lines = data.split(b"\n")[:-1]
+    next_offset = 0
     for line_number, line in enumerate(lines, start=1):
+        offset = next_offset
+        next_offset += len(line) + 1
         record = _parse_line(line)
         if record is None or not _is_seq(record.get("seq")):
             logger.warning(
@@ -471,7 +497,7 @@ def _scan_records(path: Path, data: bytes, find_seq: int = 0) -> _ScannedFile:
             scanned.found_hash = digest
         event_id = record.get("event_id")
         if record.get("type") != ROTATE_TYPE and isinstance(event_id, str):
-            scanned.event_ids[event_id] = (seq, digest)
+            scanned.event_ids[_index_key(event_id)] = offset
     return scanned
 
 
@@ -522,6 +548,40 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _read_at(fd: int, length: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, length, offset)
+    # Windows has no pread. Seeking is safe because the caller has the log's lock.
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, length)
+
+
+def _read_to_end(fd: int) -> bytes:
+    chunks = []
+    offset = 0
+    while chunk := _read_at(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_line_at(fd: int, offset: int) -> bytes:
+    """Return the line that starts at ``offset`` in a file, without its newline (to the end if it has none)."""
+    chunks: list[bytes] = []
+    chunk_size = 4096
+    while True:
+        chunk = _read_at(fd, chunk_size, offset)
+        end = chunk.find(b"\n")
+        if end >= 0:
+            chunks.append(chunk[:end])
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+        chunk_size = min(chunk_size * 4, 1 << 24)
+
+
 class AuditLog:
     """An append-only, hash-chained JSON Lines audit log in one directory.
 
@@ -552,8 +612,14 @@ class AuditLog:
     holding it. Use :class:`AuditSink` where a caller must not block; it
     writes the records queued meanwhile with one write and one fsync.
 
-    Memory: the event ID index holds one entry per record of the current and
-    the previous file, roughly 250 bytes each.
+    Memory: the event ID index has one entry per record of the current and
+    the previous file. For IDs of the form ``<type>:<64 hex digits>`` that is
+    about 130 to 180 bytes per record, depending on how full the dict is
+    (tracemalloc, CPython 3.11, 20,000 appends), and more for other IDs. The
+    index stores where each record starts, not its seq and hash, so a
+    duplicate costs one read of that record's line. The log keeps the
+    previous file open for those reads, so that moving it away while the log
+    is open does not break duplicate detection.
 
     Args:
         directory: Directory of the audit files; created if missing.
@@ -611,8 +677,10 @@ class AuditLog:
         # Set when audit.jsonl follows a rotated file but has no rotate record yet.
         self._needs_rotate_record = False
         self._previous_file_name: str | None = None
-        self._event_ids: dict[str, tuple[int, str]] = {}
-        self._previous_event_ids: dict[str, tuple[int, str]] = {}
+        self._event_ids: _EventIndex = {}
+        self._previous_event_ids: _EventIndex = {}
+        # Read-only descriptor of the previous file, which _previous_event_ids points into.
+        self._previous_fd: int | None = None
         self._last_hash_path = self._directory / LAST_HASH_FILE_NAME
         # Seq that last-hash.json contains; behind _last_seq while replacing it fails.
         self._last_hash_file_seq = 0
@@ -763,8 +831,9 @@ class AuditLog:
 
     def contains(self, event_id: str) -> bool:
         """Return whether ``event_id`` is in the current or the previous file."""
+        key = _index_key(event_id)
         with self._lock:
-            return event_id in self._event_ids or event_id in self._previous_event_ids
+            return key in self._event_ids or key in self._previous_event_ids
 
     def append(self, event_id: str, type: str, fields: Mapping[str, object]) -> AuditReceipt:
         """Append one record and return once it is written (and fsynced when enabled).
@@ -836,7 +905,10 @@ class AuditLog:
         previous: _ScannedFile | None = None
         if rotated:
             previous_path = rotated[-1][1]
-            previous = _scan_records(previous_path, previous_path.read_bytes(), find_seq)
+            # The descriptor stays open for duplicate lookups, and the bytes
+            # indexed are read through it, so both come from the same file.
+            self._previous_fd = os.open(previous_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            previous = _scan_records(previous_path, _read_to_end(self._previous_fd), find_seq)
             self._previous_file_name = previous_path.name
             self._previous_event_ids = previous.event_ids
 
@@ -991,20 +1063,22 @@ class AuditLog:
         if self._fd is not None:
             return self._fd
         existed = self._path.exists()
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        # Readable too, for duplicate lookups. O_APPEND still puts every write at the end.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(self._path, flags, 0o600)
         if not existed and self._fsync:
             _fsync_directory(self._directory)
         return self._fd
 
     def _release_files(self) -> None:
-        for fd in (self._fd, self._lock_fd):
+        for fd in (self._fd, self._previous_fd, self._lock_fd):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     logger.debug("closing an audit file descriptor failed", exc_info=True)
         self._fd = None
+        self._previous_fd = None
         self._lock_fd = None
 
     # Writing -------------------------------------------------------------
@@ -1043,13 +1117,13 @@ class AuditLog:
         seq, last_hash = self._last_seq, self._last_hash
         size, events_in_file = self._size, self._events_in_file
         for event in events:
-            known = (
-                self._event_ids.get(event.event_id)
-                or self._previous_event_ids.get(event.event_id)
-                or written_here.get(event.event_id)
-            )
+            known = written_here.get(event.event_id)
             if known is not None:
                 receipts.append(AuditReceipt(seq=known[0], hash=known[1], duplicate=True))
+                continue
+            earlier = self._find_written_locked(event.event_id)
+            if earlier is not None:
+                receipts.append(earlier)
                 continue
 
             line = self._encode_record_locked(event.event_id, event.type, event.fields, seq + 1, last_hash)
@@ -1078,6 +1152,42 @@ class AuditLog:
             written_here[event.event_id] = (seq, last_hash)
             receipts.append(AuditReceipt(seq=seq, hash=last_hash))
         return receipts, lines
+
+    def _find_written_locked(self, event_id: str) -> AuditReceipt | None:
+        """Return the duplicate receipt of an event in the current or previous file, or None if it is in neither.
+
+        Reads the record's line, because the index stores only its offset. If
+        that line cannot be read or no longer holds the event, the file was
+        changed while the log had it open: the error is logged and None
+        returned, so the event is written again rather than lost.
+        """
+        key = _index_key(event_id)
+        offset = self._event_ids.get(key)
+        in_current = offset is not None
+        if not in_current:
+            offset = self._previous_event_ids.get(key)
+            if offset is None:
+                return None
+        path = self._path if in_current else self._directory / str(self._previous_file_name)
+        try:
+            # Opening and rotating set the previous index and its descriptor together.
+            fd = self._open_current() if in_current else self._previous_fd
+            line = _read_line_at(fd, offset) if fd is not None else b""
+        except OSError as exc:
+            logger.error(
+                "could not read the earlier record of event %s from %s at byte %d (%s); writing the event again",
+                event_id, path, offset, exc.strerror or exc,
+            )
+            return None
+        record = _parse_line(line)
+        if record is None or record.get("event_id") != event_id or not _is_seq(record.get("seq")):
+            logger.error(
+                "the audit file %s was changed while open: the record of event %s is no longer at byte %d;"
+                " writing the event again. Run 'session-authority audit verify %s' to find what changed",
+                path, event_id, offset, self._directory,
+            )
+            return None
+        return AuditReceipt(seq=record["seq"], hash=record_hash(line), duplicate=True)
 
     def _encode_record_locked(
         self, event_id: str, type: str, fields: Mapping[str, object], seq: int, prev: str
@@ -1124,12 +1234,14 @@ class AuditLog:
         self._appended = True
         if self._first_seq_in_file == 0:
             self._first_seq_in_file = lines[0].seq
+        offset = start
         for encoded in lines:
             if encoded.type == ROTATE_TYPE:
                 self._needs_rotate_record = False
             else:
                 self._events_in_file += 1
-                self._event_ids[encoded.event_id] = (encoded.seq, encoded.hash)
+                self._event_ids[_index_key(encoded.event_id)] = offset
+            offset += len(encoded.line) + 1
 
     def _write_last_hash_file_locked(self) -> None:
         """Replace ``last-hash.json`` with the last record's seq and hash: write a temporary file, fsync, rename.
@@ -1217,13 +1329,23 @@ class AuditLog:
                 exc.errno, f"failed to rotate {self._path} to {target}: {exc.strerror or exc}", str(self._path)
             ) from exc
 
-        old_fd = self._fd
+        # The rotated file's descriptor stays open for duplicate lookups in
+        # the previous index. The file before it is no longer indexed.
+        rotated_fd = self._fd
         self._fd = None
-        if old_fd is not None:
+        if rotated_fd is None:
             try:
-                os.close(old_fd)
+                rotated_fd = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise AuditWriteError(
+                    exc.errno, f"failed to open the rotated audit file {target}: {exc.strerror or exc}", str(target)
+                ) from exc
+        older_fd, self._previous_fd = self._previous_fd, rotated_fd
+        if older_fd is not None:
+            try:
+                os.close(older_fd)
             except OSError:
-                logger.debug("closing the rotated audit file %s failed", target, exc_info=True)
+                logger.debug("closing the audit file before %s failed", target, exc_info=True)
         self._size = 0
         self._first_seq_in_file = 0
         self._events_in_file = 0
