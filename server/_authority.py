@@ -34,7 +34,7 @@ from ._etcd_store import (
 from ._limits import PrincipalLimiter
 from ._policy import Policy
 from ._scheduler import ExpiryScheduler
-from ._servicer import AuthorityServicer, add_servicer_to_server
+from ._servicer import AuthorityServicer, add_servicer_to_server, encode_watched_end
 from ._store import ClockAnchor, ClockAnchorStore, LeaseStore, SqliteLeaseStore, StoredLease, StoreError
 from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseState, LeaseTable, SessionEnd
 from ._telemetry import SessionTelemetry
@@ -503,7 +503,7 @@ class Authority:
         self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records, chain_start_time=chain_start_time)
 
         loop = asyncio.get_running_loop()
-        self.hub = WatchHub(loop)
+        self.hub = WatchHub(loop, encode_watched_end)
         self.table.add_listener(self.persistence)
         self.table.add_listener(self.hub)
         self.table.add_listener(self.recorder)

@@ -38,6 +38,7 @@ from ._table import (
     LeaseSnapshot,
     LeaseState,
     LeaseTable,
+    SessionEnd,
     lease_digest,
 )
 from ._watch import WatchHub
@@ -104,6 +105,14 @@ def lease_to_proto(lease: LeaseSnapshot) -> pb.Lease:
     if lease.ended_wall is not None:
         message.ended_at.CopyFrom(wall_to_timestamp(lease.ended_wall))
     return message
+
+
+def encode_watched_end(end: SessionEnd) -> bytes:
+    """Return the encoded ``WatchSessionEndsResponse`` that carries ``end`` to watchers."""
+    message = pb.WatchSessionEndsResponse(
+        end=pb.SessionEnd(sequence=end.sequence, lease=lease_to_proto(end.lease), revoked_by=end.lease.revoked_by)
+    )
+    return message.SerializeToString()
 
 
 class GrantReplies:
@@ -745,28 +754,28 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         covered = request.after_sequence if request.after_sequence and not reset else self._hub.latest_sequence
         try:
             yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(covered), reset=reset)
-            for end in replay:
-                yield self._end_message(end)
-                covered = max(covered, end.sequence)
+            for sequence, message in replay:
+                yield pb.WatchSessionEndsResponse.FromString(message)
+                covered = max(covered, sequence)
             queue = subscription.queue
             while True:
                 try:
                     # wait_for wraps the get in a task of its own, so ends
                     # already queued (a burst of expiries) skip it.
                     if queue.qsize():
-                        end = queue.get_nowait()
+                        sequence, message = queue.get_nowait()
                     elif subscription.overflowed:
                         raise Unavailable(
                             "this watcher fell too far behind and ends were dropped after the last one sent;"
                             " reconnect with after_sequence to resume"
                         )
                     else:
-                        end = await asyncio.wait_for(queue.get(), self._heartbeat_interval)
+                        sequence, message = await asyncio.wait_for(queue.get(), self._heartbeat_interval)
                 except asyncio.TimeoutError:
                     yield pb.WatchSessionEndsResponse(heartbeat=self._heartbeat(covered))
                     continue
-                yield self._end_message(end)
-                covered = max(covered, end.sequence)
+                yield pb.WatchSessionEndsResponse.FromString(message)
+                covered = max(covered, sequence)
         finally:
             self._hub.unsubscribe(subscription)
             logger.info("watch stream closed by %s", watcher)
@@ -777,12 +786,6 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             sequence=sequence,
             interval=seconds_to_duration(self._heartbeat_interval),
             instance_id=self._hub.instance_id,
-        )
-
-    @staticmethod
-    def _end_message(end: Any) -> pb.WatchSessionEndsResponse:
-        return pb.WatchSessionEndsResponse(
-            end=pb.SessionEnd(sequence=end.sequence, lease=lease_to_proto(end.lease), revoked_by=end.lease.revoked_by)
         )
 
     @_rpc
