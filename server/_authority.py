@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from session_authority.v1 import session_authority_pb2 as pb
 
+from ._audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
+from ._audit import MIN_MAX_BYTES as MIN_AUDIT_MAX_BYTES
 from ._audit import AuditLog, AuditSink
 from ._audit_events import SessionRecorder
 from ._auth import Authenticator, MtlsAuthenticator
@@ -38,7 +40,7 @@ from ._servicer import AuthorityServicer, add_servicer_to_server, encode_watched
 from ._store import ClockAnchor, ClockAnchorStore, LeaseStore, SqliteLeaseStore, StoredLease, StoreError
 from ._table import EndReason, LeaseRecord, LeaseSnapshot, LeaseState, LeaseTable, SessionEnd
 from ._telemetry import SessionTelemetry
-from ._watch import WatchHub
+from ._watch import DEFAULT_REPLAY_SIZE, WatchHub
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,15 @@ class AuthorityConfig:
             one that injects write failures.
         audit_max_backoff_seconds: Maximum wait between retries of a
             failed audit write.
+        audit_max_bytes: Size at which ``audit.jsonl`` is rotated. The
+            authority keeps an index of the event IDs in the current and the
+            previous file, about 180 bytes per record, so this also bounds
+            that memory: about 55 MiB at the default of 64 MiB, with records
+            of about 430 bytes.
+        watch_replay_size: Recent ends kept for watchers that resume with
+            ``after_sequence``, about 310 bytes each (20 MiB at the default
+            of 65,536). A watcher that was away for more ends than this
+            resets its cache instead of catching up.
         tracer_provider: Where spans go; None uses the global provider
             (a no-op unless the process installed the SDK).
         meter_provider: Where metrics go; None uses the global provider.
@@ -99,6 +110,8 @@ class AuthorityConfig:
     audit_fail_closed: bool = False
     audit_log_factory: Callable[[pathlib.Path], AuditLog] | None = None
     audit_max_backoff_seconds: float = 2.0
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    watch_replay_size: int = DEFAULT_REPLAY_SIZE
     tracer_provider: trace.TracerProvider | None = None
     meter_provider: metrics.MeterProvider | None = None
     store: str = "sqlite"
@@ -109,6 +122,12 @@ class AuthorityConfig:
     def __post_init__(self) -> None:
         if self.store not in ("sqlite", "etcd"):
             raise ValueError(f'store must be "sqlite" or "etcd", got {self.store!r}')
+        if not isinstance(self.audit_max_bytes, int) or self.audit_max_bytes < MIN_AUDIT_MAX_BYTES:
+            raise ValueError(
+                f"audit_max_bytes must be an integer of at least {MIN_AUDIT_MAX_BYTES}, got {self.audit_max_bytes!r}"
+            )
+        if not isinstance(self.watch_replay_size, int) or self.watch_replay_size < 1:
+            raise ValueError(f"watch_replay_size must be a positive integer, got {self.watch_replay_size!r}")
         if self.store == "etcd":
             if not self.etcd_endpoints:
                 raise ValueError("the etcd store needs etcd_endpoints, for example ('http://127.0.0.1:2379',)")
@@ -503,7 +522,7 @@ class Authority:
         self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records, chain_start_time=chain_start_time)
 
         loop = asyncio.get_running_loop()
-        self.hub = WatchHub(loop, encode_watched_end)
+        self.hub = WatchHub(loop, encode_watched_end, replay_size=self.config.watch_replay_size)
         self.table.add_listener(self.persistence)
         self.table.add_listener(self.hub)
         self.table.add_listener(self.recorder)
@@ -617,7 +636,7 @@ class Authority:
             if config.audit_log_factory is not None:
                 self.audit_log = config.audit_log_factory(directory)
             else:
-                self.audit_log = AuditLog(directory, wall_clock=config.clock.wall)
+                self.audit_log = AuditLog(directory, max_bytes=config.audit_max_bytes, wall_clock=config.clock.wall)
             # NOTE: leases granted in this chain are distinguished from earlier
             # ones by authority time, which never runs behind the stored
             # high-water mark. That mark is written about every 0.5 s, so a

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from ._audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
+from ._audit import MIN_MAX_BYTES as MIN_AUDIT_MAX_BYTES
 from ._audit import AuditWriteError
 from ._auth import (
     ApiKeyAuthenticator,
@@ -29,6 +31,7 @@ from ._policy import Policy, PolicyError, load_policy
 from ._store import StoreError
 from ._telemetry_sdk import TelemetryConfigError, TelemetrySetup, configure_sdk
 from ._tls import TlsConfigError, server_credentials
+from ._watch import DEFAULT_REPLAY_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,21 @@ def seconds_between(minimum: float, maximum: float) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
         if not (math.isfinite(value) and minimum <= value <= maximum):
             raise argparse.ArgumentTypeError(f"{text} s is outside the allowed range {minimum:g} s to {maximum:g} s")
+        return value
+
+    return parse
+
+
+def integer_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    """Return an argparse type for a whole number in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {minimum} to {maximum}")
         return value
 
     return parse
@@ -208,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
         " (env SESSION_AUTHORITY_AUDIT_FAIL_CLOSED=true)",
     )
     parser.add_argument(
+        "--audit-max-bytes",
+        type=integer_between(MIN_AUDIT_MAX_BYTES, 2**40),
+        default=DEFAULT_AUDIT_MAX_BYTES,
+        metavar="BYTES",
+        help="rotate DATA_DIR/audit/audit.jsonl before it grows past this size; the authority indexes the"
+        " current and the previous file in memory, about 180 bytes per record (default 67108864, 64 MiB)",
+    )
+    parser.add_argument(
+        "--watch-replay-size",
+        type=integer_between(1, 10_000_000),
+        default=DEFAULT_REPLAY_SIZE,
+        metavar="ENDS",
+        help="recent session ends kept for enforcers whose watch stream reconnects, about 310 bytes each;"
+        " an enforcer away for more ends resets its cache (default 65536)",
+    )
+    parser.add_argument(
         "--prometheus-port",
         type=port_number,
         default=int(env("SESSION_AUTHORITY_PROMETHEUS_PORT")) if env("SESSION_AUTHORITY_PROMETHEUS_PORT") else None,
@@ -266,6 +300,8 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         heartbeat_interval_seconds=args.heartbeat_interval,
         ended_retention_seconds=args.ended_retention,
         audit_fail_closed=args.audit_fail_closed,
+        audit_max_bytes=args.audit_max_bytes,
+        watch_replay_size=args.watch_replay_size,
         **store_options,
     )
 

@@ -38,7 +38,13 @@ from session_authority.clients._types import (
     lease_state_from_proto,
     seconds_to_duration,
 )
-from session_authority.server import ApiKeyAuthenticator, AuthorityConfig, AuthorityThread, parse_policy
+from session_authority.server import (
+    ApiKeyAuthenticator,
+    AuthorityConfig,
+    AuthorityThread,
+    InsecureDevAuthenticator,
+    parse_policy,
+)
 from session_authority.server._auth import append_api_key
 from session_authority.server._table import EndReason as ServerEndReason
 from session_authority.v1 import session_authority_pb2 as pb
@@ -723,6 +729,44 @@ def test_watch_overflow_stops_at_gap(authority, client: AuthorityClient) -> None
                 pass
 
     assert sequences == list(range(sequences[0], sequences[0] + len(leases)))
+
+
+@pytest.mark.parametrize(("away_ends", "reset"), [(2, False), (3, True)])
+def test_watch_replay_size_bounds_resume(tmp_path: pathlib.Path, away_ends: int, reset: bool) -> None:
+    # With room for two ends, a watcher away for two catches up and one away
+    # for three must reset its cache.
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=parse_policy(TEST_POLICY),
+        data_dir=tmp_path / "authority-data",
+        heartbeat_interval_seconds=0.2,
+        watch_replay_size=2,
+    )
+    running = AuthorityThread(config).start()
+    try:
+        with AuthorityClient(running.target, principal="svc-a") as client:
+            leases = [client.grant("standard") for _ in range(1 + away_ends)]
+            with client.watch_session_ends() as stream:
+                heartbeat = next(stream)
+                client.revoke(leases[0].lease_id)
+                seen = next_end(stream)
+            assert isinstance(heartbeat, HeartbeatEvent)
+            for lease in leases[1:]:
+                client.revoke(lease.lease_id)
+            with client.watch_session_ends(after_sequence=seen.sequence, instance_id=heartbeat.instance_id) as resumed:
+                first = next(resumed)
+                replayed = [] if reset else [next_end(resumed) for _ in range(away_ends)]
+    finally:
+        running.stop()
+
+    assert isinstance(first, HeartbeatEvent)
+    assert first.reset is reset
+    assert [end.lease.fingerprint for end in replayed] == ([] if reset else [lease.fingerprint for lease in leases[1:]])
+
+
+def test_watch_replay_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"^watch_replay_size must be a positive integer, got 0$"):
+        AuthorityConfig(authenticator=InsecureDevAuthenticator(), watch_replay_size=0)
 
 
 def test_watch_cancel_ends_blocked_iteration(client: AuthorityClient) -> None:

@@ -629,3 +629,33 @@ def test_deleted_chain_start_writes_no_earlier_grants(  # type: ignore[no-untype
     ]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"{tmp_path / 'audit' / 'chain-start.json'} is missing, but last-hash.json records")
+
+
+def test_audit_max_bytes_rotates_live_log(tmp_path: pathlib.Path, channels) -> None:  # type: ignore[no-untyped-def]
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=POLICY,
+        data_dir=tmp_path,
+        admin_everyone=True,
+        audit_max_bytes=4096,
+    )
+    running = AuthorityThread(config).start()
+    try:
+        stub = channels(running)
+        for _ in range(30):
+            granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+            stub.Revoke(pb.RevokeRequest(lease_id=granted.lease_id, release=True))
+        wait_until(lambda: len(list((tmp_path / "audit").glob("audit-*.jsonl"))) >= 2)
+    finally:
+        running.stop()
+
+    audit_dir = tmp_path / "audit"
+    assert all(path.stat().st_size <= 4096 for path in audit_dir.glob("audit*.jsonl"))
+    result = verify_audit_log(audit_dir)
+    assert result.ok, result
+    assert result.records >= 60
+
+
+def test_audit_max_bytes_below_minimum_rejected() -> None:
+    with pytest.raises(ValueError, match=r"^audit_max_bytes must be an integer of at least 1024, got 1000$"):
+        AuthorityConfig(authenticator=InsecureDevAuthenticator(), audit_max_bytes=1000)
