@@ -885,14 +885,18 @@ class Enforcer:
                     held_back, self._validate_log_suppressed, self._validate_log_at = self._validate_log_suppressed, 0, now
                 else:
                     self._validate_log_suppressed += 1
-            if held_back >= 0:
+            # An AuthorityError names the RPC already ("Validate failed: ...").
+            failure = str(exc) if isinstance(exc, AuthorityError) else f"the Validate answer is not understood: {exc}"
+            if held_back > 0:
                 logger.warning(
                     "could not validate lease %s: %s (%d more failures in the previous second not logged)",
                     fingerprint(lease_id),
-                    exc,
+                    failure,
                     held_back,
                 )
-            future.set_exception(_errors.unreachable(fingerprint(lease_id), f"Validate failed: {exc}"))
+            elif held_back == 0:
+                logger.warning("could not validate lease %s: %s", fingerprint(lease_id), failure)
+            future.set_exception(_errors.unreachable(fingerprint(lease_id), failure))
             return
         except BaseException as exc:
             with self._lock:
