@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from aetcd.rpc import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
+from ._log_limit import LogLimit
 from ._store import StoredLease, StoredState, StoreError
 
 logger = logging.getLogger(__name__)
@@ -486,6 +487,7 @@ class EtcdLeaseStore:
         self._queued_claims: list[_Claim] = []
         self._high_water: float | None = None
         self._closed = False
+        self._retry_log_limit = LogLimit()
 
         # Owned by the store's event loop thread.
         self._known: dict[bytes, _Known] = {}
@@ -703,13 +705,18 @@ class EtcdLeaseStore:
                 seen[reason] += 1
                 if time.monotonic() + delay >= deadline:
                     raise self._gave_up(action, budget_seconds, seen) from exc
-                logger.warning(
-                    "etcd at %s did not %s (%s); retrying in %.2f s",
-                    ",".join(self.endpoints),
-                    action,
-                    reason,
-                    delay,
-                )
+                # Every request waiting for etcd retries, so an outage would
+                # otherwise log one line per request and retry.
+                held_back = self._retry_log_limit.allow()
+                if held_back is not None:
+                    logger.warning(
+                        "etcd at %s did not %s (%s); retrying in %.2f s%s",
+                        ",".join(self.endpoints),
+                        action,
+                        reason,
+                        delay,
+                        self._retry_log_limit.note(held_back),
+                    )
             await asyncio.sleep(delay)
             delay = min(MAX_RETRY_SECONDS, delay * 2)
 

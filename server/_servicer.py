@@ -31,6 +31,7 @@ from ._errors import (
     Unavailable,
 )
 from ._limits import LimitExceeded, PrincipalLimiter
+from ._log_limit import LogLimit
 from ._policy import MethodRule, Policy, UnknownTierError
 from ._table import (
     MAX_LEASE_ID_LENGTH,
@@ -438,8 +439,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self.grant_gate: Callable[[], str | None] = lambda: None
         self._store_replies = _StoreReplies()
         self._grant_replies = GrantReplies()
-        self._auth_log_at = -math.inf
-        self._auth_log_suppressed = 0
+        self._auth_log_limit = LogLimit()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -451,19 +451,10 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
             raise Unauthenticated(str(exc)) from exc
 
     def _log_rejected_authentication(self, peer: str, reason: str) -> None:
-        # At most one line per second, with a count of the lines held back,
-        # so a flood of bad keys is visible without filling the log.
-        now = time.monotonic()
-        if now - self._auth_log_at < 1.0:
-            self._auth_log_suppressed += 1
-            return
-        suppressed, self._auth_log_suppressed, self._auth_log_at = self._auth_log_suppressed, 0, now
-        logger.warning(
-            "authentication rejected from %s: %s (%d more rejections in the previous second not logged)",
-            peer,
-            reason,
-            suppressed,
-        )
+        held_back = self._auth_log_limit.allow()
+        if held_back is not None:
+            limit = self._auth_log_limit
+            logger.warning("authentication rejected from %s: %s%s", peer, reason, limit.note(held_back))
 
     def _is_admin(self, principal: str) -> bool:
         return self._admin_everyone or self._policy.is_admin(principal)
