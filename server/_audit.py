@@ -41,7 +41,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,6 +107,12 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # lower-case hex>", and the one-byte code of each type in an index key.
 _DIGEST_EVENT_ID = re.compile(r"(grant|revoke|end):([0-9a-f]{64})")
 _INDEX_TYPE_CODES = {"grant": b"g", "revoke": b"r", "end": b"e"}
+
+# The event ID of a record as the canonical encoder writes it, quotes included.
+_EVENT_ID_FIELD = re.compile(rb'"event_id":("(?:[^"\\]|\\.)*")')
+
+OLDER_FILES_SCAN_MAX_BYTES = 1 << 30
+"""Most bytes of older audit files read at start-up to find records that stored leases are owed."""
 
 _IndexKey = bytes | str
 _EventIndex = dict[_IndexKey, int]
@@ -501,6 +507,19 @@ def _scan_records(path: Path, data: bytes, find_seq: int = 0) -> _ScannedFile:
     return scanned
 
 
+def _last_record_time(data: bytes) -> float:
+    """Return the wall time at which the last complete record of a file was written, or -inf if none reads."""
+    for line in reversed(data.split(b"\n")):
+        record = _parse_line(line) if line else None
+        if record is None or not isinstance(record.get("time"), str):
+            continue
+        try:
+            return datetime.datetime.fromisoformat(record["time"]).timestamp()
+        except ValueError:
+            continue
+    return -math.inf
+
+
 def _list_rotated_files(directory: Path) -> list[tuple[int, Path]]:
     """Return ``(first seq, path)`` of the rotated files in a directory, oldest first."""
     found = []
@@ -835,6 +854,57 @@ class AuditLog:
         with self._lock:
             return key in self._event_ids or key in self._previous_event_ids
 
+    def find_in_older_files(
+        self, event_ids: Collection[str], *, written_since: float, max_bytes: int = OLDER_FILES_SCAN_MAX_BYTES
+    ) -> set[str]:
+        """Return which of ``event_ids`` are in rotated files older than the previous one.
+
+        :meth:`contains` covers only the current and the previous file. This
+        reads the older files, newest first, for start-up, where the records
+        owed by stored leases are checked once. A record is written after
+        its event, so the search stops at the first file whose last record
+        was written before ``written_since`` (wall time), or once it has
+        read ``max_bytes``. An event found nowhere may still be in a file
+        past either limit, so writing it again can repeat it but never lose it.
+
+        Args:
+            event_ids: Event IDs to look for.
+            written_since: Wall time before which none of these events happened.
+            max_bytes: Most bytes to read, so a long history cannot stall a start.
+        """
+        sought = {_CANONICAL_ENCODER.encode(event_id).encode("utf-8"): event_id for event_id in event_ids}
+        if not sought:
+            return set()
+        with self._lock:
+            previous_name = self._previous_file_name
+        # Rotated names sort by their first seq, and the previous file is indexed already.
+        older = [path for _, path in _list_rotated_files(self._directory) if previous_name is None or path.name < previous_name]
+        found: set[str] = set()
+        budget = max_bytes
+        for path in reversed(older):
+            if budget <= 0:
+                logger.warning(
+                    "stopped looking for %d earlier audit records at %s after reading %d bytes."
+                    " Any of them in that file or before it are written again",
+                    len(sought),
+                    path,
+                    max_bytes,
+                )
+                break
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                logger.warning("could not read %s to look for earlier audit records: %s", path, exc)
+                continue
+            budget -= len(data)
+            for quoted in _EVENT_ID_FIELD.findall(data):
+                event_id = sought.pop(quoted, None)
+                if event_id is not None:
+                    found.add(event_id)
+            if not sought or _last_record_time(data) < written_since:
+                break
+        return found
+
     def append(self, event_id: str, type: str, fields: Mapping[str, object]) -> AuditReceipt:
         """Append one record and return once it is written (and fsynced when enabled).
 
@@ -1157,7 +1227,7 @@ class AuditLog:
         """Return the duplicate receipt of an event in the current or previous file, or None if it is in neither.
 
         Reads the record's line, because the index stores only its offset. If
-        that line cannot be read or no longer holds the event, the file was
+        that line cannot be read or no longer contains the event, the file was
         changed while the log had it open: the error is logged and None
         returned, so the event is written again rather than lost.
         """

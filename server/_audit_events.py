@@ -22,6 +22,15 @@ from ._telemetry import SessionTelemetry, end_reason_name
 
 logger = logging.getLogger(__name__)
 
+WALL_CLOCK_STEP_MARGIN_SECONDS = 300.0
+"""How far the wall clock may have been stepped back between an event and its record."""
+
+_Event = tuple[str, str, dict[str, object]]
+"""An audit event as ``AuditSink.submit`` takes it: event ID, type and fields."""
+
+_Owed = tuple[_Event, Callable[[AuditReceipt], None] | None, LeaseSnapshot, float]
+"""An event owed by a stored lease, its ``on_written`` callback, the lease, and the wall time of the event."""
+
 
 def grant_event(lease: LeaseSnapshot) -> tuple[str, str, dict[str, object]]:
     """Return the event ID, type and fields of a lease's ``grant`` audit record."""
@@ -209,6 +218,7 @@ class SessionRecorder:
         if self.sink is None:
             return 0
         count = earlier_grants = earlier_ends = 0
+        owed: list[_Owed] = []
         for row in rows:
             lease = snapshot_of_stored(row)
             granted_earlier = chain_start_time is not None and row.granted_at < chain_start_time
@@ -219,13 +229,20 @@ class SessionRecorder:
                 if row.ended_at is not None and chain_start_time is not None and row.ended_at < chain_start_time:
                     earlier_ends += 1
             else:
-                self._submit(*grant_event(lease), None)
+                owed.append((grant_event(lease), None, lease, row.granted_wall))
             if lease.end_reason is not None:
+                ended_wall = row.ended_wall if row.ended_wall is not None else row.granted_wall
                 if lease.end_reason is EndReason.REVOKED:
-                    self._submit(*revoke_event(lease), None)
+                    owed.append((revoke_event(lease), None, lease, ended_wall))
                 written = functools.partial(self._restored_end_written, lease)
-                self._submit(*end_event(lease), written)
+                owed.append((end_event(lease), written, lease, ended_wall))
             count += 1
+        in_older_files = self._find_in_older_files(owed)
+        for event, on_written, lease, _ in owed:
+            if event[0] not in in_older_files:
+                self._submit(*event, on_written)
+            elif on_written is not None:
+                self._report_end_recorded(lease.digest)
         if earlier_grants:
             logger.warning(
                 "%d stored leases were granted before the audit chain in %s started. Their grant records"
@@ -239,6 +256,25 @@ class SessionRecorder:
                 earlier_ends,
             )
         return count
+
+    def _find_in_older_files(self, owed: list[_Owed]) -> set[str]:
+        """Return the owed events that rotated files older than the log's index already contain.
+
+        The log skips events of its current and previous file by itself. With
+        small files, or leases that ended long ago, a record can be older, and
+        writing it again would repeat it in the chain.
+        """
+        assert self.sink is not None
+        log = self.sink.log
+        missing = [event[0] for event, _, _, _ in owed if not log.contains(event[0])]
+        if not missing:
+            return set()
+        # A record is written after its event, and the margin covers wall clock steps.
+        since = min(wall for _, _, _, wall in owed) - WALL_CLOCK_STEP_MARGIN_SECONDS
+        found = log.find_in_older_files(missing, written_since=since)
+        if found:
+            logger.info("%d audit records owed by stored leases are in older audit files already", len(found))
+        return found
 
     def _restored_end_written(self, lease: LeaseSnapshot, receipt: AuditReceipt) -> None:
         self._report_end_recorded(lease.digest)

@@ -187,3 +187,28 @@ def test_index_record_changed_while_open_writes_again(tmp_path: Path, caplog: py
     assert "was changed while open" in caplog.text
     # The record is in the file again, after the changed one.
     assert path.read_bytes().count(event_id.encode()) == 1
+
+
+def test_older_files_search_finds_unindexed(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    with open_log(directory) as log:
+        written = append_until_files(log, directory, 5)
+        unindexed = {event_id for event_id in written if not log.contains(event_id)}
+        found = log.find_in_older_files([*unindexed, f"end:{digest_hex(10_000)}"], written_since=WALL_START - 1)
+
+    assert unindexed
+    assert found == unindexed
+
+
+def test_older_files_search_stops_at_limits(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    with open_log(directory) as log:
+        written = append_until_files(log, directory, 5)
+        unindexed = [event_id for event_id in written if not log.contains(event_id)]
+        # Every older file was written before this time, so only the newest one is read.
+        newest_only = log.find_in_older_files(unindexed, written_since=WALL_START + 10_000)
+        within_one_byte = log.find_in_older_files(unindexed, written_since=WALL_START - 1, max_bytes=1)
+
+    assert newest_only
+    assert newest_only == within_one_byte
+    assert len(newest_only) < len(unindexed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import errno
 import json
@@ -29,10 +30,10 @@ from session_authority.server import (
     parse_policy,
     verify_audit_log,
 )
-from session_authority.server._audit import AuditSink, audit_main
+from session_authority.server._audit import AuditSink, audit_main, list_audit_files
 from session_authority.server._audit_events import SessionRecorder
 from session_authority.server._store import StoredLease
-from session_authority.server._table import EndReason
+from session_authority.server._table import EndReason, lease_digest
 from session_authority.server._telemetry import SessionTelemetry
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
@@ -659,3 +660,38 @@ def test_audit_max_bytes_rotates_live_log(tmp_path: pathlib.Path, channels) -> N
 def test_audit_max_bytes_below_minimum_rejected() -> None:
     with pytest.raises(ValueError, match=r"^audit_max_bytes must be an integer of at least 1024, got 1000$"):
         AuthorityConfig(authenticator=InsecureDevAuthenticator(), audit_max_bytes=1000)
+
+
+def all_records(audit_dir: pathlib.Path) -> list[dict[str, object]]:
+    lines = [line for path in list_audit_files(audit_dir) for line in path.read_bytes().splitlines()]
+    return [json.loads(line) for line in lines]
+
+
+def test_restart_writes_no_record_twice_with_small_files(tmp_path: pathlib.Path, channels) -> None:  # type: ignore[no-untyped-def]
+    # 30 leases and their ends fill many 1,024-byte files, so most records
+    # are older than the previous file by the time the authority restarts.
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=POLICY,
+        data_dir=tmp_path,
+        admin_everyone=True,
+        audit_max_bytes=1024,
+    )
+    running = AuthorityThread(config).start()
+    try:
+        stub = channels(running)
+        live = stub.Grant(pb.GrantRequest(principal="svc-a"))
+        for _ in range(30):
+            granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+            stub.Revoke(pb.RevokeRequest(lease_id=granted.lease_id, release=True))
+    finally:
+        running.stop()
+    before = collections.Counter(record["event_id"] for record in all_records(tmp_path / "audit"))
+
+    for _ in range(2):
+        AuthorityThread(config).start().stop()
+
+    after = collections.Counter(record["event_id"] for record in all_records(tmp_path / "audit"))
+    assert f"grant:{lease_digest(live.lease_id).hex()}" in after
+    assert after == before, {event: count for event, count in after.items() if count != before[event]}
+    assert verify_audit_log(tmp_path / "audit").ok
