@@ -522,7 +522,9 @@ class Authority:
         self.recorder.resubmit_stored(rows, skip_grant_records=skip_grant_records, chain_start_time=chain_start_time)
 
         loop = asyncio.get_running_loop()
-        self.hub = WatchHub(loop, encode_watched_end, replay_size=self.config.watch_replay_size)
+        self.hub = WatchHub(
+            loop, encode_watched_end, replay_size=self.config.watch_replay_size, first_sequence=self.table.sequence + 1
+        )
         self.table.add_listener(self.persistence)
         self.table.add_listener(self.hub)
         self.table.add_listener(self.recorder)

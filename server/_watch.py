@@ -18,6 +18,9 @@ DEFAULT_REPLAY_SIZE = 65536
 DEFAULT_SUBSCRIBER_BACKLOG = 100_000
 """Ends queued for one slow watcher before its stream is closed."""
 
+REORDER_WAIT_SECONDS = 0.1
+"""How long an end waits for the ends numbered before it, which another thread may still be handing over."""
+
 WatchedEnd = tuple[int, bytes]
 """An end as the hub keeps it: its sequence, and the message that carries it, encoded once.
 
@@ -60,6 +63,7 @@ class WatchHub:
         encode: Returns the encoded message that carries an end to watchers.
             Called once per end, on the thread that ended the lease.
         replay_size: Number of recent ends kept for resuming watchers.
+        first_sequence: Sequence of the first end the table will report.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class WatchHub:
         *,
         replay_size: int = DEFAULT_REPLAY_SIZE,
         subscriber_backlog: int = DEFAULT_SUBSCRIBER_BACKLOG,
+        first_sequence: int = 1,
     ) -> None:
         self.instance_id = secrets.token_hex(8)
         self._loop = loop
@@ -76,7 +81,12 @@ class WatchHub:
         self._recent: collections.deque[WatchedEnd] = collections.deque(maxlen=replay_size)
         self._subscribers: set[Subscription] = set()
         self._backlog = subscriber_backlog
-        self.latest_sequence = 0
+        self.latest_sequence = first_sequence - 1
+        # Watchers resume after the highest sequence they received, so ends
+        # are sent in sequence order: one that overtook an earlier one waits.
+        self._next_sequence = first_sequence
+        self._waiting: dict[int, WatchedEnd] = {}
+        self._release_timer: asyncio.TimerHandle | None = None
 
     # Table listener interface.
 
@@ -94,16 +104,53 @@ class WatchHub:
     # Event loop side.
 
     def _publish(self, end: WatchedEnd) -> None:
-        # Ends can arrive slightly out of order when two threads end leases at
-        # once, so keep the replay buffer sorted by sequence.
-        recent = self._recent
+        # Two threads that end leases at once may hand their ends over in
+        # either order. An end ahead of the next sequence waits, at most
+        # REORDER_WAIT_SECONDS, for the ones before it.
         sequence = end[0]
+        if sequence > self._next_sequence:
+            self._waiting[sequence] = end
+            if self._release_timer is None:
+                self._release_timer = self._loop.call_later(REORDER_WAIT_SECONDS, self._release_waiting)
+            return
+        self._deliver(end)
+        self._deliver_waiting()
+
+    def _deliver_waiting(self) -> None:
+        waiting = self._waiting
+        while self._next_sequence in waiting:
+            self._deliver(waiting.pop(self._next_sequence))
+        if not waiting and self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+
+    def _release_waiting(self) -> None:
+        # The ends before the waiting ones did not come (an end whose
+        # encoding failed is never handed over), so skip the gap.
+        self._release_timer = None
+        if not self._waiting:
+            return
+        first = min(self._waiting)
+        logger.warning(
+            "session ends %d to %d never reached the watch hub, so watchers get the ends after them without these",
+            self._next_sequence,
+            first - 1,
+        )
+        self._next_sequence = first
+        self._deliver_waiting()
+
+    def _deliver(self, end: WatchedEnd) -> None:
+        sequence = end[0]
+        recent = self._recent
         if recent and recent[-1][0] > sequence:
+            # It came after the hub gave up waiting for it. Keep the replay buffer sorted anyway.
+            logger.warning("session end %d reached the watch hub after later ends and is sent out of order", sequence)
             ordered = sorted([*recent, end], key=lambda e: e[0])
             recent.clear()
             recent.extend(ordered)
         else:
             recent.append(end)
+        self._next_sequence = max(self._next_sequence, sequence + 1)
         self.latest_sequence = max(self.latest_sequence, sequence)
         for subscription in self._subscribers:
             subscription.put(end)
