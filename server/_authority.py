@@ -122,11 +122,11 @@ class AuthorityConfig:
     def __post_init__(self) -> None:
         if self.store not in ("sqlite", "etcd"):
             raise ValueError(f'store must be "sqlite" or "etcd", got {self.store!r}')
-        if not isinstance(self.audit_max_bytes, int) or self.audit_max_bytes < MIN_AUDIT_MAX_BYTES:
+        if type(self.audit_max_bytes) is not int or self.audit_max_bytes < MIN_AUDIT_MAX_BYTES:
             raise ValueError(
                 f"audit_max_bytes must be an integer of at least {MIN_AUDIT_MAX_BYTES}, got {self.audit_max_bytes!r}"
             )
-        if not isinstance(self.watch_replay_size, int) or self.watch_replay_size < 1:
+        if type(self.watch_replay_size) is not int or self.watch_replay_size < 1:
             raise ValueError(f"watch_replay_size must be a positive integer, got {self.watch_replay_size!r}")
         if self.store == "etcd":
             if not self.etcd_endpoints:

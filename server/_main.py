@@ -58,10 +58,9 @@ def integer_between(minimum: int, maximum: int) -> Callable[[str], int]:
     """Return an argparse type for a whole number in [minimum, maximum]."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not text.strip().isascii() or not text.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of decimal digits")
+        value = int(text)
         if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"{value} is outside the allowed range {minimum} to {maximum}")
         return value
@@ -228,18 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--audit-max-bytes",
         type=integer_between(MIN_AUDIT_MAX_BYTES, 2**40),
-        default=DEFAULT_AUDIT_MAX_BYTES,
+        # argparse passes a text default through the type too, so a bad environment value is named like a bad flag.
+        default=env("SESSION_AUTHORITY_AUDIT_MAX_BYTES", str(DEFAULT_AUDIT_MAX_BYTES)),
         metavar="BYTES",
         help="rotate DATA_DIR/audit/audit.jsonl before it grows past this size; the authority indexes the"
-        " current and the previous file in memory, about 180 bytes per record (default 67108864, 64 MiB)",
+        " current and the previous file in memory, about 180 bytes per record"
+        " (env SESSION_AUTHORITY_AUDIT_MAX_BYTES, default 67108864, 64 MiB)",
     )
     parser.add_argument(
         "--watch-replay-size",
         type=integer_between(1, 10_000_000),
-        default=DEFAULT_REPLAY_SIZE,
+        default=env("SESSION_AUTHORITY_WATCH_REPLAY_SIZE", str(DEFAULT_REPLAY_SIZE)),
         metavar="ENDS",
         help="recent session ends kept for enforcers whose watch stream reconnects, about 310 bytes each;"
-        " an enforcer away for more ends resets its cache (default 65536)",
+        " an enforcer away for more ends resets its cache (env SESSION_AUTHORITY_WATCH_REPLAY_SIZE, default 65536)",
     )
     parser.add_argument(
         "--prometheus-port",

@@ -32,6 +32,7 @@ from session_authority.server import (
 )
 from session_authority.server._audit import AuditSink, audit_main, list_audit_files
 from session_authority.server._audit_events import SessionRecorder
+from session_authority.server._main import build_parser
 from session_authority.server._store import StoredLease
 from session_authority.server._table import EndReason, lease_digest
 from session_authority.server._telemetry import SessionTelemetry
@@ -695,3 +696,21 @@ def test_restart_writes_no_record_twice_with_small_files(tmp_path: pathlib.Path,
     assert f"grant:{lease_digest(live.lease_id).hex()}" in after
     assert after == before, {event: count for event, count in after.items() if count != before[event]}
     assert verify_audit_log(tmp_path / "audit").ok
+
+
+def test_audit_max_bytes_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSION_AUTHORITY_AUDIT_MAX_BYTES", "4096")
+    monkeypatch.setenv("SESSION_AUTHORITY_WATCH_REPLAY_SIZE", "12")
+
+    args = build_parser().parse_args(["--insecure-dev"])
+
+    assert args.audit_max_bytes == 4096
+    assert args.watch_replay_size == 12
+
+
+@pytest.mark.parametrize("value", ["4_096", "4096.0", "-5", "1e4"])
+def test_audit_max_bytes_flag_needs_digits(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--insecure-dev", "--audit-max-bytes", value])
+
+    assert f"'{value}' is not a whole number of decimal digits" in capsys.readouterr().err
