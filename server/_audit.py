@@ -473,8 +473,8 @@ class _ScannedFile:
     found_hash: str | None = None
 
 
-def _scan_records(path: Path, data: bytes, find_seq: int = 0) -> _ScannedFile:
-    """Index the complete lines of one file; lines that do not parse are logged and skipped."""
+def _scan_records(path: Path, data: bytes, find_seq: int = 0, warn_invalid: bool = True) -> _ScannedFile:
+    """Index the complete lines of one file. Lines that do not parse are skipped, and logged if ``warn_invalid``."""
     scanned = _ScannedFile(event_ids={})
     lines = data.split(b"\n")[:-1]
     next_offset = 0
@@ -483,6 +483,8 @@ def _scan_records(path: Path, data: bytes, find_seq: int = 0) -> _ScannedFile:
         next_offset += len(line) + 1
         record = _parse_line(line)
         if record is None or not _is_seq(record.get("seq")):
+            if not warn_invalid:
+                continue
             logger.warning(
                 "audit file %s line %d is not a valid record; run 'session-authority audit verify' on %s",
                 path,
@@ -626,6 +628,16 @@ class AuditLog:
     record does, so a start that fails before its first record keeps the
     evidence of a missing file for ``audit verify --strict`` and the next open.
 
+    Before each write the log checks that ``audit.jsonl`` is still the file
+    it has open and has the size it wrote. When something else moved,
+    deleted or replaced the file, the log starts a new one as if it had
+    rotated. When something else appended to, edited or truncated it, the
+    log keeps every byte and writes after the file's real end. Either way it
+    logs one error that names the change and keeps writing, and ``audit
+    verify`` reports the change. An edit that keeps the file's size is not
+    noticed until a duplicate of the edited record is looked up, or until
+    ``audit verify`` runs.
+
     Threading: all methods may be called from any thread; one lock serializes
     them, and :meth:`append` blocks on disk I/O (including ``fsync``) while
     holding it. Use :class:`AuditSink` where a caller must not block; it
@@ -636,9 +648,10 @@ class AuditLog:
     about 130 to 180 bytes per record, depending on how full the dict is
     (tracemalloc, CPython 3.11, 20,000 appends), and more for other IDs. The
     index stores where each record starts, not its seq and hash, so a
-    duplicate costs one read of that record's line. The log keeps the
-    previous file open for those reads, so that moving it away while the log
-    is open does not break duplicate detection.
+    duplicate costs a read of that record's line and, unless it is the last
+    record, of the next line, whose ``prev`` confirms its hash. The log
+    keeps the previous file open for those reads, so that moving it away
+    while the log is open does not break duplicate detection.
 
     Args:
         directory: Directory of the audit files; created if missing.
@@ -700,6 +713,23 @@ class AuditLog:
         self._previous_event_ids: _EventIndex = {}
         # Read-only descriptor of the previous file, which _previous_event_ids points into.
         self._previous_fd: int | None = None
+        # Seqs of the first and last record of the previous file, for checking a duplicate's record there.
+        self._previous_first_seq = 0
+        self._previous_last_seq = 0
+        # Hashes of records in the previous and the current file whose next line's prev cannot confirm
+        # them, because no record of this log follows them. These are each file's last record and the
+        # last record written before each change that something else made to the file. The current
+        # file's last record is _last_hash, which is not repeated here.
+        self._previous_known_hashes: dict[int, str] = {}
+        self._known_hashes: dict[int, str] = {}
+        # A failed write whose cut-off failed too: where it started and its bytes. Only bytes that match
+        # a prefix of it are ours to remove before the next write.
+        self._unremoved_write: tuple[int, bytes] | None = None
+        # Set when audit.jsonl ends without a newline after something else changed it, so the next
+        # write starts with one.
+        self._needs_newline = False
+        # Set once the log has reported that its directory is missing, and cleared when the directory is back.
+        self._directory_missing_reported = False
         self._last_hash_path = self._directory / LAST_HASH_FILE_NAME
         # Seq that last-hash.json contains; behind _last_seq while replacing it fails.
         self._last_hash_file_seq = 0
@@ -981,6 +1011,9 @@ class AuditLog:
             previous = _scan_records(previous_path, _read_to_end(self._previous_fd), find_seq)
             self._previous_file_name = previous_path.name
             self._previous_event_ids = previous.event_ids
+            self._previous_first_seq = previous.first_seq
+            self._previous_last_seq = previous.last_seq
+            self._previous_known_hashes = {previous.last_seq: previous.last_hash}
 
         data = self._path.read_bytes() if self._path.exists() else b""
         keep = _torn_tail_start(data)
@@ -1130,15 +1163,23 @@ class AuditLog:
         return data[:keep]
 
     def _open_current(self) -> int:
-        if self._fd is not None:
-            return self._fd
+        if self._fd is None:
+            self._fd = self._open_path()
+        return self._fd
+
+    def _open_path(self) -> int:
+        """Open ``audit.jsonl`` for appending, creating it if missing, and return the new descriptor."""
         existed = self._path.exists()
         # Readable too, for duplicate lookups. O_APPEND still puts every write at the end.
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(self._path, flags, 0o600)
+        fd = os.open(self._path, flags, 0o600)
         if not existed and self._fsync:
-            _fsync_directory(self._directory)
-        return self._fd
+            try:
+                _fsync_directory(self._directory)
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
 
     def _release_files(self) -> None:
         for fd in (self._fd, self._previous_fd, self._lock_fd):
@@ -1169,6 +1210,7 @@ class AuditLog:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"audit log {self._path} is closed; open a new AuditLog to append")
+            self._check_current_file_locked()
             receipts, lines = self._encode_batch_locked(events)
             if lines:
                 self._write_lines_locked(lines)
@@ -1226,10 +1268,13 @@ class AuditLog:
     def _find_written_locked(self, event_id: str) -> AuditReceipt | None:
         """Return the duplicate receipt of an event in the current or previous file, or None if it is in neither.
 
-        Reads the record's line, because the index stores only its offset. If
-        that line cannot be read or no longer contains the event, the file was
-        changed while the log had it open: the error is logged and None
-        returned, so the event is written again rather than lost.
+        Reads the record's line, because the index stores only its offset. The
+        receipt comes from that line only if its seq is one that the log wrote
+        to that file and its hash matches the chain (see
+        :meth:`_check_found_record_locked`). Otherwise the file was changed
+        while the log had it open: the error is logged and None returned, so
+        the event is written again rather than lost or given a receipt that
+        is not in the chain.
         """
         key = _index_key(event_id)
         offset = self._event_ids.get(key)
@@ -1250,14 +1295,52 @@ class AuditLog:
             )
             return None
         record = _parse_line(line)
-        if record is None or record.get("event_id") != event_id or not _is_seq(record.get("seq")):
+        if fd is None or record is None or record.get("event_id") != event_id or not _is_seq(record.get("seq")):
+            problem: str | None = f"the record of event {event_id} is no longer at byte {offset}"
+        else:
+            try:
+                problem = self._check_found_record_locked(fd, offset, line, record["seq"], in_current)
+            except OSError as exc:
+                problem = f"reading the line after the record of event {event_id} failed ({exc.strerror or exc})"
+        if problem is not None:
             logger.error(
-                "the audit file %s was changed while open: the record of event %s is no longer at byte %d;"
-                " writing the event again. Run 'session-authority audit verify %s' to find what changed",
-                path, event_id, offset, self._directory,
+                "the audit file %s was changed while open: %s; writing the event again. Run"
+                " 'session-authority audit verify %s' to find what changed",
+                path, problem, self._directory,
             )
             return None
         return AuditReceipt(seq=record["seq"], hash=record_hash(line), duplicate=True)
+
+    def _check_found_record_locked(self, fd: int, offset: int, line: bytes, seq: int, in_current: bool) -> str | None:
+        """Return why a record read back for a duplicate is not one that the log wrote, or None if it is.
+
+        The seq must lie between the first and the last seq that the log
+        wrote to that file. The hash must match the one the log stored for
+        that seq, where it stored one, or else the ``prev`` of the next line,
+        which must be the record with the next seq. A record whose next
+        record something else cut away cannot be confirmed, so its event is
+        written again. An edit that also fixes the next record's ``prev``
+        passes this check, but changes the next record's hash in turn, which
+        ``audit verify`` reports.
+        """
+        if in_current:
+            first_seq, last_seq = self._first_seq_in_file, self._last_seq
+            known_hash = self._last_hash if seq == last_seq else self._known_hashes.get(seq)
+        else:
+            first_seq, last_seq = self._previous_first_seq, self._previous_last_seq
+            known_hash = self._previous_known_hashes.get(seq)
+        if not first_seq <= seq <= last_seq:
+            return f"the record at byte {offset} has seq {seq}, but the log wrote seqs {first_seq} to {last_seq} there"
+
+        digest = record_hash(line)
+        if known_hash is not None:
+            if digest != known_hash:
+                return f"the record at byte {offset} (seq {seq}) does not have the hash that the log wrote"
+            return None
+        following = _parse_line(_read_line_at(fd, offset + len(line) + 1))
+        if following is None or following.get("seq") != seq + 1 or following.get("prev") != digest:
+            return f"the record at byte {offset} (seq {seq}) is not followed by seq {seq + 1} with its hash as prev"
+        return None
 
     def _encode_record_locked(
         self, event_id: str, type: str, fields: Mapping[str, object], seq: int, prev: str
@@ -1272,19 +1355,21 @@ class AuditLog:
         return _encode(record)
 
     def _write_lines_locked(self, lines: Sequence[_EncodedLine]) -> None:
-        """Write encoded lines with one write and one fsync; on failure, cut the file back so no part stays."""
+        """Write encoded lines with one write and one fsync; on failure, cut the file back so no part stays.
+
+        Starts with a newline when the file ends without one after something
+        else changed it, so that the first record is a line of its own.
+        """
         start = self._size
         try:
             fd = self._open_current()
-            self._discard_unacknowledged_bytes_locked(fd)
-        except AuditWriteError:
-            raise
         except OSError as exc:
             raise AuditWriteError(
                 exc.errno, f"failed to open {self._path} for appending: {exc.strerror or exc}", str(self._path)
             ) from exc
 
-        data = b"".join([encoded.line + b"\n" for encoded in lines])
+        separator = b"\n" if self._needs_newline else b""
+        data = b"".join([separator] + [encoded.line + b"\n" for encoded in lines])
         try:
             if self._before_write is not None:
                 for _ in lines:
@@ -1293,7 +1378,8 @@ class AuditLog:
             if self._fsync:
                 os.fsync(fd)
         except OSError as exc:
-            self._truncate_after_failure_locked(fd, start)
+            if not self._truncate_after_failure_locked(fd, start):
+                self._unremoved_write = (start, data)
             raise AuditWriteError(
                 exc.errno, f"failed to append to the audit log {self._path}: {exc.strerror or exc}", str(self._path)
             ) from exc
@@ -1302,9 +1388,10 @@ class AuditLog:
         self._last_seq = lines[-1].seq
         self._last_hash = lines[-1].hash
         self._appended = True
+        self._needs_newline = False
         if self._first_seq_in_file == 0:
             self._first_seq_in_file = lines[0].seq
-        offset = start
+        offset = start + len(separator)
         for encoded in lines:
             if encoded.type == ROTATE_TYPE:
                 self._needs_rotate_record = False
@@ -1352,30 +1439,15 @@ class AuditLog:
             self._last_hash_file_failures = 0
         self._last_hash_file_seq = self._last_seq
 
-    def _discard_unacknowledged_bytes_locked(self, fd: int) -> None:
-        """Remove bytes that a failed write left behind when cutting them off failed too."""
-        actual = os.fstat(fd).st_size
-        if actual == self._size:
-            return
-        if actual < self._size:
-            raise AuditWriteError(
-                errno.EIO,
-                f"the audit file {self._path} shrank from {self._size} to {actual} bytes while open, so"
-                f" something else modified it. Run 'session-authority audit verify {self._directory}' and"
-                " restart",
-                str(self._path),
-            )
-        logger.warning(
-            "audit file %s: removing %d bytes left by an earlier failed write", self._path, actual - self._size
-        )
-        os.ftruncate(fd, self._size)
-
-    def _truncate_after_failure_locked(self, fd: int, length: int) -> None:
+    def _truncate_after_failure_locked(self, fd: int, length: int) -> bool:
+        """Cut the file back to ``length`` after a failed write, and return False if that failed too."""
         try:
             os.ftruncate(fd, length)
         except OSError:
-            # The next write retries the cut (see _discard_unacknowledged_bytes_locked).
+            # The next batch retries the cut (see _reconcile_size_locked).
             logger.warning("audit file %s: failed to remove a partly written record", self._path, exc_info=True)
+            return False
+        return True
 
     def _rotate_locked(self) -> None:
         """Rename ``audit.jsonl`` to its rotated name and open a new, empty one.
@@ -1410,19 +1482,8 @@ class AuditLog:
                 raise AuditWriteError(
                     exc.errno, f"failed to open the rotated audit file {target}: {exc.strerror or exc}", str(target)
                 ) from exc
-        older_fd, self._previous_fd = self._previous_fd, rotated_fd
-        if older_fd is not None:
-            try:
-                os.close(older_fd)
-            except OSError:
-                logger.debug("closing the audit file before %s failed", target, exc_info=True)
         self._size = 0
-        self._first_seq_in_file = 0
-        self._events_in_file = 0
-        self._previous_event_ids = self._event_ids
-        self._event_ids = {}
-        self._previous_file_name = rotated_name
-        self._needs_rotate_record = True
+        self._shift_to_previous_locked(rotated_name, rotated_fd)
         logger.info("rotated audit file %s to %s", self._path, target)
 
         try:
@@ -1435,6 +1496,212 @@ class AuditLog:
                 f"failed to start the new audit file {self._path} after rotation: {exc.strerror or exc}",
                 str(self._path),
             ) from exc
+
+    def _shift_to_previous_locked(self, previous_file_name: str, previous_fd: int) -> None:
+        """Make the current file the previous one, and start the state of a new, empty current file.
+
+        The previous file's descriptor stays open for duplicate lookups in
+        the previous index. The file before it is no longer indexed, so its
+        descriptor is closed. The caller sets ``_size`` and ``_fd``.
+        """
+        older_fd, self._previous_fd = self._previous_fd, previous_fd
+        if older_fd is not None:
+            try:
+                os.close(older_fd)
+            except OSError:
+                logger.debug("closing the audit file before %s failed", previous_file_name, exc_info=True)
+        self._previous_event_ids = self._event_ids
+        self._previous_file_name = previous_file_name
+        self._previous_first_seq = self._first_seq_in_file
+        self._previous_last_seq = self._last_seq
+        self._previous_known_hashes = {**self._known_hashes, self._last_seq: self._last_hash}
+        self._event_ids = {}
+        self._known_hashes = {}
+        self._first_seq_in_file = 0
+        self._events_in_file = 0
+        self._needs_rotate_record = True
+        self._needs_newline = False
+        self._unremoved_write = None
+
+    # Changes made by something else ----------------------------------------
+
+    def _check_current_file_locked(self) -> None:
+        """Find changes that something other than this log made to ``audit.jsonl``, and go on writing after them.
+
+        Runs before each batch. A change never stops the log and never makes
+        it cut bytes it did not write. The log writes one error line that
+        names the change and what to do, then writes its next records after
+        whatever the path contains now. ``audit verify`` then reports the change where it
+        is, and the records written from now on are all in the directory.
+
+        Raises:
+            AuditWriteError: The file cannot be opened or examined, or bytes
+                left by an earlier failed write cannot be removed. Nothing
+                was written, and the next batch checks again.
+        """
+        try:
+            fd = self._open_current()
+            opened = os.fstat(fd)
+            if opened.st_size == self._size:
+                self._unremoved_write = None
+            else:
+                self._reconcile_size_locked(fd, opened.st_size)
+            try:
+                named: os.stat_result | None = os.stat(self._path)
+            except FileNotFoundError:
+                named = None
+            if named is None or not os.path.samestat(named, opened):
+                self._replace_lost_file_locked(fd, opened, named is None)
+        except AuditWriteError:
+            raise
+        except OSError as exc:
+            raise AuditWriteError(
+                exc.errno,
+                f"failed to check the audit file {self._path} before appending: {exc.strerror or exc}",
+                str(self._path),
+            ) from exc
+
+    def _reconcile_size_locked(self, fd: int, actual: int) -> None:
+        """Bring ``_size`` and the index in line with an ``audit.jsonl`` of ``actual`` bytes, not the size written.
+
+        Bytes that a failed write left behind, because cutting them off
+        failed too, are removed when they match the start of that write.
+        Any other difference is a change that something else made. Those
+        bytes may hold records that the log acknowledged, so the log keeps
+        them and continues after the file's real end, on a new line.
+        """
+        unremoved = self._unremoved_write
+        if unremoved is not None and self._is_unremoved_write_locked(fd, actual, unremoved):
+            os.ftruncate(fd, self._size)
+            self._unremoved_write = None
+            logger.warning(
+                "audit file %s: removed %d bytes left by an earlier failed write", self._path, actual - self._size
+            )
+            return
+
+        # An edit moves the records after it, so the offsets are read again,
+        # at the cost of reading the whole file once per change. A duplicate
+        # lookup still checks each record against the chain before trusting it.
+        data = _read_to_end(fd)
+        event_ids = _scan_records(self._path, data, warn_invalid=False).event_ids
+        written_size = self._size
+        self._unremoved_write = None
+        self._size = len(data)
+        self._needs_newline = not data.endswith(b"\n") and bool(data)
+        self._event_ids = event_ids
+        if self._first_seq_in_file != 0:
+            # Bytes that the log did not write may follow this record now.
+            self._known_hashes[self._last_seq] = self._last_hash
+        newline = ", starting on a new line," if self._needs_newline else ""
+        if self._size > written_size:
+            logger.error(
+                "audit file %s grew from %d to %d bytes while open, but this log did not write the extra bytes:"
+                " something else appended to or edited the file. The log keeps them and writes its next records"
+                "%s after them. Its last record is seq %d. Run 'session-authority audit verify %s' to find the"
+                " change",
+                self._path, written_size, self._size, newline, self._last_seq, self._directory,
+            )
+        else:
+            logger.error(
+                "audit file %s shrank from %d to %d bytes while open: something else truncated or edited it, so"
+                " records up to seq %d that this log wrote may be lost or changed. The log writes its next"
+                " records%s after the file's current end. Run 'session-authority audit verify %s' to find the"
+                " change",
+                self._path, written_size, self._size, self._last_seq, newline, self._directory,
+            )
+
+    def _is_unremoved_write_locked(self, fd: int, actual: int, unremoved: tuple[int, bytes]) -> bool:
+        """Return whether the bytes after ``_size`` are the start of the failed write ``unremoved`` and nothing else."""
+        start, data = unremoved
+        if start != self._size or not start < actual <= start + len(data):
+            return False
+        return _read_at(fd, actual - start, start) == data[: actual - start]
+
+    def _replace_lost_file_locked(self, old_fd: int, opened: os.stat_result, missing: bool) -> None:
+        """Start a new ``audit.jsonl`` after the open one was moved, deleted or replaced by something else.
+
+        This is handled like a rotation that something else did: the lost
+        file becomes the previous file, under the rotated name it would have
+        had, so duplicates of its events are still found through its open
+        descriptor. The next record is a rotate record that names that
+        rotated name and continues the chain from the lost file's last
+        record. A rotate record is written because ``audit verify`` requires
+        one at the start of every file after the first. With it, an operator
+        who moves the lost file back under the name it names gets a chain
+        that verifies. While the file is missing, ``audit verify`` reports
+        the gap at that rotate record, or at the start of the chain when the
+        lost file was the first one.
+        """
+        if missing and not self._directory.is_dir():
+            # The whole directory was moved or deleted, so the open file is
+            # still in it, and there is no directory to start a new file in.
+            if not self._directory_missing_reported:
+                self._directory_missing_reported = True
+                logger.error(
+                    "audit directory %s was moved or deleted while open. This log keeps writing to %s in it,"
+                    " wherever it is now. Stop the authority, move the directory back, and run"
+                    " 'session-authority audit verify %s'",
+                    self._directory, CURRENT_FILE_NAME, self._directory,
+                )
+            return
+        self._directory_missing_reported = False
+
+        # The new file is opened and read before the state changes, so a failure here changes nothing.
+        new_fd = self._open_path()
+        try:
+            new_size = os.fstat(new_fd).st_size
+            ends_with_newline = new_size == 0 or _read_at(new_fd, 1, new_size - 1) == b"\n"
+        except OSError:
+            os.close(new_fd)
+            raise
+
+        self._fd = new_fd
+        first_seq, last_seq = self._first_seq_in_file, self._last_seq
+        rotated_name = rotated_file_name(first_seq)
+        renamed = False
+        if first_seq == 0:
+            # The lost file held no record of this log, so the previous file stays as it was.
+            self._unremoved_write = None
+            try:
+                os.close(old_fd)
+            except OSError:
+                logger.debug("closing the lost audit file %s failed", self._path, exc_info=True)
+        else:
+            renamed = _is_same_file(self._directory / rotated_name, opened)
+            self._shift_to_previous_locked(rotated_name, old_fd)
+        self._size = new_size
+        self._needs_newline = not ends_with_newline
+
+        if first_seq == 0:
+            logger.warning(
+                "audit file %s was moved, deleted or replaced while open, before this log wrote a record to it,"
+                " so no record is lost. The log writes its next records to the file now at that path",
+                self._path,
+            )
+        elif renamed:
+            logger.warning(
+                "audit file %s was renamed to %s while open, as a rotation does, so no record is lost. The log"
+                " continues the chain at seq %d in a new %s",
+                self._path, rotated_name, last_seq + 1, CURRENT_FILE_NAME,
+            )
+        else:
+            change = "moved or deleted" if missing else f"replaced by another file of {new_size} bytes"
+            logger.error(
+                "audit file %s was %s while open, so its records seq %d to %d are no longer in %s. The log"
+                " continues the chain at seq %d in %s, starting with a rotate record that names %s as the file"
+                " before it. If the old file still exists, move it back to %s; then run"
+                " 'session-authority audit verify %s', which reports any records still missing",
+                self._path, change, first_seq, last_seq, self._directory, last_seq + 1, self._path,
+                rotated_name, self._directory / rotated_name, self._directory,
+            )
+
+
+def _is_same_file(path: Path, stat_result: os.stat_result) -> bool:
+    """Return whether ``path`` names the file that ``stat_result`` describes."""
+    try:
+        return os.path.samestat(os.stat(path), stat_result)
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------

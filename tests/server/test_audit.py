@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -754,7 +755,7 @@ def test_failed_rotate_record_retried(tmp_path: Path) -> None:
     assert verify(directory).ok
 
 
-def test_stray_bytes_removed_before_append(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_stray_bytes_kept_before_append(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / CURRENT_FILE_NAME
     with open_log(tmp_path) as log:
         log.append("end:1", "end", end_fields(1))
@@ -764,19 +765,33 @@ def test_stray_bytes_removed_before_append(tmp_path: Path, caplog: pytest.LogCap
         with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
             log.append("end:2", "end", end_fields(2))
 
-    assert "removing 8 bytes left by an earlier failed write" in caplog.text
-    assert verify(tmp_path).records == 2
+    lines = read_lines(path)
+    result = verify(tmp_path)
+    # The log did not write those bytes, so it keeps them and starts its next record on a new line.
+    assert lines[1] == b'{"half":'
+    assert json.loads(lines[2])["event_id"] == "end:2"
+    assert "grew from" in caplog.text
+    assert result.error is not None
+    assert result.error.line == 2
 
 
-def test_file_shrunk_while_open_rejected(tmp_path: Path) -> None:
+def test_file_shrunk_while_open_keeps_writing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / CURRENT_FILE_NAME
     with open_log(tmp_path) as log:
         log.append("end:1", "end", end_fields(1))
         log.append("end:2", "end", end_fields(2))
+        first_bytes = path.read_bytes()[:10]
         os.truncate(path, 10)
 
-        with pytest.raises(AuditWriteError, match=r"^the audit file .*audit\.jsonl shrank from \d+ to 10 bytes while open"):
-            log.append("end:3", "end", end_fields(3))
+        with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+            receipt = log.append("end:3", "end", end_fields(3))
+
+    lines = read_lines(path)
+    assert receipt.seq == 3
+    assert lines[0] == first_bytes
+    assert json.loads(lines[1])["event_id"] == "end:3"
+    assert re.search(r"audit\.jsonl shrank from \d+ to 10 bytes while open", caplog.text)
+    assert not verify(tmp_path).ok
 
 
 # --------------------------------------------------------------------------
