@@ -45,6 +45,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._log_limit import LogLimit
+
 try:
     import fcntl
 except ImportError:  # Windows has no fcntl, so the directory lock is skipped there.
@@ -730,6 +732,7 @@ class AuditLog:
         self._needs_newline = False
         # Set once the log has reported that its directory is missing, and cleared when the directory is back.
         self._directory_missing_reported = False
+        self._blocked_rotation_log = LogLimit(interval_seconds=60.0)
         self._last_hash_path = self._directory / LAST_HASH_FILE_NAME
         # Seq that last-hash.json contains; behind _last_seq while replacing it fails.
         self._last_hash_file_seq = 0
@@ -1228,6 +1231,7 @@ class AuditLog:
         written_here: dict[str, tuple[int, str]] = {}
         seq, last_hash = self._last_seq, self._last_hash
         size, events_in_file = self._size, self._events_in_file
+        rotation_postponed = False
         for event in events:
             known = written_here.get(event.event_id)
             if known is not None:
@@ -1239,11 +1243,14 @@ class AuditLog:
                 continue
 
             line = self._encode_record_locked(event.event_id, event.type, event.fields, seq + 1, last_hash)
-            if events_in_file > 0 and size + len(line) + 1 > self._max_bytes:
+            if events_in_file > 0 and size + len(line) + 1 > self._max_bytes and not rotation_postponed:
                 if written_here:
                     break
-                self._rotate_locked()
-                size, events_in_file = 0, 0
+                if self._rotation_blocked_locked():
+                    rotation_postponed = True
+                else:
+                    self._rotate_locked()
+                    size, events_in_file = 0, 0
             if self._needs_rotate_record and not lines:
                 rotate_line = self._encode_record_locked(
                     f"rotate:{seq + 1}",
@@ -1447,6 +1454,27 @@ class AuditLog:
             # The next batch retries the cut (see _reconcile_size_locked).
             logger.warning("audit file %s: failed to remove a partly written record", self._path, exc_info=True)
             return False
+        return True
+
+    def _rotation_blocked_locked(self) -> bool:
+        """Return whether a file that this log did not write takes the rotated name, and log that (once a minute).
+
+        The log then writes on past ``max_bytes`` rather than stop, and tries
+        again before each batch, because moving that file could destroy
+        evidence and only an operator may do it.
+        """
+        target = self._directory / rotated_file_name(self._first_seq_in_file)
+        if not target.exists():
+            return False
+        held_back = self._blocked_rotation_log.allow()
+        if held_back is not None:
+            logger.error(
+                "cannot rotate %s: %s already exists and this log did not write it. The log keeps appending to"
+                " %s past its %d-byte limit (now %d bytes) and rotates once that name is free: move the file"
+                " out of the audit directory%s",
+                self._path, target, CURRENT_FILE_NAME, self._max_bytes, self._size,
+                self._blocked_rotation_log.note(held_back),
+            )
         return True
 
     def _rotate_locked(self) -> None:

@@ -681,3 +681,25 @@ def test_authority_writes_after_file_moved(
     assert not verify(directory).ok
     moved.rename(directory / rotated_file_name(1))
     assert verify(directory).ok
+
+
+def test_blocked_rotation_keeps_writing(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "audit"
+    blocker = directory / rotated_file_name(1)
+    with open_log(directory, max_bytes=1024) as log:
+        first = append(log, range(1))
+        # A file this log did not write takes the name audit.jsonl would rotate to.
+        blocker.write_bytes(b"not ours\n")
+        with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
+            blocked = append(log, range(1, 20))
+        oversized = (directory / CURRENT_FILE_NAME).stat().st_size
+        blocker.rename(tmp_path / "moved-out.jsonl")
+        after = append(log, range(20, 22))
+
+    assert oversized > 1024
+    assert len(audit_errors(caplog)) == 1
+    assert "already exists and this log did not write it" in audit_errors(caplog)[0]
+    assert (tmp_path / "moved-out.jsonl").read_bytes() == b"not ours\n"
+    assert_written_once(directory, {**first, **blocked, **after})
+    assert len(list_audit_files(directory)) == 2
+    assert verify(directory).ok
