@@ -10,7 +10,7 @@ from collections.abc import Callable
 class LogLimit:
     """Lets one log line through per interval and counts the lines held back.
 
-    During an outage or an attack every request fails the same way; one line
+    During an outage or an attack every request fails the same way. One line
     a second, with a count of the lines held back, keeps the fault visible
     without filling the log. Thread-safe.
 
@@ -37,7 +37,7 @@ class LogLimit:
             return held_back
 
     def note(self, held_back: int) -> str:
-        """Return the suffix that tells a reader of the log how many lines were held back, or '' for none."""
+        """Return the suffix that names how many lines were held back, or an empty string for none."""
         if held_back == 0:
             return ""
         return f" ({held_back} more like it in the previous {self._interval_seconds:g} s not logged)"
