@@ -511,6 +511,16 @@ def _scan_records(path: Path, data: bytes, find_seq: int = 0, warn_invalid: bool
     return scanned
 
 
+def _is_record_of(data: bytes, position: int, event_id: str) -> bool:
+    """Return whether the line of ``data`` around ``position`` is a complete record of ``event_id``."""
+    start = data.rfind(b"\n", 0, position) + 1
+    end = data.find(b"\n", position)
+    if end < 0:
+        return False
+    record = _parse_line(data[start:end])
+    return record is not None and record.get("event_id") == event_id and _is_seq(record.get("seq"))
+
+
 def _last_record_time(data: bytes) -> float:
     """Return the wall time at which the last complete record of a file was written, or -inf if none reads."""
     for line in reversed(data.split(b"\n")):
@@ -733,6 +743,7 @@ class AuditLog:
         # Set once the log has reported that its directory is missing, and cleared when the directory is back.
         self._directory_missing_reported = False
         self._blocked_rotation_log = LogLimit(interval_seconds=60.0)
+        self._outside_change_log = LogLimit(interval_seconds=10.0)
         self._last_hash_path = self._directory / LAST_HASH_FILE_NAME
         # Seq that last-hash.json contains; behind _last_seq while replacing it fails.
         self._last_hash_file_seq = 0
@@ -930,9 +941,12 @@ class AuditLog:
                 logger.warning("could not read %s to look for earlier audit records: %s", path, exc)
                 continue
             budget -= len(data)
-            for quoted in _EVENT_ID_FIELD.findall(data):
-                event_id = sought.pop(quoted, None)
-                if event_id is not None:
+            for match in _EVENT_ID_FIELD.finditer(data):
+                event_id = sought.get(match.group(1))
+                # Only a whole record counts: a line cut short by a crash or a
+                # truncation may still show the event ID.
+                if event_id is not None and _is_record_of(data, match.start(), event_id):
+                    del sought[match.group(1)]
                     found.add(event_id)
             if not sought or _last_record_time(data) < written_since:
                 break
@@ -1108,7 +1122,9 @@ class AuditLog:
             raise AuditWriteError(
                 errno.EINVAL,
                 f"records were removed from the end of the audit log in {self._directory}: it ends at seq"
-                f" {last_seq}, but {LAST_HASH_FILE_NAME} records seq {stored.seq} as written. {advice}",
+                f" {last_seq}, but {LAST_HASH_FILE_NAME} records seq {stored.seq} as written. If"
+                f" {CURRENT_FILE_NAME} or a rotated file was moved out of the directory, move it back and start"
+                f" again. Otherwise {advice[0].lower()}{advice[1:]}",
                 str(self._directory),
             )
         found = next((scan.found_hash for scan in scans if scan.found_hash is not None), None)
@@ -1470,8 +1486,8 @@ class AuditLog:
         if held_back is not None:
             logger.error(
                 "cannot rotate %s: %s already exists and this log did not write it. The log keeps appending to"
-                " %s past its %d-byte limit (now %d bytes) and rotates once that name is free: move the file"
-                " out of the audit directory%s",
+                " %s past its %d-byte limit (the file has %d bytes before this write) and rotates once that"
+                " name is free: move the file out of the audit directory%s",
                 self._path, target, CURRENT_FILE_NAME, self._max_bytes, self._size,
                 self._blocked_rotation_log.note(held_back),
             )
@@ -1621,21 +1637,27 @@ class AuditLog:
             # Bytes that the log did not write may follow this record now.
             self._known_hashes[self._last_seq] = self._last_hash
         newline = ", starting on a new line," if self._needs_newline else ""
+        # A writer that keeps appending would otherwise get one line per batch.
+        held_back = self._outside_change_log.allow()
+        if held_back is None:
+            return
         if self._size > written_size:
             logger.error(
                 "audit file %s grew from %d to %d bytes while open, but this log did not write the extra bytes:"
                 " something else appended to or edited the file. The log keeps them and writes its next records"
                 "%s after them. Its last record is seq %d. Run 'session-authority audit verify %s' to find the"
-                " change",
+                " change%s",
                 self._path, written_size, self._size, newline, self._last_seq, self._directory,
+                self._outside_change_log.note(held_back),
             )
         else:
             logger.error(
                 "audit file %s shrank from %d to %d bytes while open: something else truncated or edited it, so"
                 " records up to seq %d that this log wrote may be lost or changed. The log writes its next"
                 " records%s after the file's current end. Run 'session-authority audit verify %s' to find the"
-                " change",
+                " change%s",
                 self._path, written_size, self._size, self._last_seq, newline, self._directory,
+                self._outside_change_log.note(held_back),
             )
 
     def _is_unremoved_write_locked(self, fd: int, actual: int, unremoved: tuple[int, bytes]) -> bool:

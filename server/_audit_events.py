@@ -237,9 +237,9 @@ class SessionRecorder:
                 written = functools.partial(self._restored_end_written, lease)
                 owed.append((end_event(lease), written, lease, ended_wall))
             count += 1
-        in_older_files = self._find_in_older_files(owed)
+        written = self._find_written(owed)
         for event, on_written, lease, _ in owed:
-            if event[0] not in in_older_files:
+            if event[0] not in written:
                 self._submit(*event, on_written)
             elif on_written is not None:
                 self._report_end_recorded(lease.digest)
@@ -257,24 +257,27 @@ class SessionRecorder:
             )
         return count
 
-    def _find_in_older_files(self, owed: list[_Owed]) -> set[str]:
-        """Return the owed events that rotated files older than the log's index already contain.
+    def _find_written(self, owed: list[_Owed]) -> set[str]:
+        """Return the owed events that the audit log already contains, in any of its files.
 
-        The log skips events of its current and previous file by itself. With
-        small files, or leases that ended long ago, a record can be older, and
-        writing it again would repeat it in the chain.
+        Events of the current and the previous file are looked up before any
+        record is written, because the writes that follow may rotate the log
+        and drop the previous file from its index. With small files, or
+        leases that ended long ago, a record can be older still, so the log
+        also reads older files for the rest.
         """
         assert self.sink is not None
         log = self.sink.log
-        missing = [event[0] for event, _, _, _ in owed if not log.contains(event[0])]
+        written = {event[0] for event, _, _, _ in owed if log.contains(event[0])}
+        missing = [event[0] for event, _, _, _ in owed if event[0] not in written]
         if not missing:
-            return set()
+            return written
         # A record is written after its event, and the margin covers wall clock steps.
         since = min(wall for _, _, _, wall in owed) - WALL_CLOCK_STEP_MARGIN_SECONDS
         found = log.find_in_older_files(missing, written_since=since)
         if found:
             logger.info("%d audit records owed by stored leases are in older audit files already", len(found))
-        return found
+        return written | found
 
     def _restored_end_written(self, lease: LeaseSnapshot, receipt: AuditReceipt) -> None:
         self._report_end_recorded(lease.digest)

@@ -1362,7 +1362,8 @@ def test_reopen_after_records_cut_rejected(tmp_path: Path) -> None:
         open_log(tmp_path)
     assert str(caught.value) == (
         f"records were removed from the end of the audit log in {tmp_path}: it ends at seq 7, but last-hash.json"
-        f" records seq 10 as written. Run 'session-authority audit verify {tmp_path}', keep the directory"
+        f" records seq 10 as written. If audit.jsonl or a rotated file was moved out of the directory, move it"
+        f" back and start again. Otherwise run 'session-authority audit verify {tmp_path}', keep the directory"
         f" {tmp_path} as evidence and move it aside (rename it), then start again to begin a new chain in its place"
     )
     assert caught.value.filename == str(tmp_path)

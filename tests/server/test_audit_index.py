@@ -212,3 +212,22 @@ def test_older_files_search_stops_at_limits(tmp_path: Path) -> None:
     assert newest_only
     assert newest_only == within_one_byte
     assert len(newest_only) < len(unindexed)
+
+
+def test_older_files_search_skips_torn_record(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    with open_log(directory) as log:
+        written = append_until_files(log, directory, 5)
+        unindexed = [event_id for event_id in written if not log.contains(event_id)]
+        torn = unindexed[1]
+        path = file_of(directory, written[torn][1])
+        # Cut the record's line just after its event ID, as a truncation in the middle of it would.
+        data = path.read_bytes()
+        cut = data.index(torn.encode()) + len(torn) + 1
+        end_of_line = data.index(b"\n", cut)
+        path.write_bytes(data[:cut] + data[end_of_line:])
+
+        found = log.find_in_older_files(unindexed, written_since=WALL_START - 1)
+
+    assert torn not in found
+    assert found == set(unindexed) - {torn}

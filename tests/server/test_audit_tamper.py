@@ -703,3 +703,18 @@ def test_blocked_rotation_keeps_writing(tmp_path: pathlib.Path, caplog: pytest.L
     assert_written_once(directory, {**first, **blocked, **after})
     assert len(list_audit_files(directory)) == 2
     assert verify(directory).ok
+
+
+def test_repeated_outside_appends_logged_once(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "audit"
+    with open_log(directory) as log:
+        append(log, range(1))
+        with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
+            # Something else appends before each of twenty batches.
+            for index in range(1, 21):
+                with open(directory / CURRENT_FILE_NAME, "ab") as other:
+                    other.write(b"not a record\n")
+                append(log, range(index, index + 1))
+
+    assert len(audit_errors(caplog)) == 1
+    assert len(records_by_event(directory)) == 21

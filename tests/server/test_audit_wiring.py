@@ -31,7 +31,7 @@ from session_authority.server import (
     verify_audit_log,
 )
 from session_authority.server._audit import AuditSink, audit_main, list_audit_files
-from session_authority.server._audit_events import SessionRecorder
+from session_authority.server._audit_events import SessionRecorder, end_event, grant_event, snapshot_of_stored
 from session_authority.server._main import build_parser
 from session_authority.server._store import StoredLease
 from session_authority.server._table import EndReason, lease_digest
@@ -714,3 +714,32 @@ def test_audit_max_bytes_flag_needs_digits(value: str, capsys: pytest.CaptureFix
         build_parser().parse_args(["--insecure-dev", "--audit-max-bytes", value])
 
     assert f"'{value}' is not a whole number of decimal digits" in capsys.readouterr().err
+
+
+def test_resubmit_rotation_repeats_nothing(tmp_path: pathlib.Path) -> None:
+    # The first rows' records are missing and fill more than one 1,024-byte
+    # file, so writing them rotates the log twice; the last rows' records are
+    # in the files indexed when the resubmission starts.
+    written_rows = [stored_row(bytes([number]) * 32, 100.0 + number, ended_at=101.0 + number) for number in range(1, 4)]
+    # The rows' events happened at wall time 1,800,000,100 and later, so the records come after.
+    def wall_clock() -> float:
+        return 1_800_000_500.0
+
+    with AuditLog(tmp_path, max_bytes=1024, fsync=False, wall_clock=wall_clock) as log:
+        for row in written_rows:
+            for event in (grant_event(snapshot_of_stored(row)), end_event(snapshot_of_stored(row))):
+                log.append(*event)
+    missing_rows = [stored_row(bytes([number]) * 32, 200.0 + number, ended_at=201.0 + number) for number in range(10, 20)]
+
+    log = AuditLog(tmp_path, max_bytes=1024, fsync=False, wall_clock=wall_clock)
+    sink = AuditSink(log)
+    recorder = SessionRecorder(sink, SessionTelemetry(), first_sequence=1)
+    recorder.resubmit_stored([*missing_rows, *written_rows])
+    assert sink.flush(10)
+    sink.close()
+    log.close()
+
+    counts = collections.Counter(record["event_id"] for record in all_records(tmp_path))
+    assert len(list_audit_files(tmp_path)) > 3
+    assert {event: count for event, count in counts.items() if count > 1} == {}
+    assert len(counts) == 2 * (len(written_rows) + len(missing_rows)) + len(list_audit_files(tmp_path)) - 1
