@@ -482,7 +482,8 @@ def run(options: Options) -> list[Figure]:
     data_dir = work / "authority-data"
     print(
         f"load: {plan.sessions:,} sessions in {plan.client_processes} client processes, {plan.servers} aio protected"
-        f" server(s), {plan.seconds:g} s, about {plan.revokes_per_second:g} revokes/s, tier idle 8 s / max 20 s",
+        f" server(s), {plan.seconds:g} s, about {plan.revokes_per_second:g} revokes/s, tier idle 8 s / max 20 s;"
+        f" clients and revoker at nice {LOAD_NICENESS}",
         flush=True,
     )
     authority_command = python_command(
