@@ -886,7 +886,7 @@ class Enforcer:
                 else:
                     self._validate_log_suppressed += 1
             # An AuthorityError names the RPC already ("Validate failed: ...").
-            failure = str(exc) if isinstance(exc, AuthorityError) else f"the Validate answer is not understood: {exc}"
+            failure = str(exc) if isinstance(exc, AuthorityError) else f"the Validate response is invalid: {exc}"
             if held_back > 0:
                 logger.warning(
                     "could not validate lease %s: %s (%d more failures in the previous second not logged)",

@@ -718,7 +718,7 @@ def test_audit_max_bytes_flag_needs_digits(value: str, capsys: pytest.CaptureFix
 
 def test_resubmit_rotation_repeats_nothing(tmp_path: pathlib.Path) -> None:
     # The first rows' records are missing and fill more than one 1,024-byte
-    # file, so writing them rotates the log twice; the last rows' records are
+    # file, so writing them rotates the log twice. The last rows' records are
     # in the files indexed when the resubmission starts.
     written_rows = [stored_row(bytes([number]) * 32, 100.0 + number, ended_at=101.0 + number) for number in range(1, 4)]
     # The rows' events happened at wall time 1,800,000,100 and later, so the records come after.

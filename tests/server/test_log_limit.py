@@ -26,11 +26,11 @@ def test_lines_within_interval_held_and_counted() -> None:
     limit.allow()
 
     clock.now += 0.4
-    held = [limit.allow(), limit.allow()]
+    within_interval = [limit.allow(), limit.allow()]
     clock.now += 0.6
     passed = limit.allow()
 
-    assert held == [None, None]
+    assert within_interval == [None, None]
     assert passed == 2
     assert limit.note(passed) == " (2 more like it in the previous 1 s not logged)"
 
