@@ -113,6 +113,9 @@ _INDEX_TYPE_CODES = {"grant": b"g", "revoke": b"r", "end": b"e"}
 # The event ID of a record as the canonical encoder writes it, quotes included.
 _EVENT_ID_FIELD = re.compile(rb'"event_id":("(?:[^"\\]|\\.)*")')
 
+MAX_RECORD_SEARCH_BYTES = 1 << 20
+"""Most bytes read back to find the start of the log's last record after something else appended to its file."""
+
 OLDER_FILES_SCAN_MAX_BYTES = 1 << 30
 """Most bytes of older audit files read at start-up to find records that stored leases are owed."""
 
@@ -1623,16 +1626,21 @@ class AuditLog:
             )
             return
 
-        # An edit moves the records after it, so the offsets are read again,
-        # at the cost of reading the whole file once per change. A duplicate
-        # lookup still checks each record against the chain before trusting it.
-        data = _read_to_end(fd)
-        event_ids = _scan_records(self._path, data, warn_invalid=False).event_ids
         written_size = self._size
         self._unremoved_write = None
-        self._size = len(data)
-        self._needs_newline = not data.endswith(b"\n") and bool(data)
-        self._event_ids = event_ids
+        if actual > written_size and self._ends_with_last_record_locked(fd, written_size):
+            # Bytes were only added after the log's last record, so every
+            # offset in the index still holds and nothing is read again.
+            self._size = actual
+            self._needs_newline = _read_at(fd, 1, actual - 1) != b"\n"
+        else:
+            # An edit moves the records after it, so the offsets are read
+            # again, at the cost of reading the whole file. A duplicate lookup
+            # still checks each record against the chain before trusting it.
+            data = _read_to_end(fd)
+            self._event_ids = _scan_records(self._path, data, warn_invalid=False).event_ids
+            self._size = len(data)
+            self._needs_newline = not data.endswith(b"\n") and bool(data)
         if self._first_seq_in_file != 0:
             # Bytes that the log did not write may follow this record now.
             self._known_hashes[self._last_seq] = self._last_hash
@@ -1659,6 +1667,17 @@ class AuditLog:
                 self._path, written_size, self._size, self._last_seq, newline, self._directory,
                 self._outside_change_log.note(held_back),
             )
+
+    def _ends_with_last_record_locked(self, fd: int, size: int) -> bool:
+        """Return whether the first ``size`` bytes of the file still end with the last record this log wrote there."""
+        if self._first_seq_in_file == 0 or size == 0:
+            return False
+        length = min(size, MAX_RECORD_SEARCH_BYTES)
+        tail = _read_at(fd, length, size - length)
+        if not tail.endswith(b"\n"):
+            return False
+        line = tail[:-1].rsplit(b"\n", 1)[-1]
+        return (b"\n" in tail[:-1] or length == size) and record_hash(line) == self._last_hash
 
     def _is_unremoved_write_locked(self, fd: int, actual: int, unremoved: tuple[int, bytes]) -> bool:
         """Return whether the bytes after ``_size`` are the start of the failed write ``unremoved`` and nothing else."""

@@ -27,6 +27,7 @@ from session_authority.server import (
     ManualClock,
     parse_policy,
 )
+import session_authority.server._audit as audit_module
 from session_authority.server._audit import (
     CURRENT_FILE_NAME,
     ZERO_HASH,
@@ -701,3 +702,30 @@ def test_repeated_outside_appends_logged_once(tmp_path: pathlib.Path, caplog: py
 
     assert len(audit_errors(caplog)) == 1
     assert len(records_by_event(directory)) == 21
+
+
+def test_outside_append_not_read_again(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lines only added after the log's last record leave every offset as it was,
+    # so a writer that keeps appending must not make each batch read the whole file.
+    reads: list[int] = []
+    real_read_to_end = audit_module._read_to_end
+
+    def counting_read_to_end(fd: int) -> bytes:
+        reads.append(fd)
+        return real_read_to_end(fd)
+
+    directory = tmp_path / "audit"
+    with open_log(directory) as log:
+        before = append(log, range(3))
+        monkeypatch.setattr(audit_module, "_read_to_end", counting_read_to_end)
+        with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
+            for index in range(3, 8):
+                with open(directory / CURRENT_FILE_NAME, "ab") as other:
+                    other.write(b"not a record")
+                append(log, range(index, index + 1))
+        assert_duplicates(log, before)
+
+    assert reads == []
+    assert len(records_by_event(directory)) == 8
