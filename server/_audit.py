@@ -2166,6 +2166,13 @@ def _check_chain_link(
     elif seq <= state.last_seq:
         return f"seq {seq} follows seq {state.last_seq} (record inserted, duplicated or reordered)"
     elif seq != state.last_seq + 1:
+        missing = _missing_previous_file(record, path)
+        if missing is not None:
+            return (
+                f"seq {seq} follows seq {state.last_seq} (record deleted or reordered): this rotate record names"
+                f" {missing} as the file before it, which is not in the directory. If it was moved, put it back"
+                " under that name"
+            )
         return f"seq {seq} follows seq {state.last_seq} (record deleted or reordered)"
     elif record["prev"] != state.last_hash:
         where = f"line {state.last_line}"
@@ -2179,6 +2186,16 @@ def _check_chain_link(
     if is_rotate and (line_number != 1 or first_file):
         return "rotate record where none belongs: only the first record of a later file is one"
     return None
+
+
+def _missing_previous_file(record: Mapping[str, Any], path: Path) -> str | None:
+    """Return the file a rotate record names as the one before it, if that file is not beside ``path``."""
+    if record["type"] != ROTATE_TYPE:
+        return None
+    name = record.get("previous_file")
+    if not isinstance(name, str) or not _ROTATED_FILE_NAME.fullmatch(name) or (path.parent / name).exists():
+        return None
+    return name
 
 
 def _is_canonical(record: Mapping[str, Any], line: bytes) -> bool:

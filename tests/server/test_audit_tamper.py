@@ -729,3 +729,19 @@ def test_outside_append_not_read_again(
 
     assert reads == []
     assert len(records_by_event(directory)) == 8
+
+
+def test_verify_names_missing_rotated_file(tmp_path: pathlib.Path) -> None:
+    directory = tmp_path / "audit"
+    with open_log(directory, max_bytes=MAX_BYTES) as log:
+        receipts = append_until_rotated(log, directory)
+        first_moved_seq = max(receipt.seq for receipt in receipts.values()) - 1
+        (directory / CURRENT_FILE_NAME).rename(tmp_path / "moved.jsonl")
+        append(log, range(len(receipts), len(receipts) + 2))
+
+    result = verify(directory)
+
+    assert not result.ok
+    assert result.error is not None
+    assert f"names {rotated_file_name(first_moved_seq)} as the file before it" in result.error.message
+    assert "not in the directory" in result.error.message
