@@ -234,8 +234,8 @@ class SessionRecorder:
                 ended_wall = row.ended_wall if row.ended_wall is not None else row.granted_wall
                 if lease.end_reason is EndReason.REVOKED:
                     owed.append((revoke_event(lease), None, lease, ended_wall))
-                written = functools.partial(self._restored_end_written, lease)
-                owed.append((end_event(lease), written, lease, ended_wall))
+                end_written = functools.partial(self._restored_end_written, lease)
+                owed.append((end_event(lease), end_written, lease, ended_wall))
             count += 1
         written = self._find_written(owed)
         for event, on_written, lease, _ in owed:
