@@ -461,6 +461,8 @@ class _EncodedLine:
     line: bytes
     seq: int
     hash: str
+    # The event ID's key in the index, worked out once per record; None for a rotate record.
+    key: _IndexKey | None = None
 
 
 @dataclasses.dataclass
@@ -1256,7 +1258,8 @@ class AuditLog:
             if known is not None:
                 receipts.append(AuditReceipt(seq=known[0], hash=known[1], duplicate=True))
                 continue
-            earlier = self._find_written_locked(event.event_id)
+            key = _index_key(event.event_id)
+            earlier = self._find_written_locked(event.event_id, key)
             if earlier is not None:
                 receipts.append(earlier)
                 continue
@@ -1286,12 +1289,12 @@ class AuditLog:
             seq, last_hash = seq + 1, record_hash(line)
             size += len(line) + 1
             events_in_file += 1
-            lines.append(_EncodedLine(event.event_id, event.type, line, seq, last_hash))
+            lines.append(_EncodedLine(event.event_id, event.type, line, seq, last_hash, key))
             written_here[event.event_id] = (seq, last_hash)
             receipts.append(AuditReceipt(seq=seq, hash=last_hash))
         return receipts, lines
 
-    def _find_written_locked(self, event_id: str) -> AuditReceipt | None:
+    def _find_written_locked(self, event_id: str, key: _IndexKey) -> AuditReceipt | None:
         """Return the duplicate receipt of an event in the current or previous file, or None if it is in neither.
 
         Reads the record's line, because the index stores only its offset. The
@@ -1300,9 +1303,8 @@ class AuditLog:
         :meth:`_check_found_record_locked`). Otherwise the file was changed
         while the log had it open: the error is logged and None returned, so
         the event is written again rather than lost or given a receipt that
-        is not in the chain.
+        is not in the chain. ``key`` is the event ID's key in the index.
         """
-        key = _index_key(event_id)
         offset = self._event_ids.get(key)
         in_current = offset is not None
         if not in_current:
@@ -1423,7 +1425,8 @@ class AuditLog:
                 self._needs_rotate_record = False
             else:
                 self._events_in_file += 1
-                self._event_ids[_index_key(encoded.event_id)] = offset
+                assert encoded.key is not None
+                self._event_ids[encoded.key] = offset
             offset += len(encoded.line) + 1
 
     def _write_last_hash_file_locked(self) -> None:
@@ -1630,7 +1633,7 @@ class AuditLog:
         self._unremoved_write = None
         if actual > written_size and self._ends_with_last_record_locked(fd, written_size):
             # Bytes were only added after the log's last record, so every
-            # offset in the index still holds and nothing is read again.
+            # offset in the index is still right and nothing is read again.
             self._size = actual
             self._needs_newline = _read_at(fd, 1, actual - 1) != b"\n"
         else:
