@@ -38,21 +38,7 @@ from session_authority.server._audit import (
     verify_replicas,
 )
 
-WALL_START = 1_796_418_597.123456  # 2026-12-04T21:09:57.123456+00:00
-
-
-class SteppingWallClock:
-    """Wall clock that moves one millisecond per reading, so every record has its own time."""
-
-    def __init__(self, start: float = WALL_START) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self._now += 0.001
-            return self._now
-
+from audit_support import WALL_START, SteppingWallClock
 
 def end_fields(index: int) -> dict[str, object]:
     return {

@@ -14,33 +14,12 @@ from session_authority.server._audit import (
     AuditLog,
     AuditReceipt,
     list_audit_files,
-    utc_isoformat,
     verify,
 )
 
-WALL_START = 1_796_418_597.123456
+from audit_support import WALL_START, SteppingWallClock, released_end_fields
+
 MAX_BYTES = 4096
-
-
-class SteppingWallClock:
-    """Wall clock that moves one millisecond per reading."""
-
-    def __init__(self) -> None:
-        self._now = WALL_START
-
-    def __call__(self) -> float:
-        self._now += 0.001
-        return self._now
-
-
-def fields(index: int) -> dict[str, object]:
-    return {
-        "fingerprint": f"{index:012x}",
-        "principal": "spiffe://example.org/billing",
-        "tier": "standard",
-        "reason": "released",
-        "ended_at": utc_isoformat(WALL_START + index),
-    }
 
 
 def digest_hex(index: int) -> str:
@@ -58,9 +37,9 @@ def append_until_files(log: AuditLog, directory: Path, files: int) -> dict[str, 
     while len(list_audit_files(directory)) < files:
         for event_type in ("grant", "end"):
             event_id = f"{event_type}:{digest_hex(index)}"
-            written[event_id] = (event_type, log.append(event_id, event_type, fields(index)))
+            written[event_id] = (event_type, log.append(event_id, event_type, released_end_fields(index)))
         text_id = f"revoke:lease-{index}"
-        written[text_id] = ("revoke", log.append(text_id, "revoke", fields(index)))
+        written[text_id] = ("revoke", log.append(text_id, "revoke", released_end_fields(index)))
         index += 1
     return written
 
@@ -85,7 +64,7 @@ def test_index_duplicates_across_rotation(tmp_path: Path) -> None:
         repeats = {}
         for event_id, (event_type, original) in written.items():
             if file_of(directory, original) in indexed:
-                repeats[event_id] = (original, log.append(event_id, event_type, fields(0)))
+                repeats[event_id] = (original, log.append(event_id, event_type, released_end_fields(0)))
 
         assert {path: path.stat().st_size for path in list_audit_files(directory)} == sizes
     assert repeats
@@ -97,11 +76,11 @@ def test_index_forgets_file_two_rotations_back(tmp_path: Path) -> None:
     directory = tmp_path / "audit"
     with open_log(directory) as log:
         first_id = f"end:{digest_hex(0)}"
-        log.append(first_id, "end", fields(0))
+        log.append(first_id, "end", released_end_fields(0))
         append_until_files(log, directory, 3)
 
         contained = log.contains(first_id)
-        again = log.append(first_id, "end", fields(0))
+        again = log.append(first_id, "end", released_end_fields(0))
 
     assert not contained
     assert not again.duplicate
@@ -109,8 +88,8 @@ def test_index_forgets_file_two_rotations_back(tmp_path: Path) -> None:
 
 def test_index_same_digest_other_type_written(tmp_path: Path) -> None:
     with open_log(tmp_path) as log:
-        grant = log.append(f"grant:{digest_hex(1)}", "grant", fields(1))
-        end = log.append(f"end:{digest_hex(1)}", "end", fields(1))
+        grant = log.append(f"grant:{digest_hex(1)}", "grant", released_end_fields(1))
+        end = log.append(f"end:{digest_hex(1)}", "end", released_end_fields(1))
 
     assert not grant.duplicate
     assert not end.duplicate
@@ -121,9 +100,9 @@ def test_index_upper_case_hex_distinct(tmp_path: Path) -> None:
     lower = f"end:{digest_hex(2)}"
     upper = f"end:{digest_hex(2).upper()}"
     with open_log(tmp_path) as log:
-        first = log.append(lower, "end", fields(2))
-        second = log.append(upper, "end", fields(2))
-        repeat = log.append(upper, "end", fields(2))
+        first = log.append(lower, "end", released_end_fields(2))
+        second = log.append(upper, "end", released_end_fields(2))
+        repeat = log.append(upper, "end", released_end_fields(2))
 
     assert not first.duplicate
     assert not second.duplicate
@@ -142,7 +121,7 @@ def test_index_duplicates_after_reopen(tmp_path: Path) -> None:
         for event_id, (event_type, original) in written.items():
             if file_of(directory, original) not in indexed:
                 continue
-            repeat = log.append(event_id, event_type, fields(0))
+            repeat = log.append(event_id, event_type, released_end_fields(0))
 
             assert repeat == AuditReceipt(seq=original.seq, hash=original.hash, duplicate=True), event_id
     assert {path: path.stat().st_size for path in list_audit_files(directory)} == sizes
@@ -155,13 +134,13 @@ def test_index_previous_file_moved_while_open(tmp_path: Path) -> None:
     archive.mkdir()
     with open_log(directory) as log:
         early_id = f"end:{digest_hex(0)}"
-        original = log.append(early_id, "end", fields(0))
+        original = log.append(early_id, "end", released_end_fields(0))
         while len(list_audit_files(directory)) < 2:
-            log.append(f"end:{digest_hex(log.last_seq + 1000)}", "end", fields(log.last_seq))
+            log.append(f"end:{digest_hex(log.last_seq + 1000)}", "end", released_end_fields(log.last_seq))
         previous = list_audit_files(directory)[0]
         previous.rename(archive / previous.name)
 
-        repeat = log.append(early_id, "end", fields(0))
+        repeat = log.append(early_id, "end", released_end_fields(0))
 
     assert repeat == AuditReceipt(seq=original.seq, hash=original.hash, duplicate=True)
 
@@ -171,7 +150,7 @@ def test_index_record_changed_while_open_writes_again(tmp_path: Path, caplog: py
     other_id = f"end:{digest_hex(4)}"
     path = tmp_path / CURRENT_FILE_NAME
     with open_log(tmp_path) as log:
-        log.append(event_id, "end", fields(3))
+        log.append(event_id, "end", released_end_fields(3))
         data = path.read_bytes()
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -180,7 +159,7 @@ def test_index_record_changed_while_open_writes_again(tmp_path: Path, caplog: py
             os.close(fd)
 
         with caplog.at_level(logging.ERROR, logger="session_authority.server._audit"):
-            again = log.append(event_id, "end", fields(3))
+            again = log.append(event_id, "end", released_end_fields(3))
 
     assert not again.duplicate
     assert again.seq == 2

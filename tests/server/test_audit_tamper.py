@@ -36,40 +36,19 @@ from session_authority.server._audit import (
     list_audit_files,
     record_hash,
     rotated_file_name,
-    utc_isoformat,
     verify,
 )
+
+from audit_support import SteppingWallClock, released_end_fields
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-WALL_START = 1_796_418_597.123456
 MAX_BYTES = 4096
 AUDIT_LOGGER = "session_authority.server._audit"
 
 
-class SteppingWallClock:
-    """Wall clock that moves one millisecond per reading."""
-
-    def __init__(self) -> None:
-        self._now = WALL_START
-
-    def __call__(self) -> float:
-        self._now += 0.001
-        return self._now
-
-
 def event_id(index: int) -> str:
     return "end:" + hashlib.sha256(f"lease-{index}".encode()).hexdigest()
-
-
-def fields(index: int) -> dict[str, object]:
-    return {
-        "fingerprint": f"{index:012x}",
-        "principal": "spiffe://example.org/billing",
-        "tier": "standard",
-        "reason": "released",
-        "ended_at": utc_isoformat(WALL_START + index),
-    }
 
 
 def open_log(directory: pathlib.Path, **options: object) -> AuditLog:
@@ -78,7 +57,7 @@ def open_log(directory: pathlib.Path, **options: object) -> AuditLog:
 
 
 def append(log: AuditLog, indexes: range) -> dict[int, AuditReceipt]:
-    return {index: log.append(event_id(index), "end", fields(index)) for index in indexes}
+    return {index: log.append(event_id(index), "end", released_end_fields(index)) for index in indexes}
 
 
 def append_until_rotated(log: AuditLog, directory: pathlib.Path) -> dict[int, AuditReceipt]:
@@ -129,7 +108,7 @@ def assert_written_once(directory: pathlib.Path, receipts: dict[int, AuditReceip
 
 def assert_duplicates(log: AuditLog, receipts: dict[int, AuditReceipt]) -> None:
     for index, original in receipts.items():
-        repeat = log.append(event_id(index), "end", fields(index))
+        repeat = log.append(event_id(index), "end", released_end_fields(index))
         assert repeat == AuditReceipt(seq=original.seq, hash=original.hash, duplicate=True), index
 
 
@@ -438,7 +417,7 @@ def fail_write_leaving_half(log: AuditLog, index: int, monkeypatch: pytest.Monke
         patched.setattr(os, "write", HalfWrite())
         patched.setattr(os, "ftruncate", FailingTruncate())
         with pytest.raises(AuditWriteError):
-            log.append(event_id(index), "end", fields(index))
+            log.append(event_id(index), "end", released_end_fields(index))
 
 
 def test_failed_write_leftover_removed(
@@ -500,7 +479,7 @@ def test_edited_seq_duplicate_written_again(tmp_path: pathlib.Path, caplog: pyte
             os.close(fd)
 
         with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
-            again = log.append(event_id(0), "end", fields(0))
+            again = log.append(event_id(0), "end", released_end_fields(0))
 
     assert again == AuditReceipt(seq=3, hash=record_hash(lines_of(path)[2]), duplicate=False)
     assert len(audit_errors(caplog)) == 1
@@ -516,8 +495,8 @@ def test_edited_field_duplicate_written_again(
         replace_bytes(path, b'"tier":"standard"', b'"tier":"premium!"')
 
         with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
-            again = log.append(event_id(0), "end", fields(0))
-        repeat_of_last = log.append(event_id(1), "end", fields(1))
+            again = log.append(event_id(0), "end", released_end_fields(0))
+        repeat_of_last = log.append(event_id(1), "end", released_end_fields(1))
 
     assert not again.duplicate
     assert again.seq == 3
@@ -537,7 +516,7 @@ def test_edited_last_record_written_again(
         path.write_bytes(data[:last_start] + data[last_start:].replace(b'"standard"', b'"premium!"', 1))
 
         with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
-            again = log.append(event_id(1), "end", fields(1))
+            again = log.append(event_id(1), "end", released_end_fields(1))
 
     assert not again.duplicate
     assert again.seq == 3
@@ -554,7 +533,7 @@ def test_duplicate_in_previous_file_checked(tmp_path: pathlib.Path, caplog: pyte
         replace_bytes(previous, b'"seq":1,', b'"seq":99,')
 
         with caplog.at_level(logging.ERROR, logger=AUDIT_LOGGER):
-            again = log.append(event_id(0), "end", fields(0))
+            again = log.append(event_id(0), "end", released_end_fields(0))
 
     assert first.seq == 1
     assert not again.duplicate
@@ -568,7 +547,7 @@ def test_reopened_log_checks_previous_file(tmp_path: pathlib.Path) -> None:
         first = append_until_rotated(log, directory)[0]
 
     with open_log(directory, max_bytes=MAX_BYTES) as log:
-        repeat = log.append(event_id(0), "end", fields(0))
+        repeat = log.append(event_id(0), "end", released_end_fields(0))
 
     assert repeat == AuditReceipt(seq=first.seq, hash=first.hash, duplicate=True)
     assert first.hash != ZERO_HASH
