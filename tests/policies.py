@@ -30,3 +30,13 @@ max_session_age = "2s"
 pattern = "/test.Guarded/ShortOnly"
 tiers = ["short"]
 """
+
+ONE_TIER_POLICY = """
+version = 1
+default_tier = "standard"
+
+[tiers.standard]
+idle_timeout = "10s"
+max_duration = "100s"
+"""
+"""One tier with a 10 s idle timeout and a 100 s max duration, for tests that restart or watch one authority."""

@@ -38,10 +38,11 @@ from session_authority.server._audit import (
     rotated_file_name,
     verify,
 )
-
-from audit_support import SteppingWallClock, released_end_fields
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
+
+from audit_support import SteppingWallClock, released_end_fields
+from policies import ONE_TIER_POLICY
 
 MAX_BYTES = 4096
 AUDIT_LOGGER = "session_authority.server._audit"
@@ -556,16 +557,7 @@ def test_reopened_log_checks_previous_file(tmp_path: pathlib.Path) -> None:
 # --------------------------------------------------------------------------
 # Through a running authority
 
-POLICY = parse_policy(
-    """
-version = 1
-default_tier = "standard"
-
-[tiers.standard]
-idle_timeout = "10s"
-max_duration = "100s"
-"""
-)
+POLICY = parse_policy(ONE_TIER_POLICY)
 
 
 @pytest.fixture

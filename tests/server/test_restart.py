@@ -21,15 +21,9 @@ from session_authority.server._store import StoredLease
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-POLICY = parse_policy(
-    """
-version = 1
-default_tier = "standard"
-[tiers.standard]
-idle_timeout = "10s"
-max_duration = "100s"
-"""
-)
+from policies import ONE_TIER_POLICY
+
+POLICY = parse_policy(ONE_TIER_POLICY)
 
 
 def start(data_dir: pathlib.Path, clock: ManualClock) -> AuthorityThread:
