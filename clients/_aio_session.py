@@ -26,10 +26,12 @@ from session_authority.clients._session import (
 from session_authority.clients._types import RenewResult, SessionEndEvent
 
 if TYPE_CHECKING:
+    import grpc
     import grpc.aio
 
     from session_authority.clients._aio_client import AioAuthorityClient, AioKeepAliveStream
     from session_authority.clients._keeper import LeaseKeeper
+    from session_authority.interceptors._aio_lease_channel import AioLeaseChannel
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +137,35 @@ class AioSession(_SessionBase):
         from session_authority.interceptors._aio_client import aio_lease_interceptors
 
         return aio_lease_interceptors(self)
+
+    def channel(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> AioLeaseChannel:
+        """Open a ``grpc.aio`` channel to ``target`` that carries this session's lease on every call.
+
+        Calls behave as on a channel opened with ``interceptors=self.aio_interceptors()``
+        and cost less client CPU while the lease is alive (see
+        :class:`~session_authority.interceptors.AioLeaseChannel`). Close it
+        like any ``grpc.aio`` channel.
+
+        Args:
+            target: The server address.
+            credentials: Channel credentials; None opens an insecure channel.
+            options: gRPC channel options.
+            compression: The channel's default compression.
+            interceptors: Client interceptors to run after the session's.
+        """
+        from session_authority.interceptors._aio_lease_channel import AioLeaseChannel
+
+        return AioLeaseChannel(
+            self, target, credentials=credentials, options=options, compression=compression, interceptors=interceptors
+        )
 
     async def _lease_for_call(self) -> LeaseSnapshot:
         snapshot = self._lease_for_call_nowait()

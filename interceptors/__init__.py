@@ -5,6 +5,7 @@ from ._aio_client import AioStreamUnaryLeaseInterceptor
 from ._aio_client import AioUnaryStreamLeaseInterceptor
 from ._aio_client import AioUnaryUnaryLeaseInterceptor
 from ._aio_client import aio_lease_interceptors
+from ._aio_lease_channel import AioLeaseChannel
 from ._aio_server import AioLeaseServerInterceptor
 from ._client import LeaseClientInterceptor
 from ._enforcer import DEFAULT_EXEMPT_PATTERNS
@@ -21,9 +22,11 @@ from ._errors import LeaseNotFound
 from ._errors import LeaseRefused
 from ._errors import PolicyDenied
 from ._errors import PrincipalMismatch
+from ._lease_channel import LeaseChannel
 from ._server import LeaseServerInterceptor
 
 __all__ = [
+    "AioLeaseChannel",
     "AioLeaseServerInterceptor",
     "AioStreamStreamLeaseInterceptor",
     "AioStreamUnaryLeaseInterceptor",
@@ -33,6 +36,7 @@ __all__ = [
     "DEFAULT_EXEMPT_PATTERNS",
     "Enforcer",
     "EnforcerConfig",
+    "LeaseChannel",
     "LeaseClientInterceptor",
     "LeaseContext",
     "LeaseEnded",

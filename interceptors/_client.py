@@ -109,6 +109,15 @@ class _CallObserver:
             return
         self._report(reason)
 
+    def observe_status(self, code: grpc.StatusCode, trailing_metadata: Any) -> None:
+        """Report the lease end carried by a call's status and trailers, if any."""
+        try:
+            reason = end_reason_of_rejection(code, trailing_metadata)
+        except Exception:
+            logger.debug("could not read the status of a finished call", exc_info=True)
+            return
+        self._report(reason)
+
     def _report(self, reason: EndReason | None) -> None:
         if reason is not None:
             self._session._report_rejection(self.lease_id, reason)

@@ -45,6 +45,8 @@ class EchoService:
 
     def __init__(self) -> None:
         self.metadata_seen: list[tuple[tuple[str, Any], ...]] = []
+        # The peer address of every call, in the order of metadata_seen.
+        self.peers_seen: list[str] = []
         self.hang_started = threading.Event()
         # Set when a Hang call stops before its handler returns, because the client cancelled it or the
         # server interceptor cut it off.
@@ -52,6 +54,7 @@ class EchoService:
 
     def record(self, context: Any) -> None:
         self.metadata_seen.append(tuple(context.invocation_metadata() or ()))
+        self.peers_seen.append(context.peer())
 
     def sync_handler(self) -> grpc.GenericRpcHandler:
         """Build handlers for ``grpc.server``."""

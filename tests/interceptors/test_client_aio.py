@@ -23,8 +23,6 @@ from client_support import (
 )
 from session_authority.clients._aio_client import AioAuthorityClient
 from session_authority.clients._aio_session import AioSession
-from session_authority.clients._client import AuthorityClient
-from session_authority.clients._keeper import LeaseKeeper
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import SessionEnded, SessionState
 from session_authority.interceptors._aio_client import (
@@ -60,25 +58,20 @@ def protected(authority) -> Iterator[AioProtectedServer]:  # type: ignore[no-unt
     server.stop()
 
 
-@pytest.fixture
-def keeper() -> Iterator[LeaseKeeper]:
-    running = LeaseKeeper()
-    yield running
-    running.close()
-
-
-@pytest.fixture
-def admin(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
-    with AuthorityClient(authority.target, principal="ops") as opened:
-        yield opened
-
-
 Scenario = Callable[[AioSession, Callable[..., grpc.aio.Channel]], Awaitable[None]]
 
 
-@pytest.fixture
-def run(authority, protected, keeper) -> Callable[..., None]:  # type: ignore[no-untyped-def]
-    """Run a scenario on a fresh event loop with an AioSession and a channel factory."""
+@pytest.fixture(params=["interceptor", "channel", "channel-granted"])
+def run(authority, protected, keeper, request) -> Callable[..., None]:  # type: ignore[no-untyped-def]
+    """Run a scenario on a fresh event loop with an AioSession and a channel factory.
+
+    With the ``channel`` parameters, the factory opens the session's
+    ``AioLeaseChannel`` with the other interceptors after the session's;
+    interceptors that must run before the session's keep the interceptor
+    path. An ``AioLeaseChannel`` hands a call to the session's interceptors
+    while the session has no lease, so with ``channel-granted`` a scenario's
+    first call on a new channel takes the channel's own path too.
+    """
 
     def runner(scenario: Scenario, *, proxy: TcpProxy | None = None, **session_options: Any) -> None:
         """Run ``scenario``. With ``proxy``, the session reaches the authority through it."""
@@ -91,11 +84,16 @@ def run(authority, protected, keeper) -> Callable[..., None]:  # type: ignore[no
                 channels: list[grpc.aio.Channel] = []
 
                 def make_channel(*before_and_after: Any, split: int = 0) -> grpc.aio.Channel:
-                    interceptors = [*before_and_after[:split], *session.aio_interceptors(), *before_and_after[split:]]
-                    channel = grpc.aio.insecure_channel(protected.target, interceptors=interceptors)
+                    if request.param == "interceptor" or split:
+                        interceptors = [*before_and_after[:split], *session.aio_interceptors(), *before_and_after[split:]]
+                        channel = grpc.aio.insecure_channel(protected.target, interceptors=interceptors)
+                    else:
+                        channel = session.channel(protected.target, interceptors=before_and_after)
                     channels.append(channel)
                     return channel
 
+                if request.param == "channel-granted" and proxy is None:
+                    await session.open()
                 try:
                     await scenario(session, make_channel)
                 finally:

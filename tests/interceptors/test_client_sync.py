@@ -23,7 +23,6 @@ from client_support import (
     start_protected_server,
 )
 from session_authority.clients._client import AuthorityClient
-from session_authority.clients._keeper import LeaseKeeper
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import Session, SessionEnded, SessionState
 from session_authority.interceptors._client import LeaseClientInterceptor
@@ -60,32 +59,40 @@ def protected(authority, request) -> Iterator[SyncProtectedServer | AioProtected
 
 
 @pytest.fixture
-def keeper() -> Iterator[LeaseKeeper]:
-    running = LeaseKeeper()
-    yield running
-    running.close()
-
-
-@pytest.fixture
 def client(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
     with AuthorityClient(authority.target, principal="svc") as opened:
         yield opened
 
 
-@pytest.fixture
-def admin(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
-    with AuthorityClient(authority.target, principal="ops") as opened:
-        yield opened
+@pytest.fixture(params=["interceptor", "channel", "channel-granted"])
+def make_channel(
+    protected: SyncProtectedServer | AioProtectedServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., grpc.Channel]]:
+    """Build a channel with these interceptors, in order.
 
-
-@pytest.fixture
-def make_channel(protected: SyncProtectedServer | AioProtectedServer) -> Iterator[Callable[..., grpc.Channel]]:
+    With the ``channel`` parameters, a session's interceptor among them is
+    replaced by its ``LeaseChannel``: the interceptors before it wrap that
+    channel, and those after it sit on the channel it wraps, so every test
+    runs against both ways of carrying a lease. A ``LeaseChannel`` hands a
+    call to the interceptor while the session has no lease, so with
+    ``channel-granted`` a pending session is opened first and the test's
+    first call takes the channel's own path too.
+    """
     opened: list[grpc.Channel] = []
 
     def make(*interceptors: Any) -> grpc.Channel:
         raw = grpc.insecure_channel(protected.target)
         opened.append(raw)
-        return grpc.intercept_channel(raw, *interceptors)
+        lease = [index for index, item in enumerate(interceptors) if isinstance(item, LeaseClientInterceptor)]
+        if request.param == "interceptor" or not lease:
+            return grpc.intercept_channel(raw, *interceptors)
+        index = lease[0]
+        inner = grpc.intercept_channel(raw, *interceptors[index + 1 :])
+        session = interceptors[index]._session
+        if request.param == "channel-granted" and session.state is SessionState.PENDING:
+            session.open()
+        channel = session.channel(inner)
+        return grpc.intercept_channel(channel, *interceptors[:index])
 
     yield make
     for channel in opened:
@@ -278,11 +285,13 @@ def test_caller_lease_is_kept(client, keeper, make_channel, protected, admin) ->
     own = admin.grant("standard")
     session = Session(client, tier="standard", keeper=keeper)
     channel = make_channel(session.interceptor())
+    state = session.state
 
     channel.unary_unary(UNARY)(b"ping", metadata=((LEASE_METADATA_KEY, own.lease_id),))
 
     assert lease_values(protected.metadata_seen[-1]) == [own.lease_id]
-    assert session.state is SessionState.PENDING
+    # The call neither granted the session a lease nor used the one it has.
+    assert session.state is state
 
 
 # -- lifetimes -----------------------------------------------------------------------
