@@ -18,8 +18,8 @@ pass-through server's as the median of the rounds' own ratios. Clients of
 the bare and pass-through servers send a made-up ``session-lease`` value of
 a real lease's length on a plain channel, so every server receives the same
 bytes. The client of the protected server sends its calls through a
-:class:`Session`'s interceptor, so the figures include the holder's per-call
-work too.
+session's channel (:class:`LeaseChannel` or :class:`AioLeaseChannel`), so
+the figures include the holder's per-call work too.
 
 Authority traffic is counted by client interceptors on the channels that the
 enforcer (``EnforcerConfig.authority_channel``) and the holder
@@ -533,7 +533,7 @@ def load_sync(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     channels = {
         "bare": grpc.insecure_channel(targets["bare"]),
         "passthrough": grpc.insecure_channel(targets["passthrough"]),
-        "protected": grpc.intercept_channel(grpc.insecure_channel(targets["protected"]), session.interceptor()),
+        "protected": session.channel(grpc.insecure_channel(targets["protected"])),
     }
     stats_calls = {mode: grpc.insecure_channel(targets[mode]).unary_unary(STATS) for mode in MODES}
     # One call before the rounds fills the enforcer's cache (one Validate),
@@ -603,7 +603,7 @@ async def load_aio(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     channels = {
         "bare": grpc.aio.insecure_channel(targets["bare"]),
         "passthrough": grpc.aio.insecure_channel(targets["passthrough"]),
-        "protected": grpc.aio.insecure_channel(targets["protected"], interceptors=session.aio_interceptors()),
+        "protected": session.channel(targets["protected"]),
     }
     stats_channels = {mode: grpc.aio.insecure_channel(targets[mode]) for mode in MODES}
     stats_calls = {mode: channel.unary_unary(STATS) for mode, channel in stats_channels.items()}
