@@ -56,6 +56,26 @@ class LinkListener(Protocol):
         """Put the entries of a failed batch back so the next batch carries them."""
 
 
+def reconnect_delay(failures: int, initial_seconds: float, max_seconds: float) -> float:
+    """Return the pause before reconnect attempt ``failures + 1``: doubling from ``initial_seconds`` up to ``max_seconds``.
+
+    The pause is drawn from the upper half of that ceiling (jitter), so a
+    fleet of enforcers that lost the same authority does not reconnect in
+    lockstep.
+    """
+    ceiling = min(max_seconds, initial_seconds * 2 ** min(failures - 1, 30))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _log_watch_failure(failures: int, text: str) -> None:
+    # One warning per outage: an authority that stays down makes every
+    # attempt fail, and the reconnect that ends the outage is logged too.
+    if failures == 0:
+        logger.warning("%s; reconnecting (further failed attempts are logged at DEBUG)", text)
+    else:
+        logger.debug("%s; reconnect attempt %d failed", text, failures)
+
+
 class AuthorityLink:
     """Background threads that keep an enforcer in touch with the authority.
 
@@ -75,6 +95,9 @@ class AuthorityLink:
         batch_interval_seconds: Pause between two activity batches.
         backoff_initial_seconds: First reconnect delay of the watch stream.
         backoff_max_seconds: Largest reconnect delay.
+        backoff_cap: Returns a second, current limit on the reconnect delay:
+            the enforcer keeps it well under its staleness bound, so that a
+            short outage ends before the enforcer stops trusting its cache.
         clock: Monotonic clock in seconds.
     """
 
@@ -88,6 +111,7 @@ class AuthorityLink:
         batch_interval_seconds: float,
         backoff_initial_seconds: float,
         backoff_max_seconds: float,
+        backoff_cap: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._listener = listener
@@ -97,6 +121,7 @@ class AuthorityLink:
         self._batch_interval_seconds = batch_interval_seconds
         self._backoff_initial_seconds = backoff_initial_seconds
         self._backoff_max_seconds = backoff_max_seconds
+        self._backoff_cap = backoff_cap
         self._clock = clock
 
         self._closed = threading.Event()
@@ -221,17 +246,19 @@ class AuthorityLink:
                 self._watch = stream
             try:
                 for event in stream:
-                    failures = 0
+                    if failures:
+                        logger.info("watch stream to the authority is back after %d failed attempt(s)", failures)
+                        failures = 0
                     self._handle_watch_event(event)
                 if self._closed.is_set():
                     pass
                 elif self._dropped is stream:
                     logger.info("dropped the watch stream, silent past the staleness bound; reconnecting")
                 else:
-                    logger.warning("the authority ended the watch stream; reconnecting")
+                    _log_watch_failure(failures, "the authority ended the watch stream")
             except AuthorityError as exc:
                 if not self._closed.is_set():
-                    logger.warning("watch stream to the authority failed: %s; reconnecting", exc)
+                    _log_watch_failure(failures, f"watch stream to the authority failed: {exc}")
             except Exception:  # noqa: BLE001 - a bug here must not end watching for good
                 logger.exception("unexpected error on the watch stream; reconnecting")
             finally:
@@ -245,10 +272,10 @@ class AuthorityLink:
             self._closed.wait(self._backoff_delay(failures))
 
     def _backoff_delay(self, failures: int) -> float:
-        # Full jitter: a fleet of enforcers that lost the same authority does
-        # not reconnect in lockstep.
-        ceiling = min(self._backoff_max_seconds, self._backoff_initial_seconds * 2 ** min(failures - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
+        maximum = self._backoff_max_seconds
+        if self._backoff_cap is not None:
+            maximum = min(maximum, self._backoff_cap())
+        return reconnect_delay(failures, self._backoff_initial_seconds, maximum)
 
     def cancel_watch(self) -> None:
         """Drop the current watch stream (silent past the staleness bound) so the thread reconnects."""

@@ -63,6 +63,14 @@ DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 1.0
 STALENESS_HEARTBEATS = 3
 """The default staleness bound, in heartbeat intervals."""
 
+RECONNECTS_PER_STALENESS_BOUND = 4
+"""The watch stream's reconnect delay stays under the staleness bound divided by this.
+
+An authority that restarts within the bound is then back on the watch
+stream before cached leases stop being trusted, instead of a reconnect
+delay of up to ``reconnect_backoff_max_seconds`` running past the bound.
+"""
+
 _MIN_PROBE_INTERVAL_SECONDS = 0.02
 _MAX_VALIDATION_ROUNDS = 3
 _MAX_WRAPPED_HANDLERS = 1024
@@ -116,7 +124,8 @@ class EnforcerConfig:
             the exempt patterns of the authority's policy.
         reconnect_backoff_initial_seconds: First delay before reconnecting a
             broken watch stream; it doubles up to the maximum, with jitter.
-        reconnect_backoff_max_seconds: Largest reconnect delay.
+        reconnect_backoff_max_seconds: Largest reconnect delay. The delay
+            also stays under a quarter of the staleness bound.
         meter_provider: An ``opentelemetry.metrics.MeterProvider`` for the
             enforcer's metrics; None means the global meter provider.
     """
@@ -561,6 +570,7 @@ class Enforcer:
             batch_interval_seconds=config.activity_batch_interval_seconds,
             backoff_initial_seconds=config.reconnect_backoff_initial_seconds,
             backoff_max_seconds=config.reconnect_backoff_max_seconds,
+            backoff_cap=lambda: self._staleness_bound() / RECONNECTS_PER_STALENESS_BOUND,
             clock=clock,
         )
         self._timer = Timer(clock)

@@ -9,6 +9,7 @@ running.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -28,6 +29,7 @@ RECOVERY_TIMEOUT_SECONDS = 15.0
 """Maximum wait for an enforcer or holder to work again once the authority is back."""
 
 ECHO_METHOD = "/test.Fault/Echo"
+LINK_LOGGER = "session_authority.interceptors._authority_link"
 
 # Short channel backoff, so that a client notices the returned authority within
 # about a second instead of after gRPC's default backoff of up to two minutes.
@@ -41,13 +43,13 @@ FAST_RECONNECT = (
 class ProtectedServer:
     """A ``grpc.server`` on loopback with one unary method behind a :class:`LeaseServerInterceptor`."""
 
-    def __init__(self, authority_target: str) -> None:
+    def __init__(self, authority_target: str, *, reconnect_backoff_seconds: tuple[float, float] = (0.05, 0.5)) -> None:
         config = EnforcerConfig(
             authority_target=authority_target,
             staleness_bound_seconds=STALENESS_BOUND_SECONDS,
             activity_batch_interval_seconds=0.05,
-            reconnect_backoff_initial_seconds=0.05,
-            reconnect_backoff_max_seconds=0.5,
+            reconnect_backoff_initial_seconds=reconnect_backoff_seconds[0],
+            reconnect_backoff_max_seconds=reconnect_backoff_seconds[1],
             validate_timeout_seconds=1.0,
         )
         self.interceptor = LeaseServerInterceptor(config)
@@ -158,6 +160,30 @@ def test_enforcer_rejects_then_recovers_behind_proxy(proxy, direct_client, fault
     # the fault, so the enforcer cannot have given up much earlier than the bound.
     assert rejected_after >= STALENESS_BOUND_SECONDS - 0.3
     assert recovered[0] is grpc.StatusCode.OK
+
+
+def test_enforcer_reconnect_delay_stays_under_bound(proxy, direct_client, caplog) -> None:  # type: ignore[no-untyped-def]
+    # Configured alone, the first reconnect would wait 10 to 20 s. The
+    # enforcer keeps it under a quarter of the staleness bound, so it is back
+    # on the watch stream, and admits calls again, soon after the outage.
+    caplog.set_level(logging.INFO, logger=LINK_LOGGER)
+    lease_id = direct_client.grant("standard").lease_id
+    server = ProtectedServer(proxy.target, reconnect_backoff_seconds=(20.0, 60.0))
+    try:
+        assert server.call(lease_id)[0] is grpc.StatusCode.OK
+
+        proxy.set_mode(ProxyMode.REFUSE)
+        wait_for_call(server, lease_id, is_unreachable, STALENESS_BOUND_SECONDS + 5, "authority_unreachable")
+        proxy.set_mode(ProxyMode.PASS)
+        recovered = wait_for_call(server, lease_id, is_ok, 8.0, "an admitted call")
+    finally:
+        server.stop()
+
+    assert recovered[0] is grpc.StatusCode.OK
+    link_records = [record for record in caplog.records if record.name == LINK_LOGGER]
+    # The outage lasted past several reconnect attempts, and it is one warning, then one line when it ends.
+    assert len([record for record in link_records if record.levelno == logging.WARNING]) == 1
+    assert any("is back after" in record.getMessage() for record in link_records)
 
 
 def test_enforcer_admits_cached_lease_before_bound(proxy, direct_client) -> None:  # type: ignore[no-untyped-def]
