@@ -643,15 +643,16 @@ def _lease_ttl(context: _Context) -> int:
 @_with_client
 def _lease_list(context: _Context) -> int:
     args = context.args
-    leases = context.client().list_leases(
-        principal=args.principal, tier=args.tier, page_size=args.page_size
-    )
+    leases = list(context.client().list_leases(principal=args.principal, tier=args.tier, page_size=args.page_size))
 
-    if context.json:
-        for lease in leases:
-            context.emit(_lease_record(lease))
-        return EXIT_OK
-    _print_leases(context, list(leases))
+    _print_leases(context, leases)
+    if not leases and args.tier:
+        # The authority lists leases of a tier that left the policy too, so
+        # an unknown tier is not an error, but it is most likely a typo.
+        policy = context.client().get_policy()
+        if policy.tier(args.tier) is None:
+            known = ", ".join(tier.name for tier in policy.tiers)
+            print(f"{PROG}: tier {args.tier!r} is not in the authority's policy (tiers: {known})", file=sys.stderr)
     return EXIT_OK
 
 

@@ -136,6 +136,16 @@ def test_cli_list_json_one_object_per_line(target: str) -> None:
     assert all(record["state"] == "alive" for record in records)
 
 
+def test_cli_list_unknown_tier_names_policy_tiers(target: str) -> None:
+    grant_json(target)
+
+    result = run_cli("--authority", target, "lease", "list", "--tier", "nope")
+
+    assert result.returncode == 0, result.stderr
+    assert "'nope' is not in the authority's policy" in result.stderr
+    assert "standard" in result.stderr
+
+
 def test_cli_revoke_json_by_fingerprint_release(target: str) -> None:
     granted = grant_json(target)
 
