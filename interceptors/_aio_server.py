@@ -508,17 +508,26 @@ class AioLeaseServerInterceptor(EnforcingInterceptor, grpc.aio.ServerInterceptor
     Threading: construction blocks for up to ``policy_timeout_seconds`` while
     the policy is fetched. Coroutine and async generator handlers run on the
     server's event loop; plain functions and sync generators run on
-    ``sync_handler_executor`` (by default the loop's default executor), as
-    grpc.aio runs them without the interceptor. A cache miss awaits
+    ``sync_handler_executor``, each holding one of its threads until the
+    handler returns, also while it waits for a request. A cache miss awaits
     ``Validate`` on a worker thread and never blocks the loop.
     :meth:`close` joins background threads; from a coroutine, use
     :meth:`aclose`.
 
+    Without the interceptor, grpc.aio runs sync handlers on the server's
+    ``migration_thread_pool``, which the interceptor cannot read from the
+    server, so pass that pool here as well. Otherwise sync handlers share the
+    loop's default executor, which CPython sizes from the CPU count
+    (``min(32, CPU count + 4)`` threads since Python 3.8). Once blocked
+    handlers hold all of its threads, a new call waits in the executor's
+    queue and reads no request. The server then records no activity for that
+    call, so its lease can end with ``idle_timeout`` before the handler starts.
+
     Args:
         config: The enforcer's settings; or pass them as keyword arguments.
-        sync_handler_executor: Where sync handlers run; pass the server's
-            ``migration_thread_pool`` to keep them on the same threads as
-            without the interceptor. None means the loop's default executor.
+        sync_handler_executor: Where sync handlers run, normally the
+            ``migration_thread_pool`` given to ``grpc.aio.server``. None means
+            the loop's default executor.
         **settings: Fields of :class:`EnforcerConfig`, when ``config`` is None.
 
     Raises:

@@ -321,17 +321,28 @@ class AioServer:
         *,
         extra: dict[str, Any] | None = None,
         outer: list[grpc.aio.ServerInterceptor] | None = None,
+        sync_handler_pool: concurrent.futures.Executor | None = None,
     ) -> None:
         self.recorder = Recorder()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-aio-server", daemon=True)
         self.thread.start()
-        self._run(self._start(config, extra or {}, outer or []))
+        self._run(self._start(config, extra or {}, outer or [], sync_handler_pool))
 
-    async def _start(self, config: EnforcerConfig, extra: dict[str, Any], outer: list[Any]) -> None:
-        # grpc.aio binds a server to the loop it is created on.
-        self.interceptor = AioLeaseServerInterceptor(config)
-        self.server = grpc.aio.server(interceptors=[*outer, self.interceptor])
+    async def _start(
+        self,
+        config: EnforcerConfig,
+        extra: dict[str, Any],
+        outer: list[Any],
+        sync_handler_pool: concurrent.futures.Executor | None,
+    ) -> None:
+        # grpc.aio binds a server to the loop it is created on. A given pool
+        # goes to both the server and the interceptor, so sync handlers run
+        # on the same threads as they would without the interceptor.
+        self.interceptor = AioLeaseServerInterceptor(config, sync_handler_executor=sync_handler_pool)
+        self.server = grpc.aio.server(
+            migration_thread_pool=sync_handler_pool, interceptors=[*outer, self.interceptor]
+        )
         # Sync handlers are legal on aio servers too, so the aio server serves both sets of forms.
         forms = dict(_aio_forms(self.recorder), **_sync_forms(self.recorder))
         self.server.add_generic_rpc_handlers(

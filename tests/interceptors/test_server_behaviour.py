@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -309,6 +311,43 @@ def test_handler_status_and_context_pass_through(kind: str, authority: Any) -> N
     finally:
         channel.close()
         server.stop()
+        admin.close()
+
+
+def _thread_name_handlers() -> dict[str, Any]:
+    def unary_thread(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return threading.current_thread().name.encode()
+
+    def bidi_thread(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in requests:
+            yield threading.current_thread().name.encode()
+
+    return {
+        "unary_thread": grpc.unary_unary_rpc_method_handler(unary_thread),
+        "bidi_thread": grpc.stream_stream_rpc_method_handler(bidi_thread),
+    }
+
+
+def test_aio_sync_handlers_use_given_executor(authority: Any) -> None:
+    admin = AuthorityClient(authority.target, principal="svc")
+    lease_id = admin.grant("standard", principal="svc").lease_id
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="given-pool")
+    server = AioServer(enforcer_config(authority.target), extra=_thread_name_handlers(), sync_handler_pool=pool)
+    channel = grpc.insecure_channel(server.target)
+    metadata = lease_metadata(lease_id)
+    try:
+        unary_thread = channel.unary_unary("/test.Lease/unary_thread")(QUICK, metadata=metadata, timeout=5)
+        bidi_threads = list(
+            channel.stream_stream("/test.Lease/bidi_thread")(iter((QUICK, QUICK)), metadata=metadata, timeout=5)
+        )
+
+        assert unary_thread.startswith(b"given-pool")
+        assert len(bidi_threads) == 2
+        assert all(name.startswith(b"given-pool") for name in bidi_threads)
+    finally:
+        channel.close()
+        server.stop()
+        pool.shutdown()
         admin.close()
 
 
