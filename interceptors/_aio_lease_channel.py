@@ -7,12 +7,12 @@ machine). While the session holds an alive lease, :class:`AioLeaseChannel`
 adds the lease to the metadata itself and calls a plain channel directly.
 
 Every other call goes through the session's interceptors on a second channel
-to the same target, opened on the first such call: a call before the first
-grant (which must be awaited), after the lease ended, or with
+to the same target, opened on the first such call. Those are calls before
+the first grant (which must be awaited), after the lease ended, or with
 ``session-lease`` set by the caller. So both paths follow one set of rules
-for metadata, grants, ``SessionEnded``, activity and rejections. gRPC shares
-the connection between channels with the same target and options, so the
-second channel opens no second connection.
+for metadata, grants, ``SessionEnded``, activity and rejections. Without
+credentials, gRPC shares one connection between the two channels. With
+credentials each channel opens its own, measured with grpcio 1.85.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from session_authority.interceptors._aio_client import (
     _responses_marking_activity,
     aio_metadata_with_lease,
 )
+from session_authority.interceptors._client import reusable_metadata
 from session_authority.interceptors._lease_channel import _Carrier
 
 if TYPE_CHECKING:
@@ -91,7 +92,15 @@ class _ObservedCall:
 
 
 class _UnaryResponse(_ObservedCall):
-    """Reads a rejection when the call is awaited, before the caller sees the error."""
+    """Reads a rejection wherever the caller learns the outcome, before the caller sees it.
+
+    A unary-unary call gets no task that reads its status when it finishes,
+    because a task per call would cost what this channel saves. Instead,
+    every way of reading the outcome reads the rejection first: awaiting
+    the response, the status getters, ``wait_for_connection`` and done
+    callbacks. A call whose outcome nobody reads ends the lease only through
+    the watch stream.
+    """
 
     __slots__ = ()
 
@@ -102,12 +111,35 @@ class _UnaryResponse(_ObservedCall):
             self._observer.observe_error(exc)
             raise
 
-    async def code(self) -> grpc.StatusCode:
-        # A caller may read the status without awaiting the response.
+    async def _read_rejection(self) -> None:
         code = await self._call.code()
         if code is grpc.StatusCode.UNAUTHENTICATED:
             self._observer.observe_status(code, await self._call.trailing_metadata())
-        return code
+
+    async def code(self) -> grpc.StatusCode:
+        await self._read_rejection()
+        return await self._call.code()
+
+    async def details(self) -> str:
+        await self._read_rejection()
+        return await self._call.details()
+
+    async def trailing_metadata(self) -> Any:
+        await self._read_rejection()
+        return await self._call.trailing_metadata()
+
+    async def wait_for_connection(self) -> None:
+        try:
+            await self._call.wait_for_connection()
+        except grpc.aio.AioRpcError as exc:
+            self._observer.observe_error(exc)
+            raise
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        # The rejection is read in a task, as the interceptors do, and that
+        # task starts before the caller's callback runs.
+        self._call.add_done_callback(self._observer.on_done)
+        super().add_done_callback(callback)
 
 
 class _Writes(_ObservedCall):
@@ -204,6 +236,7 @@ class _MultiCallable:
         wait_for_ready: Optional[bool],
         compression: Optional[grpc.Compression],
     ) -> Any:
+        metadata = reusable_metadata(metadata)
         prepared = self._carrier.prepare(metadata)
         if prepared is None:
             return self._fallback()(
@@ -313,7 +346,10 @@ class AioLeaseChannel(grpc.aio.Channel):
     grants, activity, rejection handling and call API. While the lease is
     alive, a call skips ``grpc.aio``'s interceptor machinery, which saves
     about 20 µs of client CPU per call. ``interceptors`` run after the lease
-    is added, on every call, and bring that machinery back.
+    is added, on every call, and bring that machinery back. A session opened
+    before the first call (``await session.open()``) sends that call the
+    direct way too, so a channel with ``credentials`` then opens its second
+    connection only if a lease ends or a caller sends its own lease.
 
     Threading: as a ``grpc.aio.Channel``; use it on one event loop.
 
@@ -345,6 +381,7 @@ class AioLeaseChannel(grpc.aio.Channel):
         self._carrier = _carrier(session)
         self._direct = self._open(self._interceptors)
         self._intercepted: grpc.aio.Channel | None = None
+        self._closed = False
 
     def _open(self, interceptors: list[grpc.aio.ClientInterceptor]) -> grpc.aio.Channel:
         if self._credentials is None:
@@ -362,6 +399,9 @@ class AioLeaseChannel(grpc.aio.Channel):
     def _intercepted_channel(self) -> grpc.aio.Channel:
         channel = self._intercepted
         if channel is None:
+            if self._closed:
+                # What a closed grpc.aio channel raises when a call is made.
+                raise grpc.aio.UsageError("Channel is closed.")
             channel = self._open([*self._session.aio_interceptors(), *self._interceptors])
             self._intercepted = channel
         return channel
@@ -415,6 +455,7 @@ class AioLeaseChannel(grpc.aio.Channel):
 
     async def close(self, grace: Optional[float] = None) -> None:
         """Close both channels; calls still in flight end with ``CANCELLED`` after ``grace`` seconds."""
+        self._closed = True
         if self._intercepted is None:
             await self._direct.close(grace)
             return

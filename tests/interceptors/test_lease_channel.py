@@ -185,6 +185,52 @@ def test_aio_rejection_read_from_code_ends_lease(authority, keeper, admin, aio_s
     run_aio(authority, keeper, scenario, watch=False)
 
 
+@pytest.mark.parametrize("form", ["details", "trailing_metadata", "done_callback", "wait_for_connection"])
+def test_aio_rejection_read_any_way_ends_lease(authority, keeper, admin, aio_server, form: str) -> None:  # type: ignore[no-untyped-def]
+    async def scenario(session: AioSession) -> None:
+        await session.open()
+        assert session.lease_id is not None
+        admin.revoke(session.lease_id)
+        async with session.channel(aio_server.target) as channel:
+            call = channel.unary_unary(UNARY)(b"x")
+            if form == "details":
+                await call.details()
+            elif form == "trailing_metadata":
+                await call.trailing_metadata()
+            elif form == "wait_for_connection":
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call.wait_for_connection()
+            else:
+                done = asyncio.Event()
+                call.add_done_callback(lambda _call: done.set())
+                await done.wait()
+            for _ in range(200):
+                if session.state is SessionState.ENDED:
+                    break
+                await asyncio.sleep(0.01)
+
+            assert session.state is SessionState.ENDED
+
+    run_aio(authority, keeper, scenario, watch=False)
+
+
+def test_aio_closed_channel_refuses_calls_on_both_paths(authority, keeper, admin, aio_server) -> None:  # type: ignore[no-untyped-def]
+    own = admin.grant("standard")
+
+    async def scenario(session: AioSession) -> None:
+        await session.open()
+        channel = session.channel(aio_server.target)
+        assert await channel.unary_unary(UNARY)(b"direct") == b"direct"
+        await channel.close()
+
+        with pytest.raises(grpc.aio.UsageError):
+            channel.unary_unary(UNARY)(b"direct after close")
+        with pytest.raises(grpc.aio.UsageError):
+            channel.unary_unary(UNARY)(b"own lease after close", metadata=((LEASE_METADATA_KEY, own.lease_id),))
+
+    run_aio(authority, keeper, scenario)
+
+
 def test_aio_done_callback_gets_the_call_returned(authority, keeper, aio_server) -> None:  # type: ignore[no-untyped-def]
     async def scenario(session: AioSession) -> None:
         await session.open()
