@@ -20,7 +20,7 @@ import grpc.aio
 
 from session_authority.clients._metadata import LEASE_METADATA_KEY
 from session_authority.clients._session import end_reason_of_rejection
-from session_authority.interceptors._client import _CallObserver, has_lease_key
+from session_authority.interceptors._client import _CallObserver, has_lease_key, reusable_metadata
 
 if TYPE_CHECKING:
     from session_authority.clients._aio_session import AioSession
@@ -107,7 +107,11 @@ class _AioLeaseInterceptor:
     async def _prepare(
         self, details: grpc.aio.ClientCallDetails
     ) -> tuple[grpc.aio.ClientCallDetails, _AioCallObserver | None]:
-        metadata = details.metadata
+        metadata = reusable_metadata(details.metadata)
+        if metadata is not details.metadata:
+            details = grpc.aio.ClientCallDetails(
+                details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+            )
         if has_lease_key(metadata):
             return details, None
         # Await the session only when it must grant first. An alive lease

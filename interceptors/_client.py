@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import grpc
+import grpc.aio
 
 from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import end_reason_of_rejection
@@ -33,6 +34,18 @@ class _ClientCallDetails(
     # grpc.ClientCallDetails has no constructor and no _replace(), and the
     # details an earlier interceptor passes may lack the optional fields.
     pass
+
+
+def reusable_metadata(metadata: Any) -> Any:
+    """Return ``metadata`` in a form that can be read more than once.
+
+    gRPC takes any iterable of pairs. A generator would be used up by the
+    check for the caller's own lease, so it becomes a tuple. None, lists,
+    tuples and ``grpc.aio.Metadata`` come back unchanged.
+    """
+    if metadata is None or isinstance(metadata, (tuple, list, grpc.aio.Metadata)):
+        return metadata
+    return tuple(metadata)
 
 
 def has_lease_key(metadata: Optional[Sequence[tuple[str, Any]]]) -> bool:
@@ -229,7 +242,10 @@ class LeaseClientInterceptor(
         self._observer: _CallObserver | None = None
 
     def _prepare(self, details: grpc.ClientCallDetails) -> tuple[grpc.ClientCallDetails, _CallObserver | None]:
-        metadata = getattr(details, "metadata", None)
+        caller_metadata = getattr(details, "metadata", None)
+        metadata = reusable_metadata(caller_metadata)
+        if metadata is not caller_metadata:
+            details = _details_with_metadata(details, metadata)
         if metadata is None:
             snapshot = self._session._lease_for_call()
             # The snapshot's tuple is immutable, so every call may share it.

@@ -27,6 +27,7 @@ from session_authority.interceptors._client import (
     _ResponseStream,
     has_lease_key,
     metadata_with_lease,
+    reusable_metadata,
 )
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ class _MultiCallable:
     def _blocking(self, name: str, argument: Any, timeout: Any, metadata: Any, *options: Any) -> Any:
         # name is "__call__" or "with_call"; options are credentials,
         # wait_for_ready and compression, in gRPC's order.
+        metadata = reusable_metadata(metadata)
         prepared = self._carrier.prepare(metadata)
         if prepared is None:
             return getattr(self._intercepted, name)(argument, timeout, metadata, *options)
@@ -109,6 +111,7 @@ class _MultiCallable:
             raise
 
     def _future(self, argument: Any, timeout: Any, metadata: Any, *options: Any) -> Any:
+        metadata = reusable_metadata(metadata)
         prepared = self._carrier.prepare(metadata)
         if prepared is None:
             return self._intercepted.future(argument, timeout, metadata, *options)
@@ -118,6 +121,7 @@ class _MultiCallable:
         return future
 
     def _stream(self, argument: Any, timeout: Any, metadata: Any, *options: Any) -> Any:
+        metadata = reusable_metadata(metadata)
         prepared = self._carrier.prepare(metadata)
         if prepared is None:
             return self._intercepted(argument, timeout, metadata, *options)

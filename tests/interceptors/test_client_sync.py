@@ -269,6 +269,17 @@ def test_metadata_containers_kept(client, keeper, make_channel, protected, metad
         assert metadata == [("x-caller", "1")]
 
 
+def test_metadata_generator_kept(client, keeper, make_channel, protected) -> None:  # type: ignore[no-untyped-def]
+    session = Session(client, tier="standard", keeper=keeper)
+    channel = make_channel(session.interceptor())
+
+    channel.unary_unary(UNARY)(b"ping", metadata=(item for item in [("x-caller", "1")]))
+
+    seen = protected.metadata_seen[-1]
+    assert ("x-caller", "1") in seen
+    assert lease_values(seen) == [session.lease_id]
+
+
 def test_interceptor_before_adds_metadata(client, keeper, make_channel, protected) -> None:  # type: ignore[no-untyped-def]
     session = Session(client, tier="standard", keeper=keeper)
     before = RecordingInterceptor(replace_with=(("x-before", "b"),))
