@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from session_authority.clients._client import AuthorityClient
+from session_authority.clients._keeper import LeaseKeeper
 from session_authority.server import AuthorityConfig, AuthorityThread, InsecureDevAuthenticator, parse_policy
 
 from policies import TEST_POLICY
@@ -37,6 +39,21 @@ def authority(tmp_path: pathlib.Path) -> Iterator[AuthorityThread]:
     running = AuthorityThread(config).start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def keeper() -> Iterator[LeaseKeeper]:
+    """A lease keeper of the test's own, closed at the end."""
+    running = LeaseKeeper()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def admin(authority: AuthorityThread) -> Iterator[AuthorityClient]:
+    """A client of ``authority`` as the principal ``ops``, for admin calls (that authority admits every caller as admin)."""
+    with AuthorityClient(authority.target, principal="ops") as opened:
+        yield opened
 
 
 class AuthorityProcess:

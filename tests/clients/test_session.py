@@ -363,21 +363,8 @@ def test_session_rejects_negative_margin() -> None:
 
 
 @pytest.fixture
-def keeper() -> Iterator[LeaseKeeper]:
-    running = LeaseKeeper()
-    yield running
-    running.close()
-
-
-@pytest.fixture
 def client(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
     with AuthorityClient(authority.target, principal="svc") as opened:
-        yield opened
-
-
-@pytest.fixture
-def admin(authority) -> Iterator[AuthorityClient]:  # type: ignore[no-untyped-def]
-    with AuthorityClient(authority.target, principal="ops") as opened:
         yield opened
 
 
