@@ -63,12 +63,20 @@ DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 1.0
 STALENESS_HEARTBEATS = 3
 """The default staleness bound, in heartbeat intervals."""
 
+MIN_STALENESS_HEARTBEATS = 2
+"""A configured staleness bound is raised to this many heartbeat intervals once the authority reports its interval.
+
+A shorter bound runs out between two heartbeats of a healthy stream, so the
+enforcer would refuse calls about once per heartbeat interval.
+"""
+
 RECONNECTS_PER_STALENESS_BOUND = 4
 """The watch stream's reconnect delay stays under the staleness bound divided by this.
 
-An authority that restarts within the bound is then back on the watch
-stream before cached leases stop being trusted, instead of a reconnect
-delay of up to ``reconnect_backoff_max_seconds`` running past the bound.
+The bound runs from the last message before an outage, so the rest of the
+heartbeat interval, the outage, the authority's start-up and the reconnect
+must all fit in it. Without this cap the reconnect delay alone could grow to
+``reconnect_backoff_max_seconds`` (2 s by default) of the default 3 s bound.
 """
 
 _MIN_PROBE_INTERVAL_SECONDS = 0.02
@@ -96,7 +104,9 @@ class EnforcerConfig:
         staleness_bound_seconds: After this long without any message on the
             watch stream (heartbeats included) cached leases are no longer
             trusted. None means three heartbeat intervals as the authority
-            reports them (3 s until the first heartbeat).
+            reports them (3 s until the first heartbeat). A value under two
+            heartbeat intervals is raised to two, with a warning, once the
+            authority reports its interval.
         fail_open: When the watch stream is stale, keep admitting calls on
             cached leases until their max duration, instead of refusing and
             cutting off calls with reason ``authority_unreachable``.
@@ -125,7 +135,10 @@ class EnforcerConfig:
         reconnect_backoff_initial_seconds: First delay before reconnecting a
             broken watch stream; it doubles up to the maximum, with jitter.
         reconnect_backoff_max_seconds: Largest reconnect delay. The delay
-            also stays under a quarter of the staleness bound.
+            also stays under a quarter of the staleness bound, so a short
+            bound sets the retry rate. While the authority cannot be
+            reached, a retry waits for the channel to connect rather than
+            failing at once.
         meter_provider: An ``opentelemetry.metrics.MeterProvider`` for the
             enforcer's metrics; None means the global meter provider.
     """
@@ -548,6 +561,8 @@ class Enforcer:
         self._validation_executor: concurrent.futures.ThreadPoolExecutor | None = None
 
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL_SECONDS
+        # Set once a heartbeat has reported the authority's interval.
+        self._heartbeat_reported = False
         self._last_heard = clock()
         self._stale = False
         self._closed = False
@@ -1060,9 +1075,29 @@ class Enforcer:
     # -- staleness ---------------------------------------------------------------
 
     def _staleness_bound(self) -> float:
-        if self.config.staleness_bound_seconds is not None:
-            return self.config.staleness_bound_seconds
-        return STALENESS_HEARTBEATS * self._heartbeat_interval
+        configured = self.config.staleness_bound_seconds
+        if configured is None:
+            return STALENESS_HEARTBEATS * self._heartbeat_interval
+        if self._heartbeat_reported:
+            return max(configured, MIN_STALENESS_HEARTBEATS * self._heartbeat_interval)
+        return configured
+
+    def _warn_if_bound_too_short(self) -> None:
+        # Under the lock, when the authority reports a heartbeat interval.
+        configured = self.config.staleness_bound_seconds
+        floor = MIN_STALENESS_HEARTBEATS * self._heartbeat_interval
+        if configured is None or configured >= floor:
+            return
+        logger.warning(
+            "staleness_bound_seconds %.3g s is less than %d of the authority's heartbeat intervals (%.3g s),"
+            " so the watch stream would look silent between heartbeats; using %.3g s. Set"
+            " staleness_bound_seconds to at least %.3g s, or lower the authority's --heartbeat-interval",
+            configured,
+            MIN_STALENESS_HEARTBEATS,
+            self._heartbeat_interval,
+            floor,
+            floor,
+        )
 
     def _arm_staleness_check(self) -> None:
         self._timer.schedule(self._last_heard + self._staleness_bound(), self._check_staleness)
@@ -1102,8 +1137,10 @@ class Enforcer:
         """Mark the watch stream alive (link's watch thread)."""
         with self._lock:
             self._last_heard = self._clock()
-            if interval_seconds:
+            if interval_seconds and (interval_seconds != self._heartbeat_interval or not self._heartbeat_reported):
                 self._heartbeat_interval = interval_seconds
+                self._heartbeat_reported = True
+                self._warn_if_bound_too_short()
             if not self._stale:
                 return
             self._stale = False

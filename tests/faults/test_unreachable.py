@@ -30,6 +30,7 @@ RECOVERY_TIMEOUT_SECONDS = 15.0
 
 ECHO_METHOD = "/test.Fault/Echo"
 LINK_LOGGER = "session_authority.interceptors._authority_link"
+ENFORCER_LOGGER = "session_authority.interceptors._enforcer"
 
 # Short channel backoff, so that a client notices the returned authority within
 # about a second instead of after gRPC's default backoff of up to two minutes.
@@ -43,15 +44,22 @@ FAST_RECONNECT = (
 class ProtectedServer:
     """A ``grpc.server`` on loopback with one unary method behind a :class:`LeaseServerInterceptor`."""
 
-    def __init__(self, authority_target: str, *, reconnect_backoff_seconds: tuple[float, float] = (0.05, 0.5)) -> None:
-        config = EnforcerConfig(
-            authority_target=authority_target,
-            staleness_bound_seconds=STALENESS_BOUND_SECONDS,
-            activity_batch_interval_seconds=0.05,
-            reconnect_backoff_initial_seconds=reconnect_backoff_seconds[0],
-            reconnect_backoff_max_seconds=reconnect_backoff_seconds[1],
-            validate_timeout_seconds=1.0,
-        )
+    def __init__(
+        self,
+        authority_target: str,
+        *,
+        reconnect_backoff_seconds: tuple[float, float] = (0.05, 0.5),
+        config: EnforcerConfig | None = None,
+    ) -> None:
+        if config is None:
+            config = EnforcerConfig(
+                authority_target=authority_target,
+                staleness_bound_seconds=STALENESS_BOUND_SECONDS,
+                activity_batch_interval_seconds=0.05,
+                reconnect_backoff_initial_seconds=reconnect_backoff_seconds[0],
+                reconnect_backoff_max_seconds=reconnect_backoff_seconds[1],
+                validate_timeout_seconds=1.0,
+            )
         self.interceptor = LeaseServerInterceptor(config)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
         self.server = grpc.server(self.executor, interceptors=[self.interceptor])
@@ -338,3 +346,23 @@ def test_holder_ends_unreachable_after_deadline(proxy, direct_client) -> None:  
     assert at_authority.state is LeaseState.ENDED
     assert at_authority.end_reason is not None
     assert at_authority.end_reason.value == "idle_timeout"
+
+
+def test_enforcer_raises_bound_below_two_heartbeats(authority, caplog) -> None:  # type: ignore[no-untyped-def]
+    # The in-process authority sends a heartbeat every 0.2 s. A bound of one
+    # interval would run out between heartbeats of a healthy stream.
+    caplog.set_level(logging.INFO, logger=ENFORCER_LOGGER)
+    with AuthorityClient(authority.target, principal="svc-fault") as client:
+        lease_id = client.grant("standard").lease_id
+    config = EnforcerConfig(authority_target=authority.target, staleness_bound_seconds=0.2)
+    server = ProtectedServer(authority.target, config=config)
+    try:
+        for _ in range(40):
+            assert server.call(lease_id)[0] is grpc.StatusCode.OK
+            time.sleep(0.05)
+    finally:
+        server.stop()
+
+    messages = [record.getMessage() for record in caplog.records if record.name == ENFORCER_LOGGER]
+    assert not [message for message in messages if "no word from the authority" in message]
+    assert len([message for message in messages if "using 0.4 s" in message]) == 1
