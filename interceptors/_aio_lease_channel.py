@@ -47,13 +47,14 @@ def _carrier(session: AioSession) -> _Carrier:
 class _ObservedCall:
     """Delegates the call API to a ``grpc.aio`` call; subclasses add what marks activity or reads rejections."""
 
-    __slots__ = ("_call", "_carrier", "_observer", "_responses")
+    __slots__ = ("_call", "_carrier", "_observer", "_responses", "_status_task_started")
 
     def __init__(self, call: Any, carrier: _Carrier, observer: _AioCallObserver) -> None:
         self._call = call
         self._carrier = carrier
         self._observer = observer
         self._responses: AsyncIterator[Any] | None = None
+        self._status_task_started = False
 
     def cancelled(self) -> bool:
         return self._call.cancelled()
@@ -97,9 +98,9 @@ class _UnaryResponse(_ObservedCall):
     A unary-unary call gets no task that reads its status when it finishes,
     because a task per call would cost what this channel saves. Instead,
     every way of reading the outcome reads the rejection first: awaiting
-    the response, the status getters, ``wait_for_connection`` and done
-    callbacks. A call whose outcome nobody reads ends the lease only through
-    the watch stream.
+    the response, the status and metadata getters, ``wait_for_connection``,
+    done callbacks and a ``done()`` that returns True. A call whose outcome
+    nobody reads ends the lease only through the watch stream.
     """
 
     __slots__ = ()
@@ -128,6 +129,13 @@ class _UnaryResponse(_ObservedCall):
         await self._read_rejection()
         return await self._call.trailing_metadata()
 
+    async def initial_metadata(self) -> Any:
+        metadata = await self._call.initial_metadata()
+        if self._call.done():
+            # A rejected call sends no initial metadata before its status.
+            await self._read_rejection()
+        return metadata
+
     async def wait_for_connection(self) -> None:
         try:
             await self._call.wait_for_connection()
@@ -135,10 +143,21 @@ class _UnaryResponse(_ObservedCall):
             self._observer.observe_error(exc)
             raise
 
+    def done(self) -> bool:
+        finished = self._call.done()
+        if finished and not self._status_task_started:
+            # A caller that polls done() reads the outcome next, so the
+            # rejection is read in a task, as for a done callback.
+            self._status_task_started = True
+            self._observer.on_done(self._call)
+        return finished
+
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         # The rejection is read in a task, as the interceptors do, and that
         # task starts before the caller's callback runs.
-        self._call.add_done_callback(self._observer.on_done)
+        if not self._status_task_started:
+            self._status_task_started = True
+            self._call.add_done_callback(self._observer.on_done)
         super().add_done_callback(callback)
 
 

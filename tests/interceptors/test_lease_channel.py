@@ -185,7 +185,9 @@ def test_aio_rejection_read_from_code_ends_lease(authority, keeper, admin, aio_s
     run_aio(authority, keeper, scenario, watch=False)
 
 
-@pytest.mark.parametrize("form", ["details", "trailing_metadata", "done_callback", "wait_for_connection"])
+@pytest.mark.parametrize(
+    "form", ["details", "trailing_metadata", "initial_metadata", "done", "done_callback", "wait_for_connection"]
+)
 def test_aio_rejection_read_any_way_ends_lease(authority, keeper, admin, aio_server, form: str) -> None:  # type: ignore[no-untyped-def]
     async def scenario(session: AioSession) -> None:
         await session.open()
@@ -197,6 +199,11 @@ def test_aio_rejection_read_any_way_ends_lease(authority, keeper, admin, aio_ser
                 await call.details()
             elif form == "trailing_metadata":
                 await call.trailing_metadata()
+            elif form == "initial_metadata":
+                await call.initial_metadata()
+            elif form == "done":
+                while not call.done():
+                    await asyncio.sleep(0.01)
             elif form == "wait_for_connection":
                 with pytest.raises(grpc.aio.AioRpcError):
                     await call.wait_for_connection()
