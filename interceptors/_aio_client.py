@@ -99,6 +99,32 @@ async def _responses_marking_activity(
         raise
 
 
+class _RejectionReadingCall:
+    """A stream-unary call whose await reads a rejection before the caller sees the error.
+
+    The done-callback task alone reads the status too late when grpc.aio
+    replaces it: a request write that fails after the server's status turns
+    it into ``INTERNAL`` (grpc/grpc issue 36066). Everything but the await is
+    the call's own.
+    """
+
+    __slots__ = ("_call", "_observer")
+
+    def __init__(self, call: Any, observer: _CallObserver) -> None:
+        self._call = call
+        self._observer = observer
+
+    def __await__(self) -> Any:
+        try:
+            return (yield from self._call.__await__())
+        except grpc.aio.AioRpcError as exc:
+            self._observer.observe_error(exc)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
 class _AioLeaseInterceptor:
     def __init__(self, session: AioSession) -> None:
         self._session = session
@@ -173,8 +199,8 @@ class AioStreamUnaryLeaseInterceptor(_AioLeaseInterceptor, grpc.aio.StreamUnaryC
     """Carries an :class:`AioSession`'s lease on stream-unary calls; each request marks activity.
 
     The call cannot be awaited here (requests written with ``call.write()``
-    flow only after the interceptor returns), so a rejection is read in a
-    task once the call finishes.
+    flow only after the interceptor returns), so a rejection is read when
+    the caller awaits the response, and in a task once the call finishes.
     """
 
     async def intercept_stream_unary(
@@ -186,7 +212,7 @@ class AioStreamUnaryLeaseInterceptor(_AioLeaseInterceptor, grpc.aio.StreamUnaryC
         requests = _requests_marking_activity(request_iterator, self._session.mark_activity)
         call = await continuation(details, requests)
         call.add_done_callback(observer.on_done)
-        return call
+        return _RejectionReadingCall(call, observer)
 
 
 class AioStreamStreamLeaseInterceptor(_AioLeaseInterceptor, grpc.aio.StreamStreamClientInterceptor):
