@@ -45,7 +45,7 @@ def _carrier(session: AioSession) -> _Carrier:
 
 
 class _ObservedCall:
-    """Delegates the call API to a ``grpc.aio`` call; subclasses add what marks activity or reads rejections."""
+    """Delegates the call API to a ``grpc.aio`` call. Subclasses add what marks activity or reads rejections."""
 
     __slots__ = ("_call", "_carrier", "_observer", "_responses", "_status_task_started")
 
@@ -100,7 +100,7 @@ class _UnaryResponse(_ObservedCall):
     every way of reading the outcome reads the rejection first: awaiting
     the response, the status and metadata getters, ``wait_for_connection``,
     done callbacks and a ``done()`` that returns True. A call whose outcome
-    nobody reads ends the lease only through the watch stream.
+    is never read ends the lease only through the watch stream.
     """
 
     __slots__ = ()
@@ -154,7 +154,7 @@ class _UnaryResponse(_ObservedCall):
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         # The rejection is read in a task, as the interceptors do, and that
-        # task starts before the caller's callback runs.
+        # task is created before the caller's callback runs.
         if not self._status_task_started:
             self._status_task_started = True
             self._call.add_done_callback(self._observer.on_done)
@@ -473,7 +473,7 @@ class AioLeaseChannel(grpc.aio.Channel):
         await self._direct.channel_ready()
 
     async def close(self, grace: Optional[float] = None) -> None:
-        """Close both channels; calls still in flight end with ``CANCELLED`` after ``grace`` seconds."""
+        """Close both channels. Calls still in flight end with ``CANCELLED`` after ``grace`` seconds."""
         self._closed = True
         if self._intercepted is None:
             await self._direct.close(grace)

@@ -66,9 +66,9 @@ def run(authority, protected, keeper, request) -> Callable[..., None]:  # type: 
     """Run a scenario on a fresh event loop with an AioSession and a channel factory.
 
     With the ``channel`` parameters, the factory opens the session's
-    ``AioLeaseChannel`` with the other interceptors after the session's;
-    interceptors that must run before the session's keep the interceptor
-    path. An ``AioLeaseChannel`` hands a call to the session's interceptors
+    ``AioLeaseChannel`` with the other interceptors after the session's.
+    Interceptors that must run before the session's keep the interceptor
+    path, because a channel cannot put them there. An ``AioLeaseChannel`` hands a call to the session's interceptors
     while the session has no lease, so with ``channel-granted`` a scenario's
     first call on a new channel takes the channel's own path too.
     """

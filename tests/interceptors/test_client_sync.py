@@ -71,8 +71,8 @@ def make_channel(
     """Build a channel with these interceptors, in order.
 
     With the ``channel`` parameters, a session's interceptor among them is
-    replaced by its ``LeaseChannel``: the interceptors before it wrap that
-    channel, and those after it sit on the channel it wraps, so every test
+    replaced by its ``LeaseChannel``. The interceptors before it wrap that
+    channel, and those after it sit on the channel it wraps. So every test
     runs against both ways of carrying a lease. A ``LeaseChannel`` hands a
     call to the interceptor while the session has no lease, so with
     ``channel-granted`` a pending session is opened first and the test's

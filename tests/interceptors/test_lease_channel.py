@@ -1,7 +1,7 @@
 """What LeaseChannel and AioLeaseChannel add to the interceptor suites: their own API, against a real authority and servers.
 
 The suites in test_client_sync.py and test_client_aio.py run every call
-shape through these channels as well; the tests here cover what only a
+shape through these channels as well. The tests here cover what only a
 channel has: its type and close, generated stubs, the connection that its
 two paths share, and rejections read without awaiting the response.
 """
@@ -49,7 +49,7 @@ def lease_values(metadata: Any) -> list[str]:
 # -- blocking ------------------------------------------------------------------------
 
 
-def test_channel_is_a_grpc_channel_and_closes_the_wrapped_one(authority, keeper, sync_server) -> None:  # type: ignore[no-untyped-def]
+def test_channel_type_and_close(authority, keeper, sync_server) -> None:  # type: ignore[no-untyped-def]
     with AuthorityClient(authority.target, principal="svc") as client:
         session = Session(client, tier="standard", keeper=keeper)
         raw = grpc.insecure_channel(sync_server.target)
