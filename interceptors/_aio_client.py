@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Generator, Iterator, Union
 
 import grpc
 import grpc.aio
 
 from session_authority.clients._metadata import LEASE_METADATA_KEY
 from session_authority.clients._session import end_reason_of_rejection
-from session_authority.interceptors._client import _CallObserver, has_lease_key, reusable_metadata
+from session_authority.interceptors._client import _CallObserver, _LeaseObservers, has_lease_key, reusable_metadata
 
 if TYPE_CHECKING:
     from session_authority.clients._aio_session import AioSession
-    from session_authority.clients._session import LeaseSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +98,15 @@ async def _responses_marking_activity(
         raise
 
 
+def await_reading_rejection(call: Any, observer: _CallObserver) -> Generator[Any, None, Any]:
+    """Await ``call`` and report a rejection it raises to ``observer`` before re-raising it (for ``__await__``)."""
+    try:
+        return (yield from call.__await__())
+    except grpc.aio.AioRpcError as exc:
+        observer.observe_error(exc)
+        raise
+
+
 class _RejectionReadingCall:
     """A stream-unary call whose await reads a rejection before the caller sees the error.
 
@@ -115,11 +123,7 @@ class _RejectionReadingCall:
         self._observer = observer
 
     def __await__(self) -> Any:
-        try:
-            return (yield from self._call.__await__())
-        except grpc.aio.AioRpcError as exc:
-            self._observer.observe_error(exc)
-            raise
+        return await_reading_rejection(self._call, self._observer)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._call, name)
@@ -128,7 +132,7 @@ class _RejectionReadingCall:
 class _AioLeaseInterceptor:
     def __init__(self, session: AioSession) -> None:
         self._session = session
-        self._observer: _AioCallObserver | None = None
+        self._observers = _LeaseObservers(session, _AioCallObserver)
 
     async def _prepare(
         self, details: grpc.aio.ClientCallDetails
@@ -152,15 +156,7 @@ class _AioLeaseInterceptor:
             details.credentials,
             details.wait_for_ready,
         )
-        return new_details, self._observer_for(snapshot)
-
-    def _observer_for(self, snapshot: LeaseSnapshot) -> _AioCallObserver:
-        # One observer per lease rather than per call, as in the blocking interceptor.
-        observer = self._observer
-        if observer is None or observer.lease_id != snapshot.lease_id:
-            observer = _AioCallObserver(self._session, snapshot.lease_id)
-            self._observer = observer
-        return observer
+        return new_details, self._observers.for_lease(snapshot.lease_id)
 
 
 class AioUnaryUnaryLeaseInterceptor(_AioLeaseInterceptor, grpc.aio.UnaryUnaryClientInterceptor):

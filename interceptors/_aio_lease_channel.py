@@ -29,6 +29,7 @@ from session_authority.interceptors._aio_client import (
     _requests_marking_activity,
     _responses_marking_activity,
     aio_metadata_with_lease,
+    await_reading_rejection,
 )
 from session_authority.interceptors._client import reusable_metadata
 from session_authority.interceptors._lease_channel import _Carrier
@@ -106,11 +107,7 @@ class _UnaryResponse(_ObservedCall):
     __slots__ = ()
 
     def __await__(self) -> Any:
-        try:
-            return (yield from self._call.__await__())
-        except grpc.aio.AioRpcError as exc:
-            self._observer.observe_error(exc)
-            raise
+        return await_reading_rejection(self._call, self._observer)
 
     async def _read_rejection(self) -> None:
         code = await self._call.code()

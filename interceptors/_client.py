@@ -19,7 +19,7 @@ from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason
 from session_authority.clients._session import end_reason_of_rejection
 
 if TYPE_CHECKING:
-    from session_authority.clients._session import LeaseSnapshot, Session, _SessionBase
+    from session_authority.clients._session import Session, _SessionBase
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,29 @@ class _CallObserver:
             self._session._report_rejection(self.lease_id, reason)
 
 
+class _LeaseObservers:
+    """The observer of a session's current lease, built once per lease rather than per call.
+
+    Threading: any thread. Threads racing after a new grant may each build
+    one, the last assignment wins, and any of them reports to the right lease.
+    """
+
+    __slots__ = ("_session", "_observer_class", "_current")
+
+    def __init__(self, session: _SessionBase, observer_class: type[_CallObserver]) -> None:
+        self._session = session
+        self._observer_class = observer_class
+        self._current: Any = None
+
+    def for_lease(self, lease_id: str) -> Any:
+        """Return the observer of ``lease_id``, an instance of the observer class."""
+        observer = self._current
+        if observer is None or observer.lease_id != lease_id:
+            observer = self._observer_class(self._session, lease_id)
+            self._current = observer
+        return observer
+
+
 def _requests_marking_activity(requests: Iterator[Any], mark: Callable[[], None]) -> Iterator[Any]:
     for request in requests:
         mark()
@@ -239,7 +262,7 @@ class LeaseClientInterceptor(
 
     def __init__(self, session: Session) -> None:
         self._session = session
-        self._observer: _CallObserver | None = None
+        self._observers = _LeaseObservers(session, _CallObserver)
 
     def _prepare(self, details: grpc.ClientCallDetails) -> tuple[grpc.ClientCallDetails, _CallObserver | None]:
         caller_metadata = getattr(details, "metadata", None)
@@ -255,17 +278,7 @@ class LeaseClientInterceptor(
         else:
             snapshot = self._session._lease_for_call()
             new_metadata = metadata_with_lease(metadata, snapshot.lease_id)
-        return _details_with_metadata(details, new_metadata), self._observer_for(snapshot)
-
-    def _observer_for(self, snapshot: LeaseSnapshot) -> _CallObserver:
-        # One observer per lease rather than per call. Threads racing after a
-        # new grant may each build one; the last assignment wins, and any of
-        # them reports to the right lease.
-        observer = self._observer
-        if observer is None or observer.lease_id != snapshot.lease_id:
-            observer = _CallObserver(self._session, snapshot.lease_id)
-            self._observer = observer
-        return observer
+        return _details_with_metadata(details, new_metadata), self._observers.for_lease(snapshot.lease_id)
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         details, observer = self._prepare(client_call_details)

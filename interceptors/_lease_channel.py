@@ -23,6 +23,7 @@ from session_authority.clients._session import SessionEnded
 from session_authority.interceptors._client import (
     LeaseClientInterceptor,
     _CallObserver,
+    _LeaseObservers,
     _requests_marking_activity,
     _ResponseStream,
     has_lease_key,
@@ -40,12 +41,10 @@ class _Carrier:
     """Decides per call whether the direct path applies, and what metadata and observer it uses.
 
     The aio channel uses it too, with its own observer class and metadata
-    copy. Threading: any thread. The observer is cached per lease as in
-    :class:`LeaseClientInterceptor`. Threads racing after a new grant may
-    each build one, and any of them reports to the right lease.
+    copy. Threading: any thread.
     """
 
-    __slots__ = ("session", "mark", "_observer_class", "_with_lease", "_observer")
+    __slots__ = ("session", "mark", "_with_lease", "_observers")
 
     def __init__(
         self,
@@ -55,9 +54,8 @@ class _Carrier:
     ) -> None:
         self.session = session
         self.mark = session.mark_activity
-        self._observer_class = observer_class
         self._with_lease = with_lease
-        self._observer: Any = None
+        self._observers = _LeaseObservers(session, observer_class)
 
     def prepare(self, metadata: Any) -> tuple[Any, Any] | None:
         """Return the call's metadata and observer, or None when the interceptor must handle the call."""
@@ -71,10 +69,7 @@ class _Carrier:
             return None
         if snapshot is None:
             return None
-        observer = self._observer
-        if observer is None or observer.lease_id != snapshot.lease_id:
-            observer = self._observer_class(self.session, snapshot.lease_id)
-            self._observer = observer
+        observer = self._observers.for_lease(snapshot.lease_id)
         if metadata is None:
             return snapshot.metadata, observer
         return self._with_lease(metadata, snapshot.lease_id), observer
