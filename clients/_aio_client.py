@@ -94,6 +94,7 @@ class AioAuthorityClient:
                 self._channel = grpc.aio.insecure_channel(target, options=list(options))
             self._owns_channel = True
         self._stub = pb_grpc.SessionAuthorityStub(self._channel)
+        self._closed = False
 
     async def __aenter__(self) -> AioAuthorityClient:
         return self
@@ -108,8 +109,14 @@ class AioAuthorityClient:
 
     async def close(self) -> None:
         """Close the channel if this client opened it; idempotent."""
+        self._closed = True
         if self._owns_channel:
             await self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called, even when the channel was the caller's and stays open."""
+        return self._closed
 
     def _timeout(self, timeout_seconds: float | None) -> float | None:
         if timeout_seconds is None:

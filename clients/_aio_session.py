@@ -285,12 +285,18 @@ class AioLink:
         self._call_on_loop(self._start_watch_on_loop, on_end)
 
     def _start_watch_on_loop(self, on_end: WatchedEndCallback) -> None:
-        if not self._closed and self._watch_task is None:
-            self._watch_task = asyncio.ensure_future(self._watch(on_end))
+        # A keeper may ask after the caller closed the client, as late as
+        # asyncio.run's shutdown: a task created then would never run.
+        if self._closed or self._client.closed or self._watch_task is not None:
+            return
+        self._watch_task = asyncio.ensure_future(self._watch(on_end))
 
     async def _watch(self, on_end: WatchedEndCallback) -> None:
         backoff = 0.1
         while not self._closed:
+            if self._client.closed:
+                logger.debug("session watch stopped: the authority client was closed")
+                return
             try:
                 async for event in self._client.watch_session_ends():
                     backoff = 0.1

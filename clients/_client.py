@@ -95,6 +95,7 @@ class AuthorityClient:
                 self._channel = grpc.insecure_channel(target, options=list(options))
             self._owns_channel = True
         self._stub = pb_grpc.SessionAuthorityStub(self._channel)
+        self._closed = False
 
     def __enter__(self) -> AuthorityClient:
         return self
@@ -109,8 +110,14 @@ class AuthorityClient:
 
     def close(self) -> None:
         """Close the channel if this client opened it; idempotent."""
+        self._closed = True
         if self._owns_channel:
             self._channel.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called, even when the channel was the caller's and stays open."""
+        return self._closed
 
     def _timeout(self, timeout_seconds: float | None) -> float | None:
         if timeout_seconds is None:

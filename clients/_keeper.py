@@ -474,6 +474,9 @@ class SyncLink:
             with self._watch_lock:
                 if self._closed.is_set():
                     return
+                if self._client.closed:
+                    logger.debug("session watch stopped: the authority client was closed")
+                    return
                 stream = self._client.watch_session_ends()
                 self._watch_stream = stream
             try:

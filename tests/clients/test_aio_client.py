@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from session_authority.clients._aio_client import AioAuthorityClient, AioWatchStream
+from session_authority.clients._aio_session import AioLink
 from session_authority.clients._errors import (
     AuthorityError,
     AuthorityUnavailable,
@@ -380,3 +381,23 @@ def test_aio_client_leaves_given_channel_open(target: str) -> None:
 def test_aio_client_needs_target_or_channel() -> None:
     with pytest.raises(ValueError, match=r"^AioAuthorityClient needs exactly one of target"):
         AioAuthorityClient()
+
+
+def test_aio_link_of_closed_client_starts_no_watch(target: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A keeper may ask for a watch after the caller closed the client; the link then starts none."""
+    ends: list[object] = []
+
+    async def main() -> None:
+        client = AioAuthorityClient(target, principal="svc")
+        link = AioLink(client, asyncio.get_running_loop())
+        await client.close()
+        link.start_watch(lambda digest, reason: ends.append(reason))
+        # Long enough for a watch task to fail on the closed channel and retry.
+        await asyncio.sleep(0.5)
+        link.close()
+        await asyncio.sleep(0)
+
+    with caplog.at_level("DEBUG", logger="session_authority.clients"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if "session watch" in r.getMessage()]
+    assert ends == []

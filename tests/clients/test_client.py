@@ -25,6 +25,7 @@ from session_authority.clients._errors import (
     Unauthenticated,
     _retry_after_seconds,
 )
+from session_authority.clients._keeper import SyncLink
 from session_authority.clients._metadata import EndReason, fingerprint, lease_digest
 from session_authority.clients._types import (
     GrantedLease,
@@ -874,3 +875,18 @@ def test_wrong_api_key_unauthenticated(keyed_authority: tuple[AuthorityThread, s
             keyed.grant("standard")
 
     assert "not-the-key" not in str(caught.value)
+
+
+def test_link_of_closed_client_stops_its_watch(authority, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    """A watch asked for after the caller closed the client ends at once instead of failing and retrying."""
+    client = AuthorityClient(authority.target, principal="svc-a")
+    link = SyncLink(client)
+    client.close()
+    ends: list[object] = []
+    with caplog.at_level("DEBUG", logger="session_authority.clients"):
+        link.start_watch(lambda digest, reason: ends.append(reason))
+        # Long enough for a watch on the closed channel to fail and retry.
+        time.sleep(0.5)
+        link.close()
+    assert [r.levelname for r in caplog.records if "session watch" in r.getMessage()] == ["DEBUG"]
+    assert ends == []
