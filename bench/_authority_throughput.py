@@ -11,6 +11,7 @@ hits both sides of a ratio alike.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import cProfile
 import dataclasses
@@ -96,9 +97,14 @@ def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra
 
 @contextlib.contextmanager
 def authority_server(
-    work_dir: pathlib.Path, name: str, profile_dir: pathlib.Path | None = None
+    work_dir: pathlib.Path, name: str, profile_dir: pathlib.Path | None = None, *, without_store: bool = False
 ) -> Iterator[ServerProcess]:
-    """Run ``session-authority serve`` with a fresh SQLite data directory, profiled into ``profile_dir`` if given."""
+    """Run ``session-authority serve`` with a fresh SQLite data directory, profiled into ``profile_dir`` if given.
+
+    With ``without_store`` the authority keeps nothing on disk: no lease
+    store and no audit log. It is a reference that splits the grant's cost
+    between the call path and what makes a grant durable.
+    """
     policy = work_dir / "policy.toml"
     policy.write_text(POLICY)
     serve_args = [
@@ -110,6 +116,8 @@ def authority_server(
     ]  # fmt: skip
     if profile_dir is not None:
         command = python_command("bench._authority_throughput", "--profile-dir", str(profile_dir), *serve_args)
+    elif without_store:
+        command = python_command("bench._authority_throughput", "--without-store", *serve_args)
     else:
         command = python_command("session_authority.server._main", *serve_args)
     with ServerProcess(command, work_dir / f"{name}.port", work_dir / f"{name}.log") as server:
@@ -181,6 +189,18 @@ def serve_profiled(profile_dir: pathlib.Path, serve_args: Sequence[str]) -> int:
         profile.dump_stats(str(profile_dir / "main.prof"))
 
 
+def serve_without_store(serve_args: Sequence[str]) -> int:
+    """Run ``session-authority serve`` with ``serve_args``, but with no lease store and no audit log."""
+    from session_authority.server._main import build_config, build_parser, run
+
+    parser = build_parser()
+    args = parser.parse_args(list(serve_args))
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = dataclasses.replace(build_config(args, parser), data_dir=None)
+    asyncio.run(run(config, args.port_file))
+    return 0
+
+
 def print_profile(kind: str, profile_dir: pathlib.Path, top: int = 12) -> None:
     """Print the CPU time of each profiled thread of the authority and its functions with the most own time.
 
@@ -216,6 +236,7 @@ def run(options: Options) -> list[Figure]:
     plan = Plan.for_options(options)
     grants: list[dict] = []
     echoes: list[dict] = []
+    grants_without_store: list[dict] = []
     renewals: list[dict] = []
     etcd_grants: list[dict] = []
     etcd_keepalives: list[dict] = []
@@ -231,11 +252,15 @@ def run(options: Options) -> list[Figure]:
         renewal_authority = stack.enter_context(
             authority_server(options.work_dir, "renewals", profiles.get("renewals"))
         )
+        authority_without_store = stack.enter_context(
+            authority_server(options.work_dir, "without-store", without_store=True)
+        )
         echo = stack.enter_context(echo_server(options.work_dir))
         etcd = stack.enter_context(etcd_server(options))
         for _ in range(plan.rounds):
             echoes.append(load(plan, "grant", echo, *concurrency))
             grants.append(load(plan, "grant", grant_authority, *concurrency))
+            grants_without_store.append(load(plan, "grant", authority_without_store, *concurrency))
             renewals.append(
                 load(
                     plan, "keepalive", renewal_authority,
@@ -287,6 +312,26 @@ def run(options: Options) -> list[Figure]:
             note="all server threads; lower is better",
         ),
     ]
+    # No target: these split the gap above into the call path (gRPC, the
+    # handler, the lease table) and the store and audit writes.
+    figures += [
+        Figure(
+            name="grant/s without store or audit log",
+            value=median_rate(grants_without_store),
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_rate(echoes),
+            note="reference: nothing kept on disk",
+        ),
+        Figure(
+            name="server CPU us/grant without store or audit log",
+            value=median_cpu_microseconds(grants_without_store),
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_cpu_microseconds(echoes),
+            note="reference; lower is better",
+        ),
+    ]
     if etcd_grants:
         figures.append(
             Figure(
@@ -322,13 +367,20 @@ def run(options: Options) -> list[Figure]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a profiled authority: ``python -m bench._authority_throughput --profile-dir DIR SERVE_ARGS...``."""
+    """Run an authority for the benchmark: ``python -m bench._authority_throughput (--profile-dir DIR | --without-store) SERVE_ARGS...``."""
     parser = argparse.ArgumentParser(
         prog="python -m bench._authority_throughput",
-        description="Run session-authority serve with a CPU-time profile per thread (for python -m bench --profile).",
+        description=(
+            "Run session-authority serve with a CPU-time profile per thread (for python -m bench --profile),"
+            " or without a lease store and audit log (the benchmark's reference)."
+        ),
     )
-    parser.add_argument("--profile-dir", type=pathlib.Path, required=True, help="directory for the .prof files")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--profile-dir", type=pathlib.Path, help="directory for the .prof files")
+    mode.add_argument("--without-store", action="store_true", help="keep no lease store and no audit log")
     arguments, serve_args = parser.parse_known_args(argv)
+    if arguments.without_store:
+        return serve_without_store(serve_args)
     return serve_profiled(arguments.profile_dir, serve_args)
 
 
