@@ -401,8 +401,17 @@ async def run(config: AuthorityConfig, port_file: pathlib.Path | None = None) ->
         loop.add_signal_handler(signum, stopping.set)
     if port_file is not None:
         temporary = port_file.with_suffix(port_file.suffix + ".tmp")
-        temporary.write_text(f"{authority.port}\n")
-        temporary.replace(port_file)
+        try:
+            temporary.write_text(f"{authority.port}\n")
+            temporary.replace(port_file)
+        except OSError as exc:
+            # The authority is already serving, so stop it as SIGTERM does,
+            # which closes the store and the audit log.
+            await authority.stop(grace_seconds=0)
+            raise RuntimeError(
+                f"cannot write --port-file {port_file}: {exc.strerror or exc};"
+                " create its directory or choose another path"
+            ) from exc
 
     await stopping.wait()
     logger.info("stop requested; finishing calls in flight")

@@ -201,6 +201,23 @@ def test_second_authority_on_same_port_fails(authority_process, tmp_path) -> Non
     assert f"cannot listen on {authority_process.target}" in result.stderr
 
 
+def test_unwritable_port_file_stops_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port_file = tmp_path / "missing-dir" / "port"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "session_authority.server._main", "--insecure-dev", "--listen", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "data"), "--port-file", str(port_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1
+    assert f"cannot write --port-file {port_file}: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "lease store closed" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
