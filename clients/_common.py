@@ -29,6 +29,12 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 MAX_PAGE_SIZE = 2**32 - 1
 """``ListLeasesRequest.page_size`` is a uint32."""
 
+MAX_SEQUENCE = 2**64 - 1
+"""``WatchSessionEndsRequest.after_sequence`` is a uint64."""
+
+MAX_PRINCIPAL_LENGTH = 256
+"""The authority's limit on a principal's length; longer metadata would also pass gRPC's 16 KiB cap."""
+
 Metadata = tuple[tuple[str, str], ...]
 
 _FutureT = TypeVar("_FutureT")
@@ -47,6 +53,11 @@ def build_metadata(api_key: str | None, principal: str | None) -> Metadata:
         metadata.append((AUTHORIZATION_METADATA_KEY, f"Bearer {api_key}"))
     if principal is not None:
         _check_metadata_value(principal, "principal", secret=False)
+        if len(principal) > MAX_PRINCIPAL_LENGTH:
+            raise ValueError(
+                f"principal must be at most {MAX_PRINCIPAL_LENGTH} characters, got {len(principal)};"
+                " use a shorter service name"
+            )
         metadata.append((PRINCIPAL_METADATA_KEY, principal))
     return tuple(metadata)
 
@@ -147,22 +158,48 @@ def check_timeout_seconds(value: float | None, field: str = "timeout_seconds") -
     return float(value)
 
 
+def check_text(value: str, field: str, *, secret: bool = False) -> str:
+    """Return ``value`` if a protobuf string field can carry it.
+
+    Args:
+        value: The text; empty is allowed.
+        field: The argument's name, for the error message.
+        secret: Keep the value out of the message.
+
+    Raises:
+        ValueError: ``value`` is not a str, or holds lone surrogates, which
+            UTF-8 cannot encode. Python decodes command-line arguments and
+            file names that are not UTF-8 into such surrogates.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value_text = "the value given" if secret else repr(value)
+        raise ValueError(
+            f"{field} must be UTF-8 text, and {value_text} contains bytes that are not valid UTF-8;"
+            " re-encode it as UTF-8"
+        ) from None
+    return value
+
+
 def check_lease_id(lease_id: str, field: str = "lease_id") -> str:
     """Validate a lease ID without ever putting it in the error message.
 
     Raises:
-        ValueError: The lease ID is not a non-empty string.
+        ValueError: The lease ID is not a non-empty string of UTF-8 text.
     """
     if not isinstance(lease_id, str) or not lease_id:
         raise ValueError(f"{field} must be a non-empty string (the ID returned by grant)")
-    return lease_id
+    return check_text(lease_id, field, secret=True)
 
 
 def grant_request(
     tier: str, principal: str, idle_timeout_seconds: float | None
 ) -> pb.GrantRequest:
     """Build a ``GrantRequest``; an empty tier leaves the choice to the authority."""
-    request = pb.GrantRequest(tier=tier, principal=principal)
+    request = pb.GrantRequest(tier=check_text(tier, "tier"), principal=check_text(principal, "principal"))
     if idle_timeout_seconds is not None:
         request.idle_timeout.CopyFrom(
             seconds_to_duration(idle_timeout_seconds, field="idle_timeout_seconds")
@@ -211,7 +248,7 @@ def revoke_request(
         raise ValueError(
             f"fingerprint must be the non-empty fingerprint shown by list_leases, got {fingerprint!r}"
         )
-    return pb.RevokeRequest(fingerprint=fingerprint, release=release)
+    return pb.RevokeRequest(fingerprint=check_text(fingerprint, "fingerprint"), release=release)
 
 
 def list_leases_request(
@@ -230,7 +267,10 @@ def list_leases_request(
             f"page_size must be between 0 (server default) and {MAX_PAGE_SIZE}, got {page_size}"
         )
     return pb.ListLeasesRequest(
-        principal=principal, tier=tier, page_size=page_size, page_token=page_token
+        principal=check_text(principal, "principal"),
+        tier=check_text(tier, "tier"),
+        page_size=page_size,
+        page_token=check_text(page_token, "page_token"),
     )
 
 
@@ -246,20 +286,28 @@ def validate_request(lease_id: str, method: str, caller_principal: str) -> pb.Va
         raise ValueError(
             f"method must be a full method name like '/package.Service/Method', got {method!r}"
         )
-    return pb.ValidateRequest(lease_id=lease_id, method=method, caller_principal=caller_principal)
+    return pb.ValidateRequest(
+        lease_id=lease_id,
+        method=check_text(method, "method"),
+        caller_principal=check_text(caller_principal, "caller_principal"),
+    )
 
 
 def watch_request(after_sequence: int, instance_id: str) -> pb.WatchSessionEndsRequest:
     """Build a ``WatchSessionEndsRequest``.
 
     Raises:
-        ValueError: ``after_sequence`` is not an integer >= 0.
+        ValueError: ``after_sequence`` is not an integer in [0, 2**64 - 1],
+            or ``instance_id`` is not valid text.
     """
     if isinstance(after_sequence, bool) or not isinstance(after_sequence, int):
         raise ValueError(f"after_sequence must be an integer, got {after_sequence!r}")
-    if after_sequence < 0:
-        raise ValueError(f"after_sequence must be >= 0, got {after_sequence}")
-    return pb.WatchSessionEndsRequest(after_sequence=after_sequence, instance_id=instance_id)
+    if not 0 <= after_sequence <= MAX_SEQUENCE:
+        raise ValueError(
+            f"after_sequence must be between 0 (from now) and {MAX_SEQUENCE}, got {after_sequence};"
+            " pass the sequence of the last end you handled"
+        )
+    return pb.WatchSessionEndsRequest(after_sequence=after_sequence, instance_id=check_text(instance_id, "instance_id"))
 
 
 def renew_result(leases: Sequence[pb.Lease], sent_at_monotonic: float) -> RenewResult:

@@ -401,3 +401,18 @@ def test_aio_link_of_closed_client_starts_no_watch(target: str, caplog: pytest.L
         asyncio.run(main())
     assert not [r for r in caplog.records if "session watch" in r.getMessage()]
     assert ends == []
+
+
+@pytest.mark.parametrize(
+    ("tier", "message"),
+    [
+        (b"\xff".decode("utf-8", "surrogateescape"), r"^tier must be UTF-8 text"),
+        (5, r"^tier must be a string, got int$"),
+    ],
+)
+def test_aio_grant_text_it_cannot_send_names_the_field(target: str, tier: object, message: str) -> None:
+    async def body(client: AioAuthorityClient) -> None:
+        with pytest.raises(ValueError, match=message):
+            await client.grant(tier)  # type: ignore[arg-type]
+
+    run_with_client(target, body)

@@ -185,6 +185,43 @@ def test_build_metadata_bearer_and_principal() -> None:
     assert build_metadata(None, None) == ()
 
 
+def test_build_metadata_principal_over_authority_limit() -> None:
+    """A principal the authority would refuse is caught before gRPC's metadata cap answers RESOURCE_EXHAUSTED."""
+    assert build_metadata(None, "p" * 256) == (("x-session-principal", "p" * 256),)
+    with pytest.raises(ValueError, match=r"^principal must be at most 256 characters, got 20000; "):
+        build_metadata(None, "p" * 20000)
+
+
+# Python decodes a command-line argument that is not UTF-8 into lone surrogates.
+NOT_UTF8 = b"\xff\xfe".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.grant("standard", principal=f"svc{NOT_UTF8}"), "principal"),
+        (lambda c: c.grant(NOT_UTF8), "tier"),
+        (lambda c: c.grant(5), "tier"),
+        (lambda c: c.revoke(fingerprint=NOT_UTF8), "fingerprint"),
+        (lambda c: list(c.list_leases(tier=NOT_UTF8)), "tier"),
+        (lambda c: c.validate("some-lease", "/pkg.Svc/M", caller_principal=NOT_UTF8), "caller_principal"),
+        (lambda c: c.watch_session_ends(instance_id=NOT_UTF8), "instance_id"),
+    ],
+)
+def test_text_a_request_cannot_carry_names_the_field(client: AuthorityClient, call, field: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=rf"^{field} must be "):
+        call(client)
+
+
+def test_lease_id_that_is_not_utf8_rejected_without_echo(client: AuthorityClient) -> None:
+    lease_id = f"secret{NOT_UTF8}"
+
+    for call in (lambda: client.time_to_live(lease_id), lambda: client.revoke(lease_id), lambda: client.renew([(lease_id, 0.0)])):
+        with pytest.raises(ValueError, match=r"must be UTF-8 text, and the value given contains bytes that are not valid UTF-8") as caught:
+            call()
+        assert "secret" not in str(caught.value)
+
+
 def test_build_metadata_bad_key_not_echoed() -> None:
     with pytest.raises(ValueError, match=r"^api_key must be printable ASCII") as caught:
         build_metadata("bad\nkey", None)
@@ -782,9 +819,10 @@ def test_watch_cancel_ends_blocked_iteration(client: AuthorityClient) -> None:
     assert not reader.is_alive()
 
 
-def test_watch_negative_sequence_rejected(client: AuthorityClient) -> None:
-    with pytest.raises(ValueError, match=r"^after_sequence must be >= 0, got -1"):
-        client.watch_session_ends(after_sequence=-1)
+@pytest.mark.parametrize("sequence", [-1, 2**64])
+def test_watch_sequence_out_of_range_rejected(client: AuthorityClient, sequence: int) -> None:
+    with pytest.raises(ValueError, match=rf"^after_sequence must be between 0 \(from now\) and {2**64 - 1}, got {sequence};"):
+        client.watch_session_ends(after_sequence=sequence)
 
 
 def test_watch_unreachable_raises_unavailable() -> None:
