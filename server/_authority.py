@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -475,6 +476,31 @@ class Authority:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
+    def _warn_of_tiers_not_in_policy(self, restored: Iterable[StoredLease]) -> None:
+        """Log the live restored leases whose tier the policy no longer has.
+
+        Such a lease keeps the idle timeout and maximum duration it was
+        granted with until it ends; dropping a tier does not end its leases.
+        """
+        tiers = self.config.policy.tiers
+        counts = collections.Counter(row.tier for row in restored if row.tier not in tiers)
+        # Only the few leases of dropped tiers are looked up: those that ended while down no longer count.
+        alive = collections.Counter(
+            row.tier
+            for row in restored
+            if row.tier in counts and self.table.lookup_digest(row.digest).state is LeaseState.ALIVE
+        )
+        if not alive:
+            return
+        listed = ", ".join(f"{tier!r} ({count})" for tier, count in sorted(alive.items()))
+        logger.warning(
+            "%d restored live leases are in tiers the policy no longer has: %s. They keep the idle timeout and"
+            " maximum duration they were granted with until they end. 'session-authority lease list --tier NAME'"
+            " lists them, and 'lease revoke --fingerprint' ends one now",
+            sum(alive.values()),
+            listed,
+        )
+
     async def start(self) -> int:
         """Load the store, start expiry and serve; return the bound port.
 
@@ -546,6 +572,7 @@ class Authority:
             ended,
             ended_while_down,
         )
+        self._warn_of_tiers_not_in_policy(local_live)
         self._scheduler = ExpiryScheduler(self.table)
         self._scheduler.start()
 

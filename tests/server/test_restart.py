@@ -21,7 +21,7 @@ from session_authority.server._store import StoredLease
 from session_authority.v1 import session_authority_pb2 as pb
 from session_authority.v1 import session_authority_pb2_grpc as pb_grpc
 
-from policies import ONE_TIER_POLICY
+from policies import ONE_TIER_POLICY, TEST_POLICY
 
 POLICY = parse_policy(ONE_TIER_POLICY)
 
@@ -184,3 +184,37 @@ def test_store_refuses_newer_format(tmp_path: pathlib.Path) -> None:
 
     with pytest.raises(Exception, match=r"format version 99, this authority reads version 1"):
         SqliteLeaseStore(tmp_path)
+
+
+def test_restart_with_a_tier_dropped_warns_and_keeps_its_leases(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dropping a tier from the policy ends none of its leases, and the operator is told how many remain."""
+    clock = ManualClock()
+    config = AuthorityConfig(
+        authenticator=InsecureDevAuthenticator(),
+        policy=parse_policy(TEST_POLICY),
+        data_dir=tmp_path,
+        clock=clock,
+        admin_everyone=True,
+    )
+    first = AuthorityThread(config).start()
+    channel, stub = stub_for(first.target)
+    kept = [stub.Grant(pb.GrantRequest(principal="svc-a", tier="short")).lease_id for _ in range(2)]
+    ended = stub.Grant(pb.GrantRequest(principal="svc-a", tier="short")).lease_id
+    stub.Revoke(pb.RevokeRequest(lease_id=ended))
+    stub.Grant(pb.GrantRequest(principal="svc-a", tier="standard"))
+    channel.close()
+    first.stop()
+
+    with caplog.at_level("WARNING", logger="session_authority.server._authority"):
+        second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    states = [stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease.state for lease_id in kept]
+    channel.close()
+    second.stop()
+
+    assert states == [pb.LEASE_STATE_ALIVE, pb.LEASE_STATE_ALIVE]
+    warnings = [r.getMessage() for r in caplog.records if "tiers the policy no longer has" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("2 restored live leases are in tiers the policy no longer has: 'short' (2).")
