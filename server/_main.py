@@ -427,7 +427,14 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    config = build_config(args, parser)
+    try:
+        config = build_config(args, parser)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        # A bad flag, policy or key file is a usage error, like the flags argparse rejects.
+        print(exc.code, file=sys.stderr)
+        return 2
     try:
         telemetry = configure_sdk(prometheus_host=args.prometheus_host, prometheus_port=args.prometheus_port)
     except TelemetryConfigError as exc:

@@ -154,7 +154,7 @@ def test_insecure_dev_refuses_public_address(tmp_path) -> None:  # type: ignore[
         timeout=30,
     )
 
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "--insecure-dev refuses to listen on 0.0.0.0:0" in result.stderr
 
 
@@ -170,7 +170,7 @@ def test_bad_policy_fails_start_with_each_problem(tmp_path) -> None:  # type: ig
         timeout=30,
     )
 
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "tiers.x.idle_timeout" in result.stderr
     assert "tiers.x.max_duration" in result.stderr
 
@@ -184,7 +184,7 @@ def test_serve_without_authentication_refused(tmp_path) -> None:  # type: ignore
         timeout=30,
     )
 
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "no authentication configured; pass --api-keys FILE" in result.stderr
 
 
