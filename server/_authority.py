@@ -52,6 +52,10 @@ AUDIT_DIRECTORY_NAME = "audit"
 AUDIT_CLOSE_TIMEOUT_SECONDS = 5.0
 
 
+DEFAULT_RESTART_GRACE_SECONDS = 2.0
+"""Covers an enforcer's reconnect (its channel backs off at most 0.5 s) and its next keep-alive."""
+
+
 @dataclasses.dataclass
 class AuthorityConfig:
     """Settings of one authority process.
@@ -65,6 +69,12 @@ class AuthorityConfig:
         admin_everyone: Treat every caller as admin (insecure development mode).
         server_credentials: TLS credentials; None serves plaintext.
         heartbeat_interval_seconds: Maximum silence on a watch stream.
+        restart_grace_seconds: How long after serving starts the leases
+            restored from the store may still end by idle timeout at their
+            old deadline. Enforcers reconnect in that time and report the
+            activity they saw while the authority was away, with when it
+            happened. A restored lease that idled out meanwhile stays alive
+            for at most this long and then ends, dated at its deadline.
         ended_retention_seconds: How long ended leases are reported as ended
             rather than not found.
         clock: Time source; tests pass a ``ManualClock``.
@@ -105,6 +115,7 @@ class AuthorityConfig:
     admin_everyone: bool = False
     server_credentials: grpc.ServerCredentials | None = None
     heartbeat_interval_seconds: float = 1.0
+    restart_grace_seconds: float = DEFAULT_RESTART_GRACE_SECONDS
     ended_retention_seconds: float = 3600.0
     clock: Clock = dataclasses.field(default_factory=SystemClock)
     audit: bool = True
@@ -533,6 +544,9 @@ class Authority:
             live, ended = self.persistence.restore_into_table(rows)
             local_live = [row for row in rows if row.ended_at is None]
         self.telemetry.lease_restored(row.tier for row in local_live)
+        # Until enforcers have reconnected and reported what they saw while
+        # this authority was away, an active lease's stored activity is too old.
+        self.table.hold_idle_ends()
         chain_start_time: float | None = None
         if config.data_dir is not None and config.audit:
             chain_start_time = self._open_audit(config.data_dir / AUDIT_DIRECTORY_NAME)
@@ -622,6 +636,14 @@ class Authority:
         await server.start()
         self._server = server
         self.port = port
+        idled_out = self.table.end_hold(config.restart_grace_seconds)
+        if idled_out:
+            logger.info(
+                "%d restored leases are past their idle deadline; each ends in %g s, dated at its deadline,"
+                " unless an enforcer reports activity from before it",
+                idled_out,
+                config.restart_grace_seconds,
+            )
         self._housekeeping = asyncio.create_task(self._run_housekeeping())
         logger.info(
             "session authority serving on %s (transport: %s, store: %s, audit: %s, policy tiers: %s,"

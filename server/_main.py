@@ -24,7 +24,7 @@ from ._auth import (
     MtlsAuthenticator,
     is_loopback_address,
 )
-from ._authority import Authority, AuthorityConfig
+from ._authority import DEFAULT_RESTART_GRACE_SECONDS, Authority, AuthorityConfig
 from ._etcd_store import DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX
 from ._etcd_store import check_prefix, check_replica_id, parse_endpoints
 from ._policy import Policy, PolicyError, load_policy
@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum silence on a watch stream before a heartbeat is sent (default 1.0)",
     )
     parser.add_argument(
+        "--restart-grace",
+        type=seconds_between(0.0, 600.0),
+        default=DEFAULT_RESTART_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="after a restart, how long leases restored past their idle deadline wait for enforcers to report"
+        " the activity they saw meanwhile before they end, dated at that deadline"
+        f" (default {DEFAULT_RESTART_GRACE_SECONDS:g})",
+    )
+    parser.add_argument(
         "--ended-retention",
         type=seconds_between(0.0, 30 * 86400.0),
         default=3600.0,
@@ -299,6 +308,7 @@ def build_config(args: argparse.Namespace, parser: argparse.ArgumentParser | Non
         admin_everyone=args.insecure_dev,
         server_credentials=credentials,
         heartbeat_interval_seconds=args.heartbeat_interval,
+        restart_grace_seconds=args.restart_grace,
         ended_retention_seconds=args.ended_retention,
         audit_fail_closed=args.audit_fail_closed,
         audit_max_bytes=args.audit_max_bytes,

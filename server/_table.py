@@ -7,6 +7,7 @@ import enum
 import hashlib
 import heapq
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -241,6 +242,11 @@ class LeaseTable:
         self._sequence = 0
         self._listeners: list[TableListener] = []
         self._deadline_changed: Callable[[float], None] | None = None
+        # Leases whose idle end waits until _hold_until (see hold_idle_ends).
+        self._held: set[bytes] = set()
+        self._hold_until = -math.inf
+        # Held leases that came due while the hold had no end yet; they get heap entries when it does.
+        self._held_waiting: list[bytes] = []
 
     # -- configuration -----------------------------------------------------
 
@@ -437,6 +443,49 @@ class LeaseTable:
                 self._ended[record.digest] = record
         self._notify_ends(ended)
 
+    def hold_idle_ends(self) -> int:
+        """Hold back the idle ends of every lease now in the table until :meth:`end_hold` gives the hold an end.
+
+        After a restart, enforcers report the activity they saw while the
+        authority was away only once they have reconnected. Until then the
+        stored last activity of an active lease is too old, and the lease
+        would end by idle timeout while it is in use. A held lease whose idle
+        deadline has passed stays alive, with a ``ttl`` that runs to the end
+        of the hold. A renewal may then record activity only from before
+        that deadline: a lease cannot come back once it idled out.
+        When the hold ends, each held lease that no such activity moved past
+        its deadline ends, dated at its deadline. Max-duration ends, revokes
+        and releases are never held.
+
+        Returns:
+            The number of leases held.
+        """
+        with self._lock:
+            self._held = set(self._live)
+            self._hold_until = math.inf
+            return len(self._held)
+
+    def end_hold(self, after_seconds: float) -> int:
+        """End the hold of :meth:`hold_idle_ends` ``after_seconds`` from now, or at once for 0.
+
+        Returns:
+            How many held leases were past their idle deadline; with 0 they have ended on return.
+        """
+        with self._lock:
+            now = self.clock.monotonic()
+            until = now + max(0.0, after_seconds)
+            self._hold_until = until
+            waiting, self._held_waiting = self._held_waiting, []
+            for digest in waiting:
+                record = self._live.get(digest)
+                if record is not None:
+                    heapq.heappush(self._heap, (min(until, record.max_deadline), digest))
+            due = sum(1 for digest in self._held if (r := self._live.get(digest)) is not None and r.deadline()[0] <= now)
+        self._deadline_pushed(until)
+        if until <= now:
+            self.expire_due()
+        return due
+
     def renew(self, lease_id: str, idle_for: float) -> LeaseSnapshot:
         """Record activity seen ``idle_for`` seconds ago; see ``renew_digest``."""
         return self.renew_digest(lease_digest(lease_id), idle_for)
@@ -454,9 +503,7 @@ class LeaseTable:
             now = self.clock.monotonic()
             record, ended = self._resolve(digest, now)
             if record is not None and record.end_reason is None:
-                seen_at = now - idle_for
-                if seen_at > record.last_activity:
-                    record.last_activity = seen_at
+                self._record_activity(record, now - idle_for, now)
             snapshot = self._snapshot(record, now) if record else NOT_FOUND
         self._notify_ends(ended)
         return snapshot
@@ -471,9 +518,7 @@ class LeaseTable:
                 record, ended_now = self._resolve(digest, now)
                 ended.extend(ended_now)
                 if record is not None and record.end_reason is None:
-                    seen_at = now - max(0.0, idle_for)
-                    if seen_at > record.last_activity:
-                        record.last_activity = seen_at
+                    self._record_activity(record, now - max(0.0, idle_for), now)
                 answers.append(self._snapshot(record, now) if record else NOT_FOUND)
         self._notify_ends(ended)
         return answers
@@ -523,7 +568,15 @@ class LeaseTable:
                 if deadline > now:
                     heapq.heappush(heap, (deadline, digest))
                     continue
+                if self._holds(record, now):
+                    if self._hold_until == math.inf:
+                        self._held_waiting.append(digest)
+                    else:
+                        heapq.heappush(heap, (min(self._hold_until, record.max_deadline), digest))
+                    continue
                 ended.append(self._end_locked(record, reason, deadline, ""))
+            if self._held and now >= self._hold_until:
+                self._held = set()
             self._purge_tombstones(now)
         self._notify_ends(ended)
         return len(ended)
@@ -534,7 +587,7 @@ class LeaseTable:
         record = self._live.get(digest)
         if record is not None:
             deadline, reason = record.deadline()
-            if deadline <= now:
+            if deadline <= now and not self._holds(record, now):
                 return record, [self._end_locked(record, reason, deadline, "")]
             return record, []
         record = self._ended.get(digest)
@@ -542,6 +595,20 @@ class LeaseTable:
             if now - record.ended_at > self.ended_retention_seconds:
                 return None, []
         return record, []
+
+    def _holds(self, record: LeaseRecord, now: float) -> bool:
+        """Tell whether the hold keeps ``record`` alive past its idle deadline, which has passed."""
+        return now < self._hold_until and record.max_deadline > now and record.digest in self._held
+
+    def _record_activity(self, record: LeaseRecord, seen_at: float, now: float) -> None:
+        if seen_at <= record.last_activity:
+            return
+        idle_deadline = record.last_activity + record.idle_timeout
+        if idle_deadline <= now and seen_at > idle_deadline:
+            # A held lease that idled out: only activity from before its
+            # deadline counts, because nothing after it can bring it back.
+            return
+        record.last_activity = seen_at
 
     def _push(self, record: LeaseRecord) -> float:
         deadline = record.deadline()[0]
@@ -587,6 +654,9 @@ class LeaseTable:
     def _snapshot(self, record: LeaseRecord, now: float) -> LeaseSnapshot:
         if record.end_reason is None:
             deadline, _ = record.deadline()
+            if deadline <= now:
+                # Held past its idle deadline: alive until the hold ends at the latest.
+                deadline = min(self._hold_until, record.max_deadline)
             return LeaseSnapshot(
                 state=LeaseState.ALIVE,
                 digest=record.digest,

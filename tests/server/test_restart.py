@@ -8,6 +8,7 @@ import threading
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from session_authority.server import (
     AuthorityConfig,
@@ -26,13 +27,14 @@ from policies import ONE_TIER_POLICY, TEST_POLICY
 POLICY = parse_policy(ONE_TIER_POLICY)
 
 
-def start(data_dir: pathlib.Path, clock: ManualClock) -> AuthorityThread:
+def start(data_dir: pathlib.Path, clock: ManualClock, *, restart_grace_seconds: float = 2.0) -> AuthorityThread:
     config = AuthorityConfig(
         authenticator=InsecureDevAuthenticator(),
         policy=POLICY,
         data_dir=data_dir,
         clock=clock,
         admin_everyone=True,
+        restart_grace_seconds=restart_grace_seconds,
     )
     return AuthorityThread(config).start()
 
@@ -40,6 +42,12 @@ def start(data_dir: pathlib.Path, clock: ManualClock) -> AuthorityThread:
 def stub_for(target: str) -> tuple[grpc.Channel, pb_grpc.SessionAuthorityStub]:
     channel = grpc.insecure_channel(target)
     return channel, pb_grpc.SessionAuthorityStub(channel)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
 
 
 def ttl_seconds(lease: pb.Lease) -> float:
@@ -96,9 +104,10 @@ def test_lease_past_deadline_ends_once_at_startup(tmp_path: pathlib.Path) -> Non
     channel.close()
     first.stop()
 
-    # The authority is down for a minute, by the wall clock only.
+    # The authority is down for a minute, by the wall clock only. Without a
+    # restart grace nothing waits for enforcers to report activity.
     clock.step_wall(60)
-    second = start(tmp_path, clock)
+    second = start(tmp_path, clock, restart_grace_seconds=0)
     channel, stub = stub_for(second.target)
     after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
     renewed = stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=granted.lease_id)])).leases[0]
@@ -218,3 +227,93 @@ def test_restart_with_a_tier_dropped_warns_and_keeps_its_leases(
     warnings = [r.getMessage() for r in caplog.records if "tiers the policy no longer has" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith("2 restored live leases are in tiers the policy no longer has: 'short' (2).")
+
+
+def restart_after_idle_deadline(tmp_path: pathlib.Path) -> tuple[ManualClock, str, float, AuthorityThread]:
+    """Grant a lease (10 s idle), stop at 8 s, start again at 12 s: past its stored idle deadline."""
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    granted_at = granted.lease.granted_at.ToNanoseconds() / 1e9
+    clock.advance(8)
+    channel.close()
+    first.stop()
+    clock.advance(4)
+    return clock, granted.lease_id, granted_at, start(tmp_path, clock)
+
+
+def test_restart_grace_keeps_lease_whose_activity_arrives_late(tmp_path: pathlib.Path) -> None:
+    """Activity an enforcer saw while the authority was away, reported after the restart, keeps the lease."""
+    clock, lease_id, _, second = restart_after_idle_deadline(tmp_path)
+    channel, stub = stub_for(second.target)
+    held = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
+    # Seen 3 s ago, at 9 s: before the stored deadline of 10 s.
+    renewed = stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=lease_id, idle_for=duration(3))])).leases[0]
+    clock.advance(2.5)
+    second.authority.table.expire_due()
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert held.state == pb.LEASE_STATE_ALIVE
+    assert 0 < ttl_seconds(held) <= 2.0
+    assert renewed.state == pb.LEASE_STATE_ALIVE
+    assert ttl_seconds(renewed) == pytest.approx(7, abs=0.01)
+    assert after.state == pb.LEASE_STATE_ALIVE
+    assert ttl_seconds(after) == pytest.approx(4.5, abs=0.01)
+
+
+def test_restart_grace_ends_idle_lease_dated_at_its_deadline(tmp_path: pathlib.Path) -> None:
+    """Without activity from before its deadline, a held lease ends when the grace ends, dated at the deadline."""
+    clock, lease_id, granted_at, second = restart_after_idle_deadline(tmp_path)
+    channel, stub = stub_for(second.target)
+    # Activity after the deadline cannot bring the lease back.
+    late = stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=lease_id)])).leases[0]
+    clock.advance(2.5)
+    second.authority.table.expire_due()
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert late.state == pb.LEASE_STATE_ALIVE
+    assert ttl_seconds(late) <= 2.0
+    assert after.state == pb.LEASE_STATE_ENDED
+    assert after.end_reason == pb.END_REASON_IDLE_TIMEOUT
+    assert after.ended_at.ToNanoseconds() / 1e9 == pytest.approx(granted_at + 10, abs=0.01)
+
+
+def test_restart_grace_does_not_hold_max_duration(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    first = start(tmp_path, clock)
+    channel, stub = stub_for(first.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    for _ in range(11):
+        clock.advance(9)
+        stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=granted.lease_id)]))
+    channel.close()
+    first.stop()
+    clock.advance(2)
+
+    second = start(tmp_path, clock)
+    channel, stub = stub_for(second.target)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    second.stop()
+
+    assert after.state == pb.LEASE_STATE_ENDED
+    assert after.end_reason == pb.END_REASON_MAX_DURATION
+
+
+def test_restart_grace_does_not_hold_leases_granted_after_start(tmp_path: pathlib.Path) -> None:
+    clock = ManualClock()
+    authority = start(tmp_path, clock)
+    channel, stub = stub_for(authority.target)
+    granted = stub.Grant(pb.GrantRequest(principal="svc-a"))
+    clock.advance(10.5)
+    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
+    channel.close()
+    authority.stop()
+
+    assert after.state == pb.LEASE_STATE_ENDED
+    assert after.end_reason == pb.END_REASON_IDLE_TIMEOUT

@@ -202,6 +202,9 @@ def test_lease_restored_after_restart_ends_unlinked(tmp_path: pathlib.Path) -> N
 
     clock.advance(60)
     second = Harness(tmp_path, clock)
+    # The lease ends once the restart grace has passed.
+    clock.advance(2.5)
+    second.expire()
     second.flush()
     second.stop()
 
