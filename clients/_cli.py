@@ -18,12 +18,12 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
 import grpc
 
 from session_authority.clients._client import AuthorityClient
-from session_authority.clients._common import read_pem_file
+from session_authority.clients._common import check_ca_file, check_client_certificate, read_pem_file
 from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
 from session_authority.clients._types import (
     MAX_DURATION_SECONDS,
@@ -96,6 +96,18 @@ class UsageError(Exception):
     """Invalid command-line input found after argparse accepted it (exit status 2)."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors print one line instead of the usage block.
+
+    Subcommand parsers inherit the class, because ``add_subparsers`` creates
+    them with the class of the parser it belongs to.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        _print_error(f"{message} (see '{self.prog} --help')", prog=self.prog)
+        sys.exit(EXIT_USAGE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status.
 
@@ -122,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", 0) else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    context = _Context(args)
     try:
-        return args.handler(_Context(args))
+        return args.handler(context)
     except UsageError as exc:
         _print_error(str(exc))
         return EXIT_USAGE
@@ -131,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(str(exc))
         return EXIT_USAGE
     except AuthorityUnavailable as exc:
-        _print_error(str(exc))
+        hint = _tls_hint(exc, *context.tls_options())
+        _print_error(f"{exc}; {hint}" if hint else str(exc))
         return EXIT_UNREACHABLE
     except AuthorityError as exc:
         _print_error(str(exc))
@@ -174,7 +188,7 @@ def _lease_ids_after_separator(arguments: list[str], parser: argparse.ArgumentPa
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand except the forwarded ``serve``, ``audit`` and ``demo``."""
     global_options = _global_options_parser()
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=PROG,
         description="Run the session authority, or grant, inspect and revoke session leases.",
         parents=[global_options],
@@ -446,11 +460,17 @@ class _Context:
 
     def client(self) -> AuthorityClient:
         if self._client is None:
+            target = self.target()
+            credentials = self.credentials()
+            api_key = self.api_key()
+            principal = self.caller_principal()
+            if api_key is not None and principal is not None:
+                _print_principal_ignored_warning(principal, self._principal_source(), self._api_key_source())
             self._client = AuthorityClient(
-                self.target(),
-                credentials=self.credentials(),
-                api_key=self.api_key(),
-                principal=self.caller_principal(),
+                target,
+                credentials=credentials,
+                api_key=api_key,
+                principal=principal,
                 timeout_seconds=getattr(self.args, "timeout", DEFAULT_TIMEOUT_SECONDS),
             )
         return self._client
@@ -494,28 +514,61 @@ class _Context:
         principal = getattr(self.args, "caller_principal", None) or os.environ.get(PRINCIPAL_ENV)
         return principal or None
 
+    def _principal_source(self) -> str:
+        return "--principal" if getattr(self.args, "caller_principal", None) else PRINCIPAL_ENV
+
+    def _api_key_source(self) -> str:
+        if getattr(self.args, "api_key_file", None) is not None:
+            return "--api-key-file"
+        if getattr(self.args, "api_key", None):
+            return "--api-key"
+        return API_KEY_ENV
+
     def credentials(self) -> grpc.ChannelCredentials | None:
-        """Return TLS channel credentials when any ``--tls-*`` option or variable is set."""
-        ca = self._path_option("tls_ca", TLS_CA_ENV)
-        cert = self._path_option("tls_cert", TLS_CERT_ENV)
-        key = self._path_option("tls_key", TLS_KEY_ENV)
+        """Return TLS channel credentials when any ``--tls-*`` option or variable is set.
+
+        Raises:
+            UsageError: Only one of the client certificate and its key is given.
+            ValueError: A file cannot be read, is not valid PEM, or the key does not
+                match the certificate. The message names the option or variable.
+        """
+        ca, ca_source = self._path_option("tls_ca", TLS_CA_ENV)
+        cert, cert_source = self._path_option("tls_cert", TLS_CERT_ENV)
+        key, key_source = self._path_option("tls_key", TLS_KEY_ENV)
         if ca is None and cert is None and key is None:
             return None
         if (cert is None) != (key is None):
             missing = "--tls-key" if key is None else "--tls-cert"
             raise UsageError(f"{missing} is missing; give the client certificate and its key together")
+
+        root_certificates = read_pem_file(ca, ca_source)
+        private_key = read_pem_file(key, key_source)
+        certificate_chain = read_pem_file(cert, cert_source)
+        if ca is not None:
+            check_ca_file(ca, ca_source)
+        if cert is not None and key is not None:
+            check_client_certificate(cert, key, cert_source, key_source)
         return grpc.ssl_channel_credentials(
-            root_certificates=read_pem_file(ca, "--tls-ca"),
-            private_key=read_pem_file(key, "--tls-key"),
-            certificate_chain=read_pem_file(cert, "--tls-cert"),
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
         )
 
-    def _path_option(self, name: str, env_name: str) -> pathlib.Path | None:
+    def tls_options(self) -> tuple[bool, bool, bool]:
+        """Return whether a CA bundle, a client certificate and a client key are given."""
+        return (
+            self._path_option("tls_ca", TLS_CA_ENV)[0] is not None,
+            self._path_option("tls_cert", TLS_CERT_ENV)[0] is not None,
+            self._path_option("tls_key", TLS_KEY_ENV)[0] is not None,
+        )
+
+    def _path_option(self, name: str, env_name: str) -> tuple[pathlib.Path | None, str]:
+        """Return the path from the option or its variable, and the name of the one that gave it."""
         value: pathlib.Path | None = getattr(self.args, name, None)
         if value is not None:
-            return value
+            return value, "--" + name.replace("_", "-")
         text = os.environ.get(env_name)
-        return pathlib.Path(text) if text else None
+        return (pathlib.Path(text) if text else None), env_name
 
     def api_key(self) -> str | None:
         flag_key: str | None = getattr(self.args, "api_key", None)
@@ -724,8 +777,12 @@ def _keys_add(context: _Context) -> int:
     try:
         api_key = append_api_key(args.file, args.principal)
     except OSError as exc:
-        _print_error(f"cannot update API keys file {args.file}: {exc.strerror or exc}")
-        return EXIT_REJECTED
+        # No authority is involved: like an unreadable --api-key-file, this is a usage error.
+        _print_error(
+            f"cannot write --file {args.file}: {exc.strerror or exc}; give a writable file "
+            "in an existing directory"
+        )
+        return EXIT_USAGE
 
     if context.json:
         context.emit({"principal": args.principal, "api_key": api_key, "file": str(args.file)})
@@ -751,7 +808,56 @@ def _run_forwarded(command: str, argv: list[str]) -> int:
         return demo_main(argv)
     from session_authority.server._audit import audit_main
 
-    return audit_main(argv)
+    status = audit_main(argv)
+    if status == 1 and argv[:1] == ["verify"]:
+        _print_rotated_files_hint(argv[1:])
+    return status
+
+
+# Options of 'audit verify' that take a value, for finding its PATH arguments.
+_AUDIT_VERIFY_OPTIONS_WITH_VALUE = ("--expected-last-hash",)
+
+
+def _print_rotated_files_hint(verify_argv: list[str]) -> None:
+    """Suggest verifying the directory when a failed 'audit verify' left out rotated files of the log.
+
+    The live ``audit.jsonl`` of a rotated log starts in the middle of the chain,
+    so on its own it fails with "the chain starts at seq N, expected 1".
+    """
+    from session_authority.server._audit import CURRENT_FILE_NAME, _list_rotated_files
+
+    paths: list[pathlib.Path] = []
+    index = 0
+    while index < len(verify_argv):
+        token = verify_argv[index]
+        if token == "--":
+            paths.extend(pathlib.Path(rest) for rest in verify_argv[index + 1 :])
+            break
+        if token in _AUDIT_VERIFY_OPTIONS_WITH_VALUE:
+            index += 2
+            continue
+        if not token.startswith("-"):
+            paths.append(pathlib.Path(token))
+        index += 1
+
+    given_files = {path.resolve() for path in paths}
+    for path in paths:
+        if not path.is_file():
+            continue
+        rotated = [rotated_path for _, rotated_path in _list_rotated_files(path.parent)]
+        if path.name != CURRENT_FILE_NAME and path.resolve() not in {item.resolve() for item in rotated}:
+            continue
+        left_out = [item for item in rotated if item.resolve() not in given_files]
+        if left_out:
+            directory = path.parent
+            files = "file" if len(left_out) == 1 else "files"
+            print(
+                f"{PROG} audit verify: hint: {directory} also holds {len(left_out)} rotated {files} of this "
+                f"log that were not checked, the oldest {left_out[0].name}; pass the directory to "
+                f"check the whole chain: {PROG} audit verify {directory}",
+                file=sys.stderr,
+            )
+            return
 
 
 def _find_forwarded_command(argv: Sequence[str]) -> int | None:
@@ -889,6 +995,71 @@ def _format_time(moment: datetime.datetime) -> str:
     )
 
 
+def _print_principal_ignored_warning(principal: str, principal_source: str, api_key_source: str) -> None:
+    print(
+        f"{PROG}: warning: an authority that checks API keys ignores {principal_source} {principal!r} and "
+        f"takes the principal from the API key given by {api_key_source}. Only an authority in insecure "
+        f"development mode reads {principal_source}, and it ignores the key.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# Status details that gRPC core (grpcio 1.85) writes when a TLS handshake fails
+# ("Tls handshake failed", "WRONG_VERSION_NUMBER", "Failed to create security
+# handshaker"), or when the peer closes the connection before it is set up
+# ("Socket closed"), as a TLS authority does to a plaintext client.
+_HANDSHAKE_DETAILS = ("handshake", "socket closed", "ssl", "tls", "certificate")
+
+# Details of a connection that failed for any reason, TLS or not.
+_CONNECT_FAILED_DETAILS = "failed to connect to all addresses"
+
+# Details that name a cause other than TLS.
+_NOT_TLS_DETAILS = ("connection refused", "dns resolution failed")
+
+
+def _tls_hint(exc: AuthorityUnavailable, ca_given: bool, cert_given: bool, key_given: bool) -> str | None:
+    """Return a hint at the TLS options when an UNAVAILABLE error may come from a TLS mismatch.
+
+    gRPC reports a failed handshake with the same status as an authority that is
+    down, so the hint names possible causes and never claims one. An UNAVAILABLE
+    sent by the authority itself (its store is down) gets no hint, unless its
+    details happen to mention TLS, SSL or a certificate.
+    """
+    if exc.code is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    details = exc.details.lower()
+    if any(marker in details for marker in _NOT_TLS_DETAILS):
+        return None
+    handshake = any(marker in details for marker in _HANDSHAKE_DETAILS)
+    if not handshake and _CONNECT_FAILED_DETAILS not in details:
+        return None
+
+    tls_enabled = ca_given or cert_given or key_given
+    if not tls_enabled:
+        if not handshake:
+            return None
+        return (
+            "if the authority serves TLS, this is how it rejects a plaintext connection: pass --tls-ca, "
+            "and --tls-cert with --tls-key if it requires client certificates"
+        )
+
+    untrusted = (
+        "present a certificate that --tls-ca did not sign"
+        if ca_given
+        else "present a certificate that the system's roots do not trust (pass --tls-ca)"
+    )
+    if cert_given and key_given:
+        return (
+            "if the TLS handshake failed, the authority may not serve TLS (drop the --tls-* options), "
+            f"may not trust the client certificate in --tls-cert, or may {untrusted}"
+        )
+    return (
+        "if the TLS handshake failed, the authority may require a client certificate (pass --tls-cert "
+        f"and --tls-key), may not serve TLS (drop the --tls-* options), or may {untrusted}"
+    )
+
+
 def _print_reset_warning(after_sequence: int) -> None:
     print(
         f"{PROG}: warning: the authority could not replay every end after sequence "
@@ -935,9 +1106,9 @@ def check_target(target: str, source: str) -> str:
     return target
 
 
-def _print_error(message: str) -> None:
+def _print_error(message: str, prog: str = PROG) -> None:
     one_line = " ".join(message.split())
-    print(f"{PROG}: error: {one_line}", file=sys.stderr)
+    print(f"{prog}: error: {one_line}", file=sys.stderr)
 
 
 def _positive_float(text: str) -> float:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pathlib
+import ssl
 import threading
 from typing import Generic, Sequence, TypeVar
 
@@ -115,6 +116,92 @@ def read_pem_file(path: str | os.PathLike[str] | None, field: str) -> bytes | No
     if b"-----BEGIN " not in data:
         raise ValueError(f"{field} {source} is not a PEM file (no -----BEGIN line); give the PEM form")
     return data
+
+
+class _EncryptedKeyError(Exception):
+    """Raised by the password callback when ``ssl`` finds an encrypted private key."""
+
+
+def _reject_password_prompt() -> str:
+    # Without a callback, OpenSSL would prompt on the terminal for the password.
+    raise _EncryptedKeyError
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """Return `` (REASON)`` from an ``ssl.SSLError``, or the OS error text of an unreadable file."""
+    if isinstance(exc, ssl.SSLError):
+        return f" ({exc.reason})" if exc.reason else ""
+    return f" ({exc.strerror or exc})"
+
+
+def check_ca_file(ca_file: str | os.PathLike[str], field: str) -> None:
+    """Check that a file contains PEM certificates that TLS can trust.
+
+    ``grpc`` reports a bad file only when the first call fails, as an unreachable
+    authority, so callers check it before they open a channel.
+
+    Raises:
+        ValueError: The file contains no valid PEM certificate. The message names ``field``.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=os.fspath(ca_file))
+    except OSError as exc:
+        raise ValueError(
+            f"{field} {os.fspath(ca_file)} is not a valid PEM certificate file{_ssl_reason(exc)}; "
+            "give the PEM file of the CA that signed the authority's certificate"
+        ) from exc
+
+
+def check_client_certificate(
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str],
+    cert_field: str,
+    key_field: str,
+) -> None:
+    """Check that a client certificate and its private key load and belong together.
+
+    The check uses the ``ssl`` module (OpenSSL) rather than ``grpc`` (BoringSSL),
+    because ``grpc`` reports a bad pair only as a failed handshake on the first call.
+
+    Args:
+        cert_file: PEM certificate chain, leaf first.
+        key_file: PEM private key of the leaf certificate.
+        cert_field: Name of the option or parameter that gave ``cert_file``, for messages.
+        key_field: Name of the option or parameter that gave ``key_file``, for messages.
+
+    Raises:
+        ValueError: The certificate or the key is invalid, the key is encrypted, or
+            the key does not match the certificate. The message names the field.
+    """
+    cert_path = os.fspath(cert_file)
+    key_path = os.fspath(key_file)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=cert_path)
+    except OSError as exc:
+        raise ValueError(
+            f"{cert_field} {cert_path} is not a valid PEM certificate file{_ssl_reason(exc)}; "
+            f"give the client certificate there and its private key in {key_field}"
+        ) from exc
+
+    try:
+        context.load_cert_chain(cert_path, key_path, password=_reject_password_prompt)
+    except _EncryptedKeyError:
+        raise ValueError(
+            f"{key_field} {key_path} is encrypted, and gRPC accepts only unencrypted keys; "
+            f"decrypt it (for example with 'openssl pkey -in {key_path}') into a file readable only by you"
+        ) from None
+    except OSError as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"{key_field} {key_path} is not the private key of the certificate in {cert_field} "
+                f"{cert_path}; give the key that was created with that certificate"
+            ) from exc
+        raise ValueError(
+            f"{key_field} {key_path} is not a valid PEM private key file{_ssl_reason(exc)}; "
+            f"give the private key of the certificate in {cert_field}"
+        ) from exc
 
 
 def is_loopback_target(target: str) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import ipaddress
 import json
 import os
 import pathlib
@@ -10,11 +13,24 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from session_authority.clients._client import AuthorityClient
+from session_authority.clients._errors import AuthorityUnavailable
 from session_authority.clients._metadata import fingerprint
+from session_authority.server import AuthorityConfig, AuthorityThread, MtlsAuthenticator, parse_policy
+from session_authority.server._audit import AuditLog
+from session_authority.server._tls import server_credentials
+
+from audit_support import SteppingWallClock, released_end_fields
+from policies import TEST_POLICY
 
 SCRIPT = pathlib.Path(sys.executable).with_name("session-authority")
 RUN_TIMEOUT_SECONDS = 60
@@ -567,3 +583,404 @@ def test_cli_lease_id_starting_with_dash(command: list[str]) -> None:
 
     assert args.lease_id == lease_id
     assert args.json is True
+
+
+# --- Usage errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        [],
+        ["no-such-command"],
+        ["--no-such-option", "now"],
+        ["lease"],
+        ["lease", "revoke"],
+        ["lease", "ttl", "some-lease", "--no-such-option"],
+        ["keys", "add"],
+        ["watch", "--count", "0"],
+        ["now", "--timeout", "soon"],
+    ],
+)
+def test_cli_usage_error_prints_one_line(arguments: list[str]) -> None:
+    result = run_cli(*arguments)
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.fullmatch(
+        r"session-authority( [a-z]+)*: error: .+ \(see 'session-authority( [a-z]+)* --help'\)\n", result.stderr
+    ), result.stderr
+
+
+def test_cli_usage_error_names_subcommand() -> None:
+    result = run_cli("watch", "--count", "0")
+
+    assert result.stderr == (
+        "session-authority watch: error: argument --count: must be >= 1, got '0' "
+        "(see 'session-authority watch --help')\n"
+    )
+
+
+# --- TLS files and handshakes ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a test CA, an authority certificate and a client certificate."""
+
+    ca: pathlib.Path
+    server_cert: pathlib.Path
+    server_key: pathlib.Path
+    client_cert: pathlib.Path
+    client_key: pathlib.Path
+    other_key: pathlib.Path
+    """A valid key that belongs to no certificate here."""
+    encrypted_key: pathlib.Path
+    """The client key, encrypted with a password."""
+
+
+def _write_key(path: pathlib.Path, key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> None:
+    encryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+
+
+def _issue(
+    common_name: str,
+    key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    is_ca: bool = False,
+    sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cli test CA")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+        other_key=directory / "other.key",
+        encrypted_key=directory / "encrypted.key",
+    )
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+    for path, certificate in [
+        (files.ca, _issue("cli test CA", ca_key, ca_key, is_ca=True)),
+        (files.server_cert, _issue("localhost", server_key, ca_key, sans=loopback)),
+        (files.client_cert, _issue("svc-tls", client_key, ca_key)),
+    ]:
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.server_key, server_key)
+    _write_key(files.client_key, client_key)
+    _write_key(files.other_key, ec.generate_private_key(ec.SECP256R1()))
+    _write_key(files.encrypted_key, client_key, password=b"correct horse")
+    return files
+
+
+@pytest.fixture
+def mtls_target(tls_files: TlsFiles, tmp_path: pathlib.Path) -> Iterator[str]:
+    """Target of an in-process authority that requires client certificates of the test CA."""
+    config = AuthorityConfig(
+        authenticator=MtlsAuthenticator(),
+        policy=parse_policy(TEST_POLICY),
+        data_dir=tmp_path / "mtls-data",
+        server_credentials=server_credentials(tls_files.server_cert, tls_files.server_key, tls_files.ca),
+        heartbeat_interval_seconds=0.2,
+    )
+    running = AuthorityThread(config).start()
+    yield str(running.target)
+    running.stop()
+
+
+def test_cli_tls_client_certificate_grants(mtls_target: str, tls_files: TlsFiles) -> None:
+    result = run_cli(
+        "--authority", mtls_target, "--tls-ca", str(tls_files.ca),
+        "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.client_key),
+        "lease", "grant", "--json",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["principal"] == "svc-tls"
+
+
+def test_cli_tls_key_mismatch_exits_2(tls_files: TlsFiles) -> None:
+    # Nothing listens on the target: the files are checked before any call.
+    result = run_cli(
+        "--authority", closed_port_target(), "--tls-ca", str(tls_files.ca),
+        "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.other_key), "now",
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"session-authority: error: --tls-key {tls_files.other_key} is not the private key of the "
+        f"certificate in --tls-cert {tls_files.client_cert}; give the key that was created with that "
+        "certificate\n"
+    )
+
+
+def test_cli_tls_key_from_variable_named(tls_files: TlsFiles) -> None:
+    env = clean_env()
+    env["SESSION_AUTHORITY_TLS_CLIENT_KEY"] = str(tls_files.other_key)
+
+    result = run_cli(
+        "--authority", closed_port_target(), "--tls-cert", str(tls_files.client_cert), "now", env=env
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"session-authority: error: SESSION_AUTHORITY_TLS_CLIENT_KEY {tls_files.other_key} is not the "
+        "private key of the certificate in --tls-cert"
+    )
+
+
+def test_cli_tls_key_not_a_key_exits_2(tls_files: TlsFiles) -> None:
+    result = run_cli(
+        "--authority", closed_port_target(),
+        "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.ca), "now",
+    )
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"session-authority: error: --tls-key {tls_files.ca} is not a valid PEM private key file; "
+        "give the private key of the certificate in --tls-cert\n"
+    )
+
+
+def test_cli_tls_cert_not_a_certificate_exits_2(tls_files: TlsFiles) -> None:
+    result = run_cli(
+        "--authority", closed_port_target(),
+        "--tls-cert", str(tls_files.client_key), "--tls-key", str(tls_files.client_key), "now",
+    )
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(
+        f"session-authority: error: --tls-cert {tls_files.client_key} is not a valid PEM certificate file "
+    )
+
+
+def test_cli_tls_key_encrypted_exits_2(tls_files: TlsFiles) -> None:
+    # Without the check, OpenSSL would prompt for the password on the terminal.
+    result = run_cli(
+        "--authority", closed_port_target(),
+        "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.encrypted_key), "now",
+    )
+
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(
+        f"session-authority: error: --tls-key {tls_files.encrypted_key} is encrypted, and gRPC accepts "
+        "only unencrypted keys; "
+    )
+
+
+def test_cli_tls_ca_not_a_certificate_exits_2(tls_files: TlsFiles, tmp_path: pathlib.Path) -> None:
+    broken_ca = tmp_path / "broken-ca.crt"
+    broken_ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+
+    result = run_cli("--authority", closed_port_target(), "--tls-ca", str(broken_ca), "now")
+
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"session-authority: error: --tls-ca {broken_ca} is not a valid PEM certificate file; "
+        "give the PEM file of the CA that signed the authority's certificate\n"
+    )
+
+
+def test_cli_plaintext_to_mtls_hints_tls(mtls_target: str) -> None:
+    result = run_cli("--authority", mtls_target, "now")
+
+    assert result.returncode == 3
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("session-authority: error: Now failed: UNAVAILABLE: ")
+    assert result.stderr.endswith(
+        "; if the authority serves TLS, this is how it rejects a plaintext connection: pass --tls-ca, "
+        "and --tls-cert with --tls-key if it requires client certificates\n"
+    )
+
+
+def test_cli_tls_without_certificate_hints_cert(mtls_target: str, tls_files: TlsFiles) -> None:
+    result = run_cli("--authority", mtls_target, "--tls-ca", str(tls_files.ca), "now")
+
+    assert result.returncode == 3
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("session-authority: error: Now failed: UNAVAILABLE: ")
+    assert result.stderr.endswith(
+        "; if the TLS handshake failed, the authority may require a client certificate (pass --tls-cert "
+        "and --tls-key), may not serve TLS (drop the --tls-* options), or may present a certificate "
+        "that --tls-ca did not sign\n"
+    )
+
+
+def test_cli_tls_to_plaintext_hints_tls(target: str, tls_files: TlsFiles) -> None:
+    result = run_cli(
+        "--authority", target, "--tls-ca", str(tls_files.ca),
+        "--tls-cert", str(tls_files.client_cert), "--tls-key", str(tls_files.client_key), "now",
+    )
+
+    # NOTE: gRPC core may log the failed handshake on stderr before the error line.
+    error_line = result.stderr.splitlines()[-1]
+    assert result.returncode == 3
+    assert error_line.startswith("session-authority: error: Now failed: UNAVAILABLE: ")
+    assert error_line.endswith(
+        "; if the TLS handshake failed, the authority may not serve TLS (drop the --tls-* options), "
+        "may not trust the client certificate in --tls-cert, or may present a certificate that "
+        "--tls-ca did not sign"
+    )
+
+
+def test_cli_connection_refused_no_tls_hint(tls_files: TlsFiles) -> None:
+    result = run_cli("--authority", closed_port_target(), "--tls-ca", str(tls_files.ca), "now", "--timeout", "2")
+
+    assert result.returncode == 3
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Connection refused" in result.stderr
+    assert "TLS" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "details"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "the lease could not be stored: etcd is down; retry later"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),
+    ],
+)
+def test_tls_hint_skips_other_unavailable(code: grpc.StatusCode, details: str) -> None:
+    from session_authority.clients._cli import _tls_hint
+
+    error = AuthorityUnavailable(code, details, operation="Grant")
+
+    assert _tls_hint(error, ca_given=True, cert_given=True, key_given=True) is None
+
+
+# --- --principal with an API key -------------------------------------------------------------
+
+
+PRINCIPAL_IGNORED_WARNING = (
+    "session-authority: warning: an authority that checks API keys ignores {principal_source} 'svc-named' "
+    "and takes the principal from the API key given by {key_source}. Only an authority in insecure "
+    "development mode reads {principal_source}, and it ignores the key.\n"
+)
+
+
+@pytest.mark.parametrize("key_source", ["--api-key", "--api-key-file", "SESSION_AUTHORITY_API_KEY"])
+def test_cli_principal_with_api_key_warns(target: str, key_source: str, tmp_path: pathlib.Path) -> None:
+    env = clean_env()
+    key_arguments: list[str] = []
+    if key_source == "--api-key":
+        key_arguments = ["--api-key", "some-key"]
+    elif key_source == "--api-key-file":
+        key_file = tmp_path / "api-key"
+        key_file.write_text("some-key\n")
+        key_arguments = ["--api-key-file", str(key_file)]
+    else:
+        env["SESSION_AUTHORITY_API_KEY"] = "some-key"
+
+    result = run_cli("--authority", target, "--principal", "svc-named", *key_arguments, "now", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == PRINCIPAL_IGNORED_WARNING.format(principal_source="--principal", key_source=key_source)
+
+
+def test_cli_principal_variable_warns(target: str) -> None:
+    env = clean_env()
+    env["SESSION_AUTHORITY_PRINCIPAL"] = "svc-named"
+    env["SESSION_AUTHORITY_API_KEY"] = "some-key"
+
+    result = run_cli("--authority", target, "now", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == PRINCIPAL_IGNORED_WARNING.format(
+        principal_source="SESSION_AUTHORITY_PRINCIPAL", key_source="SESSION_AUTHORITY_API_KEY"
+    )
+
+
+def test_cli_principal_without_api_key_silent(target: str) -> None:
+    result = run_cli("--authority", target, "--principal", "svc-named", "now")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+# --- audit verify of a rotated log -----------------------------------------------------------
+
+
+@pytest.fixture
+def rotated_audit_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """An audit directory whose log has rotated into three files before ``audit.jsonl``."""
+    directory = tmp_path / "audit"
+    with AuditLog(directory, max_bytes=4096, wall_clock=SteppingWallClock()) as log:
+        for index in range(40):
+            log.append(f"end:{index:04d}", "end", released_end_fields(index))
+    assert len(list(directory.glob("audit-*.jsonl"))) == 3
+    return directory
+
+
+def test_cli_verify_live_file_hints_directory(rotated_audit_dir: pathlib.Path) -> None:
+    live_file = rotated_audit_dir / "audit.jsonl"
+
+    result = run_cli("audit", "verify", str(live_file))
+
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"FAIL: {live_file} line 1: the chain starts at seq ")
+    assert result.stderr == (
+        f"session-authority audit verify: hint: {rotated_audit_dir} also holds 3 rotated files of this log "
+        "that were not checked, the oldest audit-000000000001.jsonl; pass the directory to check the "
+        f"whole chain: session-authority audit verify {rotated_audit_dir}\n"
+    )
+
+
+def test_cli_verify_all_files_no_hint(rotated_audit_dir: pathlib.Path) -> None:
+    files = sorted(str(path) for path in rotated_audit_dir.glob("audit-*.jsonl"))
+
+    result = run_cli("audit", "verify", *files, str(rotated_audit_dir / "audit.jsonl"))
+
+    assert result.returncode == 0, result.stdout
+    assert result.stderr == ""
+
+
+def test_cli_verify_directory_no_hint(rotated_audit_dir: pathlib.Path) -> None:
+    result = run_cli("audit", "verify", str(rotated_audit_dir))
+
+    assert result.returncode == 0, result.stdout
+    assert result.stderr == ""
+
+
+# --- keys add --------------------------------------------------------------------------------
+
+
+def test_cli_keys_add_unwritable_file_exits_2(tmp_path: pathlib.Path) -> None:
+    keys_file = tmp_path / "missing-directory" / "api-keys"
+
+    result = run_cli("keys", "add", "svc-k", "--file", str(keys_file))
+
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"session-authority: error: cannot write --file {keys_file}: No such file or directory; "
+        "give a writable file in an existing directory\n"
+    )
