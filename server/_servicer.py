@@ -8,7 +8,6 @@ import functools
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
