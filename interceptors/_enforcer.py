@@ -80,6 +80,20 @@ must all fit in it. Without this cap the reconnect delay alone could grow to
 """
 
 _MIN_PROBE_INTERVAL_SECONDS = 0.02
+
+UNCONFIRMED_ACTIVITY_SPACING_SECONDS = 0.2
+"""Least time between two kept reports of activity that the authority did not receive.
+
+The authority applies a lease's reports in order and takes one only if it
+comes before the lease's idle deadline as moved by the report before it,
+so reports this close together keep any idle timeout of 1 s or more alive.
+"""
+
+MAX_UNCONFIRMED_ACTIVITY = 150
+"""Reports kept per lease while the authority is unreachable: 30 s of activity at the spacing above."""
+
+MAX_ORPHAN_REPORT_AGE_SECONDS = 30.0
+"""How long the activity of a lease dropped from the cache is still sent after failures."""
 _MAX_VALIDATION_ROUNDS = 3
 _MAX_WRAPPED_HANDLERS = 1024
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
@@ -317,6 +331,33 @@ class CallHandle(Protocol):
         """
 
 
+class _EarlierActivity:
+    """A report of activity that an earlier batch failed to deliver; a renewal's token."""
+
+    __slots__ = ("entry", "at")
+
+    def __init__(self, entry: _Entry, at: float) -> None:
+        self.entry = entry
+        self.at = at
+
+
+def _add_unconfirmed(entry: _Entry, at: float) -> None:
+    """Keep ``at`` among the entry's undelivered activity, thinned to the spacing and bounded."""
+    if not math.isfinite(at):
+        return
+    points = entry.unconfirmed
+    if points is None:
+        entry.unconfirmed = [at]
+        return
+    if points and abs(at - points[-1]) < UNCONFIRMED_ACTIVITY_SPACING_SECONDS:
+        return
+    points.append(at)
+    points.sort()
+    if len(points) > MAX_UNCONFIRMED_ACTIVITY:
+        # The oldest reports matter most after a long outage, so the newest go.
+        del points[MAX_UNCONFIRMED_ACTIVITY:]
+
+
 class _Entry:
     """A cached live lease. Fields change only under the enforcer's lock."""
 
@@ -331,6 +372,7 @@ class _Entry:
         "max_deadline",
         "last_activity",
         "reported_activity",
+        "unconfirmed",
         "probe_requested",
         "calls",
         "had_calls",
@@ -352,6 +394,8 @@ class _Entry:
         self.max_deadline = sent_at + lease.max_remaining_seconds - drift
         self.last_activity = sent_at - lease.idle_for_seconds
         self.reported_activity = self.last_activity
+        # Times of activity whose report failed, oldest first, or None.
+        self.unconfirmed: list[float] | None = None
         self.probe_requested = False
         self.calls: set[CallHandle] = set()
         self.had_calls = False
@@ -556,6 +600,8 @@ class Enforcer:
         self._validate_log_at = -math.inf
         self._validate_log_suppressed = 0
         self._dirty: set[_Entry] = set()
+        # Undelivered activity of leases a watch reset dropped from the cache.
+        self._orphan_reports: list[_EarlierActivity] = []
         self._callbacks: list[SessionEndCallback] = []
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._validation_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1166,6 +1212,11 @@ class Enforcer:
                     if self._by_digest.get(entry.digest) is entry:
                         del self._by_digest[entry.digest]
                     self._dirty.discard(entry)
+                    # A restarted authority may still need this activity to keep the lease.
+                    points = list(entry.unconfirmed or ())
+                    if entry.last_activity > entry.reported_activity:
+                        points.append(entry.last_activity)
+                    self._orphan_reports.extend(_EarlierActivity(entry, at) for at in points)
                     dropped += 1
                     continue
                 entry.deadline = min(entry.deadline, now)
@@ -1196,10 +1247,21 @@ class Enforcer:
         """Return the leases with activity not yet reported, or with a probe requested (reporter thread)."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-            batch: list[tuple[object, str, float]] = []
+            orphans, self._orphan_reports = self._orphan_reports, []
+            batch: list[tuple[object, str, float]] = [
+                (orphan, orphan.entry.lease_id, max(0.0, now - orphan.at)) for orphan in orphans
+            ]
             for entry in dirty:
                 if entry.ended:
                     continue
+                # Activity that earlier batches failed to deliver goes first,
+                # oldest first: after a restart, the authority extends an idle
+                # deadline only by activity from before it.
+                if entry.unconfirmed:
+                    batch.extend(
+                        (_EarlierActivity(entry, at), entry.lease_id, max(0.0, now - at)) for at in entry.unconfirmed
+                    )
+                entry.unconfirmed = None
                 # touch() writes last_activity without the lock, so it is read
                 # once here. A later touch finds the entry missing from the new
                 # set and adds it, so its activity goes in the next batch.
@@ -1216,8 +1278,8 @@ class Enforcer:
         with self._lock:
             now = self._clock()
             for token, lease in zip(tokens, result.leases):
-                assert isinstance(token, _Entry)
-                entry = token
+                entry = token.entry if isinstance(token, _EarlierActivity) else token
+                assert isinstance(entry, _Entry)
                 if entry.ended:
                     continue
                 if lease.state is LeaseState.ALIVE:
@@ -1237,9 +1299,19 @@ class Enforcer:
     def renewals_failed(self, tokens: Sequence[object], error: BaseException) -> None:
         """Queue the entries of a failed batch again (KeepAlive reader or reporter thread)."""
         with self._lock:
+            now = self._clock()
             for token in tokens:
+                if isinstance(token, _EarlierActivity):
+                    if not token.entry.ended:
+                        _add_unconfirmed(token.entry, token.at)
+                        self._dirty.add(token.entry)
+                    elif now - token.at < MAX_ORPHAN_REPORT_AGE_SECONDS:
+                        self._orphan_reports.append(token)
+                    continue
                 assert isinstance(token, _Entry)
                 if not token.ended:
+                    # The failed report's time, or a later one if the entry was reported again meanwhile.
+                    _add_unconfirmed(token, token.reported_activity)
                     token.reported_activity = -math.inf
                     self._dirty.add(token)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -64,7 +65,10 @@ class ProtectedServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
         self.server = grpc.server(self.executor, interceptors=[self.interceptor])
         handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Fault", {"Echo": handler})])
+        chat = grpc.stream_stream_rpc_method_handler(lambda requests, context: (request for request in requests))
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("test.Fault", {"Echo": handler, "Chat": chat})]
+        )
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -410,3 +414,57 @@ def test_active_lease_outlives_restart_longer_than_its_idle_timeout_left(authori
     assert after[0] is grpc.StatusCode.OK, after
     assert [o for o in outcomes if not is_ok(o) and not is_unreachable(o)] == []
     assert at_authority.state is LeaseState.ALIVE
+
+
+@pytest.mark.parametrize("away_seconds", [1.2, 1.8])
+def test_stream_in_use_outlives_restart_longer_than_idle_timeout(authority_process, direct_client, away_seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """A bidi stream that carries messages through a restart keeps its lease.
+
+    The enforcer admits the messages while the authority is away and reports
+    them once it reconnects, oldest first, so the restarted authority can
+    extend the lease from its stored deadline onwards.
+    """
+    config = EnforcerConfig(
+        authority_target=authority_process.target,
+        staleness_bound_seconds=5.0,
+        activity_batch_interval_seconds=0.05,
+        reconnect_backoff_initial_seconds=0.05,
+        reconnect_backoff_max_seconds=0.5,
+        validate_timeout_seconds=1.0,
+    )
+    server = ProtectedServer(authority_process.target, config=config)
+    lease_id = direct_client.grant("standard", idle_timeout_seconds=2.0).lease_id
+    sending = threading.Event()
+    sending.set()
+
+    def messages() -> Iterator[bytes]:
+        # Bounded: at most 20 s of messages even if the test fails to stop it.
+        for _ in range(200):
+            if not sending.is_set():
+                return
+            yield b"tick"
+            time.sleep(0.1)
+
+    call = server.channel.stream_stream("/test.Fault/Chat")(messages(), metadata=((LEASE_METADATA_KEY, lease_id),), timeout=30)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.extend(call), daemon=True)
+    try:
+        reader.start()
+        time.sleep(0.5)
+        authority_process.kill()
+        time.sleep(away_seconds)
+        authority_process.restart()
+        # Past the restart grace (2 s) and past the lease's idle timeout.
+        time.sleep(3.5)
+        sending.clear()
+        reader.join(timeout=10)
+        at_authority = direct_client.time_to_live(lease_id)
+        code = call.code()
+        trailers = {item.key: item.value for item in call.trailing_metadata() or ()}
+    finally:
+        sending.clear()
+        server.stop()
+
+    assert code is grpc.StatusCode.OK, (code, trailers.get(END_REASON_TRAILER_KEY))
+    assert at_authority.state is LeaseState.ALIVE
+    assert len(received) > 30
