@@ -372,6 +372,18 @@ def test_enforcer_raises_bound_below_two_heartbeats(authority, caplog) -> None: 
     assert len([message for message in messages if "using 0.4 s" in message]) == 1
 
 
+def restart_config(authority_target: str) -> EnforcerConfig:
+    """Enforcer settings for riding out a restart: a staleness bound longer than the outage."""
+    return EnforcerConfig(
+        authority_target=authority_target,
+        staleness_bound_seconds=5.0,
+        activity_batch_interval_seconds=0.05,
+        reconnect_backoff_initial_seconds=0.05,
+        reconnect_backoff_max_seconds=0.5,
+        validate_timeout_seconds=1.0,
+    )
+
+
 def test_active_lease_outlives_restart_longer_than_its_idle_timeout_left(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
     """A lease in use through a restart survives although its stored activity is older than its idle timeout.
 
@@ -380,15 +392,7 @@ def test_active_lease_outlives_restart_longer_than_its_idle_timeout_left(authori
     The enforcer reports the calls it admitted meanwhile once it reconnects,
     within the restart grace.
     """
-    config = EnforcerConfig(
-        authority_target=authority_process.target,
-        staleness_bound_seconds=5.0,
-        activity_batch_interval_seconds=0.05,
-        reconnect_backoff_initial_seconds=0.05,
-        reconnect_backoff_max_seconds=0.5,
-        validate_timeout_seconds=1.0,
-    )
-    server = ProtectedServer(authority_process.target, config=config)
+    server = ProtectedServer(authority_process.target, config=restart_config(authority_process.target))
     lease_id = direct_client.grant("standard", idle_timeout_seconds=2.0).lease_id
     outcomes: list[tuple[grpc.StatusCode, str, str | None]] = []
     try:
@@ -424,15 +428,7 @@ def test_stream_in_use_outlives_restart_longer_than_idle_timeout(authority_proce
     them once it reconnects, oldest first, so the restarted authority can
     extend the lease from its stored deadline onwards.
     """
-    config = EnforcerConfig(
-        authority_target=authority_process.target,
-        staleness_bound_seconds=5.0,
-        activity_batch_interval_seconds=0.05,
-        reconnect_backoff_initial_seconds=0.05,
-        reconnect_backoff_max_seconds=0.5,
-        validate_timeout_seconds=1.0,
-    )
-    server = ProtectedServer(authority_process.target, config=config)
+    server = ProtectedServer(authority_process.target, config=restart_config(authority_process.target))
     lease_id = direct_client.grant("standard", idle_timeout_seconds=2.0).lease_id
     sending = threading.Event()
     sending.set()
