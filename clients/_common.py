@@ -254,7 +254,7 @@ def check_text(value: str, field: str, *, secret: bool = False) -> str:
         secret: Keep the value out of the message.
 
     Raises:
-        ValueError: ``value`` is not a str, or holds lone surrogates, which
+        ValueError: ``value`` is not a str, or contains lone surrogates, which
             UTF-8 cannot encode. Python decodes command-line arguments and
             file names that are not UTF-8 into such surrogates.
     """

@@ -82,7 +82,7 @@ must all fit in it. Without this cap the reconnect delay alone could grow to
 _MIN_PROBE_INTERVAL_SECONDS = 0.02
 
 UNCONFIRMED_ACTIVITY_SPACING_SECONDS = 0.2
-"""Least time between two kept reports of activity that the authority did not receive.
+"""Minimum time between two kept reports of activity that the authority did not receive.
 
 The authority applies a lease's reports in order and takes one only if it
 comes before the lease's idle deadline as moved by the report before it,

@@ -410,7 +410,7 @@ def test_aio_link_of_closed_client_starts_no_watch(target: str, caplog: pytest.L
         (5, r"^tier must be a string, got int$"),
     ],
 )
-def test_aio_grant_text_it_cannot_send_names_the_field(target: str, tier: object, message: str) -> None:
+def test_aio_grant_bad_tier_names_field(target: str, tier: object, message: str) -> None:
     async def body(client: AioAuthorityClient) -> None:
         with pytest.raises(ValueError, match=message):
             await client.grant(tier)  # type: ignore[arg-type]

@@ -186,7 +186,7 @@ def test_build_metadata_bearer_and_principal() -> None:
 
 
 def test_build_metadata_principal_over_authority_limit() -> None:
-    """A principal the authority would refuse is caught before gRPC's metadata cap answers RESOURCE_EXHAUSTED."""
+    """A principal the authority would refuse is rejected before gRPC's metadata cap returns RESOURCE_EXHAUSTED."""
     assert build_metadata(None, "p" * 256) == (("x-session-principal", "p" * 256),)
     with pytest.raises(ValueError, match=r"^principal must be at most 256 characters, got 20000; "):
         build_metadata(None, "p" * 20000)
@@ -213,7 +213,7 @@ def test_text_a_request_cannot_carry_names_the_field(client: AuthorityClient, ca
         call(client)
 
 
-def test_lease_id_that_is_not_utf8_rejected_without_echo(client: AuthorityClient) -> None:
+def test_non_utf8_lease_id_not_echoed(client: AuthorityClient) -> None:
     lease_id = f"secret{NOT_UTF8}"
 
     for call in (lambda: client.time_to_live(lease_id), lambda: client.revoke(lease_id), lambda: client.renew([(lease_id, 0.0)])):

@@ -218,7 +218,7 @@ def test_kill_under_load_keeps_acknowledged_state(authority_process) -> None:  #
         worker.join(timeout=10)
         assert not worker.is_alive(), f"{worker.name} did not stop after the kill"
     # The restart grace keeps leases that idled out during the outage alive
-    # for up to 2 s more; this test checks the strict bound, which 0 restores.
+    # for up to 2 s more. This test checks the strict bound, so it turns the grace off.
     authority_process.extra_args = [*authority_process.extra_args, "--restart-grace", "0"]
     authority_process.restart()
 

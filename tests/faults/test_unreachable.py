@@ -384,7 +384,7 @@ def restart_config(authority_target: str) -> EnforcerConfig:
     )
 
 
-def test_active_lease_outlives_restart_longer_than_its_idle_timeout_left(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
+def test_unary_lease_outlives_restart(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
     """A lease in use through a restart survives although its stored activity is older than its idle timeout.
 
     The authority is away about 2 s, as long as the lease's idle timeout, so
@@ -421,7 +421,7 @@ def test_active_lease_outlives_restart_longer_than_its_idle_timeout_left(authori
 
 
 @pytest.mark.parametrize("away_seconds", [1.2, 1.8])
-def test_stream_in_use_outlives_restart_longer_than_idle_timeout(authority_process, direct_client, away_seconds: float) -> None:  # type: ignore[no-untyped-def]
+def test_busy_stream_outlives_restart(authority_process, direct_client, away_seconds: float) -> None:  # type: ignore[no-untyped-def]
     """A bidi stream that carries messages through a restart keeps its lease.
 
     The enforcer admits the messages while the authority is away and reports

@@ -195,10 +195,10 @@ def test_store_refuses_newer_format(tmp_path: pathlib.Path) -> None:
         SqliteLeaseStore(tmp_path)
 
 
-def test_restart_with_a_tier_dropped_warns_and_keeps_its_leases(
+def test_dropped_tier_warns_keeps_leases(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Dropping a tier from the policy ends none of its leases, and the operator is told how many remain."""
+    """Dropping a tier from the policy ends none of its leases, and a warning gives how many remain."""
     clock = ManualClock()
     config = AuthorityConfig(
         authenticator=InsecureDevAuthenticator(),
@@ -243,7 +243,7 @@ def restart_after_idle_deadline(tmp_path: pathlib.Path) -> tuple[ManualClock, st
     return clock, granted.lease_id, granted_at, start(tmp_path, clock)
 
 
-def test_restart_grace_keeps_lease_whose_activity_arrives_late(tmp_path: pathlib.Path) -> None:
+def test_restart_grace_keeps_late_activity(tmp_path: pathlib.Path) -> None:
     """Activity an enforcer saw while the authority was away, reported after the restart, keeps the lease."""
     clock, lease_id, _, second = restart_after_idle_deadline(tmp_path)
     channel, stub = stub_for(second.target)
@@ -264,7 +264,7 @@ def test_restart_grace_keeps_lease_whose_activity_arrives_late(tmp_path: pathlib
     assert ttl_seconds(after) == pytest.approx(4.5, abs=0.01)
 
 
-def test_restart_grace_ends_idle_lease_dated_at_its_deadline(tmp_path: pathlib.Path) -> None:
+def test_restart_grace_ends_idle_lease(tmp_path: pathlib.Path) -> None:
     """Without activity from before its deadline, a held lease ends when the grace ends, dated at the deadline."""
     clock, lease_id, granted_at, second = restart_after_idle_deadline(tmp_path)
     channel, stub = stub_for(second.target)
@@ -283,7 +283,7 @@ def test_restart_grace_ends_idle_lease_dated_at_its_deadline(tmp_path: pathlib.P
     assert after.ended_at.ToNanoseconds() / 1e9 == pytest.approx(granted_at + 10, abs=0.01)
 
 
-def test_restart_grace_does_not_hold_max_duration(tmp_path: pathlib.Path) -> None:
+def test_restart_grace_skips_max_duration(tmp_path: pathlib.Path) -> None:
     clock = ManualClock()
     first = start(tmp_path, clock)
     channel, stub = stub_for(first.target)
@@ -305,7 +305,7 @@ def test_restart_grace_does_not_hold_max_duration(tmp_path: pathlib.Path) -> Non
     assert after.end_reason == pb.END_REASON_MAX_DURATION
 
 
-def test_restart_grace_does_not_hold_leases_granted_after_start(tmp_path: pathlib.Path) -> None:
+def test_restart_grace_skips_new_leases(tmp_path: pathlib.Path) -> None:
     clock = ManualClock()
     authority = start(tmp_path, clock)
     channel, stub = stub_for(authority.target)
