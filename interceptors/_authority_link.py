@@ -14,6 +14,7 @@ import grpc
 from session_authority.clients._client import AuthorityClient, KeepAliveStream, WatchStream
 from session_authority.clients._common import build_metadata
 from session_authority.clients._errors import AuthorityError
+from session_authority.clients._keeper import MAX_BATCH_ENTRIES
 from session_authority.clients._types import (
     HeartbeatEvent,
     PolicyInfo,
@@ -338,8 +339,12 @@ class AuthorityLink:
     def _send_batch(self) -> None:
         now = self._clock()
         collected = self._listener.collect_renewals(now)
-        if not collected:
-            return
+        # In order, on one stream: the authority applies the messages, and the
+        # reports of one lease within them, in the order they were collected.
+        for start in range(0, len(collected), MAX_BATCH_ENTRIES):
+            self._send_chunk(collected[start : start + MAX_BATCH_ENTRIES])
+
+    def _send_chunk(self, collected: Sequence[tuple[object, str, float]]) -> None:
         tokens = [token for token, _, _ in collected]
         entries = [(lease_id, idle_for) for _, lease_id, idle_for in collected]
 
