@@ -1254,6 +1254,7 @@ class Enforcer:
             for entry in dirty:
                 if entry.ended:
                     continue
+                # TODO: with about 1,000 unary leases on one enforcer, 5 to 28 % still end after a 1.8 s restart; cause unknown.
                 # Activity that earlier batches failed to deliver goes first,
                 # oldest first: after a restart, the authority extends an idle
                 # deadline only by activity from before it.
