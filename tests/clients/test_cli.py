@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import ipaddress
 import json
 import os
@@ -18,9 +17,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._errors import AuthorityUnavailable
@@ -31,6 +29,7 @@ from session_authority.server._tls import server_credentials
 
 from audit_support import SteppingWallClock, released_end_fields
 from policies import TEST_POLICY
+from tls_support import issue_certificate, name_of
 
 SCRIPT = pathlib.Path(sys.executable).with_name("session-authority")
 RUN_TIMEOUT_SECONDS = 60
@@ -647,28 +646,7 @@ def _write_key(path: pathlib.Path, key: ec.EllipticCurvePrivateKey, password: by
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
 
 
-def _issue(
-    common_name: str,
-    key: ec.EllipticCurvePrivateKey,
-    ca_key: ec.EllipticCurvePrivateKey,
-    *,
-    is_ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cli test CA")]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256())
+CLI_CA_NAME = name_of("cli test CA")
 
 
 @pytest.fixture(scope="module")
@@ -689,9 +667,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
 
     for path, certificate in [
-        (files.ca, _issue("cli test CA", ca_key, ca_key, is_ca=True)),
-        (files.server_cert, _issue("localhost", server_key, ca_key, sans=loopback)),
-        (files.client_cert, _issue("svc-tls", client_key, ca_key)),
+        (files.ca, issue_certificate("cli test CA", ca_key, CLI_CA_NAME, ca_key, is_ca=True)),
+        (files.server_cert, issue_certificate("localhost", server_key, CLI_CA_NAME, ca_key, sans=loopback)),
+        (files.client_cert, issue_certificate("svc-tls", client_key, CLI_CA_NAME, ca_key)),
     ]:
         path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     _write_key(files.server_key, server_key)

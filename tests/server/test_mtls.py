@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import ipaddress
 import pathlib
 import subprocess
@@ -16,9 +15,8 @@ from concurrent import futures
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from session_authority.clients import AuthorityClient
 from session_authority.clients._cli import main as cli_main
@@ -32,6 +30,7 @@ from session_authority.server._main import build_config, build_parser
 from session_authority.server._tls import server_credentials
 
 from policies import TEST_POLICY
+from tls_support import issue_certificate, name_of
 
 SPIFFE_ID = "spiffe://example.org/ns/prod/sa/payments"
 ECHO_METHOD = "/test.Echo/Call"
@@ -64,31 +63,6 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _certificate(
-    subject_cn: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name,
-    issuer_key: ec.EllipticCurvePrivateKey,
-    *,
-    is_ca: bool = False,
-    sans: list[x509.GeneralName] | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def _write_identity(
     directory: pathlib.Path, name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey
 ) -> Identity:
@@ -103,14 +77,14 @@ def _write_identity(
 
 def _make_pki(directory: pathlib.Path) -> Pki:
     ca_key = _new_key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "session authority test CA")])
-    ca_cert = _certificate("session authority test CA", ca_key, ca_name, ca_key, is_ca=True)
+    ca_name = name_of("session authority test CA")
+    ca_cert = issue_certificate("session authority test CA", ca_key, ca_name, ca_key, is_ca=True)
     ca_path = directory / "ca.crt"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
     def leaf(name: str, cn: str, sans: list[x509.GeneralName] | None) -> Identity:
         key = _new_key()
-        return _write_identity(directory, name, _certificate(cn, key, ca_name, ca_key, sans=sans), key)
+        return _write_identity(directory, name, issue_certificate(cn, key, ca_name, ca_key, sans=sans), key)
 
     server = leaf(
         "server", "localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -123,10 +97,10 @@ def _make_pki(directory: pathlib.Path) -> Pki:
     enforcer_client = leaf("enforcer", "orders-enforcer", None)
 
     other_key = _new_key()
-    other_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "some other CA")])
+    other_name = name_of("some other CA")
     foreign_key = _new_key()
     foreign = _write_identity(
-        directory, "foreign", _certificate("payments-cn", foreign_key, other_name, other_key), foreign_key
+        directory, "foreign", issue_certificate("payments-cn", foreign_key, other_name, other_key), foreign_key
     )
     return Pki(ca_path, server, spiffe_client, cn_client, enforcer_client, foreign)
 
@@ -178,7 +152,7 @@ def test_peer_identity_falls_back_to_common_name() -> None:
     assert peer_identity(auth_context) == "batch-worker"
 
 
-def test_peer_identity_none_without_certificate() -> None:
+def test_peer_identity_none_withoutissue_certificate() -> None:
     assert peer_identity({"transport_security_type": [b"ssl"]}) is None
     assert peer_identity({}) is None
 
@@ -193,7 +167,7 @@ def test_peer_identity_rejects_two_spiffe_ids() -> None:
 # --- MtlsAuthenticator -----------------------------------------------------------------------
 
 
-def test_mtls_authenticator_without_certificate() -> None:
+def test_mtls_authenticator_withoutissue_certificate() -> None:
     with pytest.raises(AuthenticationError, match="^the connection presented no verified client certificate"):
         MtlsAuthenticator().authenticate(CallerInfo(), "")
 
