@@ -231,6 +231,33 @@ def median_cpu_microseconds(results: list[dict], key: str = "server_cpu_per_oper
     return statistics.median(result[key] for result in results) * 1e6
 
 
+def grant_figures(
+    label: str, grants: list[dict], echoes: list[dict], *, target: float | None, note: str
+) -> list[Figure]:
+    """Return the grant rate and the server CPU per grant of one authority, each beside the bare echo's."""
+    return [
+        Figure(
+            name=f"grant/s {label}",
+            value=median_rate(grants),
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_rate(echoes),
+            target=target,
+            note=note,
+        ),
+        # CPU time per call does not depend on what else the machine runs,
+        # so it separates the authority's own cost from a busy neighbour's.
+        Figure(
+            name=f"server CPU us/grant {label}",
+            value=median_cpu_microseconds(grants),
+            unit="",
+            baseline_name="bare grpcio unary echo",
+            baseline=median_cpu_microseconds(echoes),
+            note="all server threads; lower is better",
+        ),
+    ]
+
+
 def run(options: Options) -> list[Figure]:
     """Measure grants and renewals; return the figures."""
     plan = Plan.for_options(options)
@@ -291,47 +318,14 @@ def run(options: Options) -> list[Figure]:
 
     grant_rate = median_rate(grants)
     renewal_rate = median_rate(renewals)
-    figures = [
-        Figure(
-            name="grant/s sqlite",
-            value=grant_rate,
-            unit="",
-            baseline_name="bare grpcio unary echo",
-            baseline=median_rate(echoes),
-            target=0.80,
-            note=f"{GRANT_CONCURRENCY} in flight, median of {plan.rounds}",
-        ),
-        # CPU time per call does not depend on what else the machine runs,
-        # so it separates the authority's own cost from a busy neighbour's.
-        Figure(
-            name="server CPU us/grant sqlite",
-            value=median_cpu_microseconds(grants),
-            unit="",
-            baseline_name="bare grpcio unary echo",
-            baseline=median_cpu_microseconds(echoes),
-            note="all server threads; lower is better",
-        ),
-    ]
+    figures = grant_figures(
+        "sqlite", grants, echoes, target=0.80, note=f"{GRANT_CONCURRENCY} in flight, median of {plan.rounds}"
+    )
     # No target: these split the gap above into the call path (gRPC, the
     # handler, the lease table) and the store and audit writes.
-    figures += [
-        Figure(
-            name="grant/s without store or audit log",
-            value=median_rate(grants_without_store),
-            unit="",
-            baseline_name="bare grpcio unary echo",
-            baseline=median_rate(echoes),
-            note="reference: nothing kept on disk",
-        ),
-        Figure(
-            name="server CPU us/grant without store or audit log",
-            value=median_cpu_microseconds(grants_without_store),
-            unit="",
-            baseline_name="bare grpcio unary echo",
-            baseline=median_cpu_microseconds(echoes),
-            note="reference; lower is better",
-        ),
-    ]
+    figures += grant_figures(
+        "without store or audit log", grants_without_store, echoes, target=None, note="reference: nothing kept on disk"
+    )
     if etcd_grants:
         figures.append(
             Figure(

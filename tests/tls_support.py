@@ -11,7 +11,7 @@ from cryptography.x509.oid import NameOID
 
 
 def name_of(common_name: str) -> x509.Name:
-    """Return a distinguished name holding only ``common_name``."""
+    """Return a distinguished name that contains only ``common_name``."""
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
