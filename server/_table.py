@@ -243,7 +243,7 @@ class LeaseTable:
         self._listeners: list[TableListener] = []
         self._deadline_changed: Callable[[float], None] | None = None
         # Leases whose idle end waits until _hold_until (see hold_idle_ends).
-        self._held: set[bytes] = set()
+        self._held_digests: set[bytes] = set()
         self._hold_until = -math.inf
         # Held leases that came due while the hold had no end yet; they get heap entries when it does.
         self._held_waiting: list[bytes] = []
@@ -461,9 +461,9 @@ class LeaseTable:
             The number of leases held.
         """
         with self._lock:
-            self._held = set(self._live)
+            self._held_digests = set(self._live)
             self._hold_until = math.inf
-            return len(self._held)
+            return len(self._held_digests)
 
     def end_hold(self, after_seconds: float) -> int:
         """End the hold of :meth:`hold_idle_ends` ``after_seconds`` from now, or at once for 0.
@@ -480,7 +480,11 @@ class LeaseTable:
                 record = self._live.get(digest)
                 if record is not None:
                     heapq.heappush(self._heap, (min(until, record.max_deadline), digest))
-            due = sum(1 for digest in self._held if (r := self._live.get(digest)) is not None and r.deadline()[0] <= now)
+            due = 0
+            for digest in self._held_digests:
+                record = self._live.get(digest)
+                if record is not None and record.deadline()[0] <= now:
+                    due += 1
         self._deadline_pushed(until)
         if until <= now:
             self.expire_due()
@@ -575,8 +579,8 @@ class LeaseTable:
                         heapq.heappush(heap, (min(self._hold_until, record.max_deadline), digest))
                     continue
                 ended.append(self._end_locked(record, reason, deadline, ""))
-            if self._held and now >= self._hold_until:
-                self._held = set()
+            if self._held_digests and now >= self._hold_until:
+                self._held_digests = set()
             self._purge_tombstones(now)
         self._notify_ends(ended)
         return len(ended)
@@ -598,7 +602,7 @@ class LeaseTable:
 
     def _holds(self, record: LeaseRecord, now: float) -> bool:
         """Tell whether the hold keeps ``record`` alive past its idle deadline, which has passed."""
-        return now < self._hold_until and record.max_deadline > now and record.digest in self._held
+        return now < self._hold_until and record.max_deadline > now and record.digest in self._held_digests
 
     def _record_activity(self, record: LeaseRecord, seen_at: float, now: float) -> None:
         if seen_at <= record.last_activity:

@@ -44,6 +44,16 @@ def stub_for(target: str) -> tuple[grpc.Channel, pb_grpc.SessionAuthorityStub]:
     return channel, pb_grpc.SessionAuthorityStub(channel)
 
 
+def lease_after_start(data_dir: pathlib.Path, clock: ManualClock, lease_id: str) -> pb.Lease:
+    """Start an authority on ``data_dir``, read one lease with TimeToLive, and stop it."""
+    authority = start(data_dir, clock)
+    channel, stub = stub_for(authority.target)
+    lease = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
+    channel.close()
+    authority.stop()
+    return lease
+
+
 def duration(seconds: float) -> duration_pb2.Duration:
     value = duration_pb2.Duration()
     value.FromNanoseconds(int(seconds * 1e9))
@@ -64,11 +74,7 @@ def test_restart_keeps_lease_without_extra_time(tmp_path: pathlib.Path) -> None:
     channel.close()
     first.stop()
 
-    second = start(tmp_path, clock)
-    channel, stub = stub_for(second.target)
-    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
-    channel.close()
-    second.stop()
+    after = lease_after_start(tmp_path, clock, granted.lease_id)
 
     assert after.state == pb.LEASE_STATE_ALIVE
     assert ttl_seconds(after) <= ttl_seconds(before)
@@ -85,11 +91,7 @@ def test_wall_clock_stepped_back_while_down_adds_no_time(tmp_path: pathlib.Path)
     first.stop()
 
     clock.step_wall(-3600)
-    second = start(tmp_path, clock)
-    channel, stub = stub_for(second.target)
-    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
-    channel.close()
-    second.stop()
+    after = lease_after_start(tmp_path, clock, granted.lease_id)
 
     assert after.state == pb.LEASE_STATE_ALIVE
     assert ttl_seconds(after) <= 8.0
@@ -130,11 +132,7 @@ def test_revoked_lease_stays_revoked_after_restart(tmp_path: pathlib.Path) -> No
     channel.close()
     first.stop()
 
-    second = start(tmp_path, clock)
-    channel, stub = stub_for(second.target)
-    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
-    channel.close()
-    second.stop()
+    after = lease_after_start(tmp_path, clock, granted.lease_id)
 
     assert after.state == pb.LEASE_STATE_ENDED
     assert after.end_reason == pb.END_REASON_REVOKED
@@ -209,7 +207,7 @@ def test_dropped_tier_warns_keeps_leases(
     )
     first = AuthorityThread(config).start()
     channel, stub = stub_for(first.target)
-    kept = [stub.Grant(pb.GrantRequest(principal="svc-a", tier="short")).lease_id for _ in range(2)]
+    surviving_ids = [stub.Grant(pb.GrantRequest(principal="svc-a", tier="short")).lease_id for _ in range(2)]
     ended = stub.Grant(pb.GrantRequest(principal="svc-a", tier="short")).lease_id
     stub.Revoke(pb.RevokeRequest(lease_id=ended))
     stub.Grant(pb.GrantRequest(principal="svc-a", tier="standard"))
@@ -219,7 +217,7 @@ def test_dropped_tier_warns_keeps_leases(
     with caplog.at_level("WARNING", logger="session_authority.server._authority"):
         second = start(tmp_path, clock)
     channel, stub = stub_for(second.target)
-    states = [stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease.state for lease_id in kept]
+    states = [stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease.state for lease_id in surviving_ids]
     channel.close()
     second.stop()
 
@@ -247,7 +245,7 @@ def test_restart_grace_keeps_late_activity(tmp_path: pathlib.Path) -> None:
     """Activity an enforcer saw while the authority was away, reported after the restart, keeps the lease."""
     clock, lease_id, _, second = restart_after_idle_deadline(tmp_path)
     channel, stub = stub_for(second.target)
-    held = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
+    during_grace = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=lease_id)).lease
     # Seen 3 s ago, at 9 s: before the stored deadline of 10 s.
     renewed = stub.Renew(pb.RenewRequest(entries=[pb.RenewEntry(lease_id=lease_id, idle_for=duration(3))])).leases[0]
     clock.advance(2.5)
@@ -256,8 +254,8 @@ def test_restart_grace_keeps_late_activity(tmp_path: pathlib.Path) -> None:
     channel.close()
     second.stop()
 
-    assert held.state == pb.LEASE_STATE_ALIVE
-    assert 0 < ttl_seconds(held) <= 2.0
+    assert during_grace.state == pb.LEASE_STATE_ALIVE
+    assert 0 < ttl_seconds(during_grace) <= 2.0
     assert renewed.state == pb.LEASE_STATE_ALIVE
     assert ttl_seconds(renewed) == pytest.approx(7, abs=0.01)
     assert after.state == pb.LEASE_STATE_ALIVE
@@ -295,11 +293,7 @@ def test_restart_grace_skips_max_duration(tmp_path: pathlib.Path) -> None:
     first.stop()
     clock.advance(2)
 
-    second = start(tmp_path, clock)
-    channel, stub = stub_for(second.target)
-    after = stub.TimeToLive(pb.TimeToLiveRequest(lease_id=granted.lease_id)).lease
-    channel.close()
-    second.stop()
+    after = lease_after_start(tmp_path, clock, granted.lease_id)
 
     assert after.state == pb.LEASE_STATE_ENDED
     assert after.end_reason == pb.END_REASON_MAX_DURATION
