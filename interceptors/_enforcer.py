@@ -84,9 +84,10 @@ _MIN_PROBE_INTERVAL_SECONDS = 0.02
 UNCONFIRMED_ACTIVITY_SPACING_SECONDS = 0.2
 """Minimum time between two kept reports of activity that the authority did not receive.
 
-The authority applies a lease's reports in order and takes one only if it
-comes before the lease's idle deadline as moved by the report before it,
-so reports this close together keep any idle timeout of 1 s or more alive.
+The authority applies a lease's reports in order. After a restart it takes
+a report only if it comes before the idle deadline that the report before it
+set. Reports this close together therefore chain for any idle timeout of 1 s
+or more, the default lower bound of a policy's idle timeouts.
 """
 
 MAX_UNCONFIRMED_ACTIVITY = 150
@@ -1315,6 +1316,9 @@ class Enforcer:
                     _add_unconfirmed(token, token.reported_activity)
                     token.reported_activity = -math.inf
                     self._dirty.add(token)
+                elif math.isfinite(token.reported_activity) and now - token.reported_activity < MAX_ORPHAN_REPORT_AGE_SECONDS:
+                    # A watch reset dropped the entry while this report was on its way.
+                    self._orphan_reports.append(_EarlierActivity(token, token.reported_activity))
 
     # -- introspection for tests and operators -------------------------------------
 

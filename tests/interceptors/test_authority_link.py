@@ -6,13 +6,16 @@ import threading
 from collections.abc import Sequence
 
 from session_authority.clients._keeper import MAX_BATCH_ENTRIES
-from session_authority.clients._types import RenewResult
+from session_authority.clients._types import LeaseInfo, LeaseState, RenewResult
+from session_authority.interceptors import EnforcerConfig
 from session_authority.interceptors._authority_link import AuthorityLink
+from session_authority.interceptors._enforcer import Enforcer, _Entry
+from session_authority.server import ManualClock
 from session_authority.server._servicer import MAX_RENEW_ENTRIES
 
 
 class _RecordingListener:
-    """A link listener that hands out one large batch of reports and records the answers."""
+    """A link listener that hands out one large batch of reports and records the replies."""
 
     def __init__(self, reports: list[tuple[object, str, float]]) -> None:
         self._reports = reports
@@ -66,3 +69,30 @@ def test_link_splits_report_over_message_limit(authority) -> None:  # type: igno
     assert listener.failed == []
     assert sum(listener.answered) == count
     assert max(listener.answered) <= MAX_BATCH_ENTRIES
+
+
+def test_failed_report_of_dropped_lease_resent(authority) -> None:  # type: ignore[no-untyped-def]
+    """A report that fails after a watch reset dropped its lease from the cache is sent again."""
+    clock = ManualClock()
+    enforcer = Enforcer(EnforcerConfig(authority_target=authority.target), clock=clock.monotonic)
+    try:
+        lease_id = "lease-in-use"
+        lease = LeaseInfo(
+            fingerprint="", digest="", principal="svc", tier="standard", state=LeaseState.ALIVE, end_reason=None,
+            idle_timeout_seconds=2.0, max_duration_seconds=60.0, ttl_seconds=2.0, max_remaining_seconds=60.0,
+            age_seconds=0.0, idle_for_seconds=0.0, granted_at=None, ended_at=None,
+        )  # fmt: skip
+        entry = _Entry(lease_id, lease, clock.monotonic(), 0.05)
+        enforcer._entries[lease_id] = entry
+        clock.advance(0.5)
+        enforcer.touch(entry)
+        in_flight = enforcer.collect_renewals(clock.monotonic())
+        enforcer.watch_reset()
+        clock.advance(1.0)
+        enforcer.renewals_failed([token for token, _, _ in in_flight], RuntimeError("stream broke"))
+        resent = enforcer.collect_renewals(clock.monotonic())
+    finally:
+        enforcer.close()
+
+    assert [(lease, round(idle_for, 3)) for _, lease, idle_for in in_flight] == [(lease_id, 0.0)]
+    assert [(lease, round(idle_for, 3)) for _, lease, idle_for in resent] == [(lease_id, 1.0)]
