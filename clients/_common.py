@@ -34,7 +34,7 @@ MAX_SEQUENCE = 2**64 - 1
 """``WatchSessionEndsRequest.after_sequence`` is a uint64."""
 
 MAX_PRINCIPAL_LENGTH = 256
-"""The authority's limit on a principal's length; longer metadata would also pass gRPC's 16 KiB cap."""
+"""The authority's limit on a principal's length. Checked here, it also keeps a long principal from reaching gRPC's 16 KiB metadata limit."""
 
 Metadata = tuple[tuple[str, str], ...]
 
