@@ -332,8 +332,12 @@ class CallHandle(Protocol):
         """
 
 
-class _EarlierActivity:
-    """A report of activity that an earlier batch failed to deliver; a renewal's token."""
+class _Report:
+    """One reported time of activity on a lease: a renewal's token.
+
+    The token keeps the time it reported, so that a failed batch puts back
+    its own time even when a later batch has reported the lease again.
+    """
 
     __slots__ = ("entry", "at")
 
@@ -342,21 +346,27 @@ class _EarlierActivity:
         self.at = at
 
 
-def _add_unconfirmed(entry: _Entry, at: float) -> None:
-    """Keep ``at`` among the entry's undelivered activity, thinned to the spacing and bounded."""
+def _add_unconfirmed(entry: _Entry, at: float) -> bool:
+    """Keep ``at`` among the entry's undelivered activity, thinned to the spacing and bounded.
+
+    Returns:
+        Whether ``at`` was kept.
+    """
     if not math.isfinite(at):
-        return
+        return False
     points = entry.unconfirmed
     if points is None:
         entry.unconfirmed = [at]
-        return
+        return True
     if points and abs(at - points[-1]) < UNCONFIRMED_ACTIVITY_SPACING_SECONDS:
-        return
+        return False
     points.append(at)
     points.sort()
     if len(points) > MAX_UNCONFIRMED_ACTIVITY:
         # The oldest reports matter most after a long outage, so the newest go.
         del points[MAX_UNCONFIRMED_ACTIVITY:]
+        return at in points
+    return True
 
 
 class _Entry:
@@ -601,8 +611,9 @@ class Enforcer:
         self._validate_log_at = -math.inf
         self._validate_log_suppressed = 0
         self._dirty: set[_Entry] = set()
-        # Undelivered activity of leases a watch reset dropped from the cache.
-        self._orphan_reports: list[_EarlierActivity] = []
+        # Undelivered activity of leases dropped from the cache without an
+        # end (watch reset, staleness): a restarted authority may need it.
+        self._orphan_reports: list[_Report] = []
         self._callbacks: list[SessionEndCallback] = []
         self._callback_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._validation_executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1104,6 +1115,7 @@ class Enforcer:
                     ended_at = entry.deadline + self._staleness_bound()
                     refusal = _errors.unreachable(entry.fingerprint, "no renewal answer from the authority")
                     cut = self._finish_entry(entry, refusal, session_end=False)
+                    self._keep_unreported(entry)
                 else:
                     # Ask the authority with the true idle time: the answer either
                     # moves the deadline or reports the end.
@@ -1175,6 +1187,7 @@ class Enforcer:
                 for entry in list(self._entries.values()):
                     refusal = _errors.unreachable(entry.fingerprint, "no word from the authority within the staleness bound")
                     cut.extend(self._finish_entry(entry, refusal, session_end=False))
+                    self._keep_unreported(entry)
         self._link.cancel_watch()
         self._run_cut_offs(cut, due)
 
@@ -1213,11 +1226,7 @@ class Enforcer:
                     if self._by_digest.get(entry.digest) is entry:
                         del self._by_digest[entry.digest]
                     self._dirty.discard(entry)
-                    # A restarted authority may still need this activity to keep the lease.
-                    points = list(entry.unconfirmed or ())
-                    if entry.last_activity > entry.reported_activity:
-                        points.append(entry.last_activity)
-                    self._orphan_reports.extend(_EarlierActivity(entry, at) for at in points)
+                    self._keep_unreported(entry)
                     dropped += 1
                     continue
                 entry.deadline = min(entry.deadline, now)
@@ -1255,13 +1264,12 @@ class Enforcer:
             for entry in dirty:
                 if entry.ended:
                     continue
-                # TODO: with about 1,000 unary leases on one enforcer, 5 to 28 % still end after a 1.8 s restart; cause unknown.
                 # Activity that earlier batches failed to deliver goes first,
                 # oldest first: after a restart, the authority extends an idle
                 # deadline only by activity from before it.
                 if entry.unconfirmed:
                     batch.extend(
-                        (_EarlierActivity(entry, at), entry.lease_id, max(0.0, now - at)) for at in entry.unconfirmed
+                        (_Report(entry, at), entry.lease_id, max(0.0, now - at)) for at in entry.unconfirmed
                     )
                 entry.unconfirmed = None
                 # touch() writes last_activity without the lock, so it is read
@@ -1271,7 +1279,7 @@ class Enforcer:
                 if last_activity > entry.reported_activity or entry.probe_requested:
                     entry.reported_activity = last_activity
                     entry.probe_requested = False
-                    batch.append((entry, entry.lease_id, max(0.0, now - last_activity)))
+                    batch.append((_Report(entry, last_activity), entry.lease_id, max(0.0, now - last_activity)))
             return batch
 
     def renewals_answered(self, tokens: Sequence[object], sent_at: float, result: RenewResult) -> None:
@@ -1280,8 +1288,8 @@ class Enforcer:
         with self._lock:
             now = self._clock()
             for token, lease in zip(tokens, result.leases):
-                entry = token.entry if isinstance(token, _EarlierActivity) else token
-                assert isinstance(entry, _Entry)
+                assert isinstance(token, _Report)
+                entry = token.entry
                 if entry.ended:
                     continue
                 if lease.state is LeaseState.ALIVE:
@@ -1299,26 +1307,32 @@ class Enforcer:
         self._run_cut_offs(cut, now)
 
     def renewals_failed(self, tokens: Sequence[object], error: BaseException) -> None:
-        """Queue the entries of a failed batch again (KeepAlive reader or reporter thread)."""
+        """Queue the reports of a failed batch again (KeepAlive reader or reporter thread)."""
         with self._lock:
             now = self._clock()
             for token in tokens:
-                if isinstance(token, _EarlierActivity):
-                    if not token.entry.ended:
-                        _add_unconfirmed(token.entry, token.at)
-                        self._dirty.add(token.entry)
-                    elif now - token.at < MAX_ORPHAN_REPORT_AGE_SECONDS:
-                        self._orphan_reports.append(token)
-                    continue
-                assert isinstance(token, _Entry)
-                if not token.ended:
-                    # The failed report's time, or a later one if the entry was reported again meanwhile.
-                    _add_unconfirmed(token, token.reported_activity)
-                    token.reported_activity = -math.inf
-                    self._dirty.add(token)
-                elif math.isfinite(token.reported_activity) and now - token.reported_activity < MAX_ORPHAN_REPORT_AGE_SECONDS:
-                    # A watch reset dropped the entry while this report was on its way.
-                    self._orphan_reports.append(_EarlierActivity(token, token.reported_activity))
+                assert isinstance(token, _Report)
+                entry = token.entry
+                if not entry.ended:
+                    kept = _add_unconfirmed(entry, token.at)
+                    if not kept and entry.reported_activity == token.at:
+                        # No later batch carries this lease, and the thinning
+                        # dropped this time: report the latest activity again.
+                        entry.reported_activity = -math.inf
+                    self._dirty.add(entry)
+                elif now - token.at < MAX_ORPHAN_REPORT_AGE_SECONDS:
+                    # The entry left the cache while the report was on its way.
+                    self._orphan_reports.append(token)
+
+    def _keep_unreported(self, entry: _Entry) -> None:
+        # Under the lock, for an entry leaving the cache without an end: a
+        # restarted authority may still need its activity to keep the lease.
+        points = list(entry.unconfirmed or ())
+        entry.unconfirmed = None
+        if entry.last_activity > entry.reported_activity:
+            points.append(entry.last_activity)
+            entry.reported_activity = entry.last_activity
+        self._orphan_reports.extend(_Report(entry, at) for at in points)
 
     # -- introspection for tests and operators -------------------------------------
 

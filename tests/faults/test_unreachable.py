@@ -75,19 +75,23 @@ class ProtectedServer:
 
     def call(self, lease_id: str) -> tuple[grpc.StatusCode, str, str | None]:
         """Call the protected method; return the status, its details and the end-reason trailer."""
-        method = self.channel.unary_unary(ECHO_METHOD)
-        try:
-            _, call = method.with_call(b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5)
-        except grpc.RpcError as exc:
-            trailers = {item.key: item.value for item in exc.trailing_metadata() or ()}
-            return exc.code(), exc.details() or "", trailers.get(END_REASON_TRAILER_KEY)
-        return call.code(), "", None
+        return call_unary(self.channel, ECHO_METHOD, lease_id)
 
     def stop(self) -> None:
         self.channel.close()
         self.server.stop(grace=None).wait(10)
         self.executor.shutdown(wait=True)
         self.interceptor.close()
+
+
+def call_unary(channel: grpc.Channel, method: str, lease_id: str) -> tuple[grpc.StatusCode, str, str | None]:
+    """Call ``method`` with the lease; return the status, its details and the end-reason trailer."""
+    try:
+        _, call = channel.unary_unary(method).with_call(b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5)
+    except grpc.RpcError as exc:
+        trailers = {item.key: item.value for item in exc.trailing_metadata() or ()}
+        return exc.code(), exc.details() or "", trailers.get(END_REASON_TRAILER_KEY)
+    return call.code(), "", None
 
 
 def wait_for_call(
@@ -215,6 +219,49 @@ def test_enforcer_admits_cached_lease_before_bound(proxy, direct_client) -> None
     if elapsed >= STALENESS_BOUND_SECONDS - 0.3:
         pytest.skip(f"the call took {elapsed:.2f} s, too close to the staleness bound to decide")
     assert during[0] is grpc.StatusCode.OK
+
+
+def test_activity_before_staleness_cut_off_reported(proxy, direct_client) -> None:  # type: ignore[no-untyped-def]
+    """Calls admitted while the authority was out of reach still count once it is back.
+
+    The enforcer drops its cached leases when the staleness bound runs out.
+    The activity it could not report before then must reach the authority
+    afterwards: after a restart, that activity decides whether the lease
+    outlived the outage.
+    """
+    lease_id = direct_client.grant("standard", idle_timeout_seconds=30.0).lease_id
+    server = ProtectedServer(proxy.target)
+    try:
+        assert server.call(lease_id)[0] is grpc.StatusCode.OK
+        time.sleep(0.3)
+
+        proxy.set_mode(ProxyMode.REFUSE)
+        last_admitted = time.monotonic()
+        outcome = server.call(lease_id)
+        while not is_unreachable(outcome):
+            assert is_ok(outcome), outcome
+            last_admitted = time.monotonic()
+            time.sleep(0.05)
+            outcome = server.call(lease_id)
+            assert time.monotonic() - last_admitted < STALENESS_BOUND_SECONDS + 5
+        cut_off_at = time.monotonic()
+        proxy.set_mode(ProxyMode.PASS)
+        # No call until the authority has the resent reports: a new call
+        # would be newer activity and hide whether they arrived.
+        back_by = time.monotonic() + RECOVERY_TIMEOUT_SECONDS
+        while server.interceptor.enforcer.stale:
+            assert time.monotonic() < back_by, "the enforcer did not hear from the authority again"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        at_authority = direct_client.time_to_live(lease_id)
+        stored_activity = time.monotonic() - at_authority.idle_for_seconds
+    finally:
+        server.stop()
+
+    # The proxy refused every report sent after the fault, so the calls
+    # admitted since then reached the authority only in the reports sent again.
+    assert cut_off_at - last_admitted < 0.5
+    assert stored_activity >= last_admitted - 0.3, (last_admitted - stored_activity, cut_off_at - last_admitted)
 
 
 # -- holder -----------------------------------------------------------------------

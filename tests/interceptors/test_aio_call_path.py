@@ -78,8 +78,8 @@ def test_activity_after_collect_goes_in_next_batch(authority: Any) -> None:
         second = enforcer.collect_renewals(time.monotonic())
         third = enforcer.collect_renewals(time.monotonic())
 
-        assert [token for token, _, _ in first] == [entry]
-        assert [token for token, _, _ in second] == [entry]
+        assert [token.entry for token, _, _ in first] == [entry]
+        assert [token.entry for token, _, _ in second] == [entry]
         assert entry.reported_activity >= touched_at
         assert entry.reported_activity == entry.last_activity
         assert third == []
