@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import grpc
 
-from session_authority.clients._errors import AuthorityError
+from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
 from session_authority.clients._metadata import LEASE_METADATA_KEY, EndReason, fingerprint, lease_digest, peer_identity
 from session_authority.clients._types import (
     LeaseInfo,
@@ -960,6 +960,8 @@ class Enforcer:
         except (AuthorityError, ValueError) as exc:
             with self._lock:
                 self._pop_pending(lease_id)
+                if isinstance(exc, AuthorityUnavailable):
+                    self._count_refused_call(lease_id, method, caller, sent_at)
                 # At most one line per second, because during an outage every
                 # lease that misses the cache fails the same way.
                 now = time.monotonic()
@@ -991,6 +993,22 @@ class Enforcer:
             cut = self._apply_validation(lease_id, method, result, sent_at)
         self._run_cut_offs(cut, answered_at)
         future.set_result(None)
+
+    def _count_refused_call(self, lease_id: str, method: str, caller: str, at: float) -> None:
+        # Under the lock, after a Validate found the authority out of reach.
+        # A cached lease whose last reply ran out is refused for that reason
+        # alone, not because of the lease. Its holder is still using it, so
+        # the call counts as activity. After a restart the authority takes
+        # activity only from before the lease's idle deadline, so this cannot
+        # bring back a lease that idled out.
+        entry = self._entries.get(lease_id)
+        rule = self._rules.rule_for(method)
+        if entry is None or entry.ended or rule is None or rule.exempt or at >= entry.max_deadline:
+            return
+        if self._decide(entry, rule, caller, at) is not None or at <= entry.last_activity:
+            return
+        entry.last_activity = at
+        self._dirty.add(entry)
 
     def _pop_pending(self, lease_id: str) -> None:
         # Under the lock.

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from faults._proxy import ProxyMode, TcpProxy
+from lease_harness import AioServer
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._keeper import LeaseKeeper
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY, LEASE_METADATA_KEY
@@ -82,6 +83,23 @@ class ProtectedServer:
         self.server.stop(grace=None).wait(10)
         self.executor.shutdown(wait=True)
         self.interceptor.close()
+
+
+class AioProtectedServer:
+    """The same surface as :class:`ProtectedServer` for a ``grpc.aio`` server behind an :class:`AioLeaseServerInterceptor`."""
+
+    def __init__(self, config: EnforcerConfig) -> None:
+        self.server = AioServer(config)
+        self.interceptor = self.server.interceptor
+        self.channel = grpc.insecure_channel(self.server.target)
+
+    def call(self, lease_id: str) -> tuple[grpc.StatusCode, str, str | None]:
+        """Call the protected method; return the status, its details and the end-reason trailer."""
+        return call_unary(self.channel, "/test.Lease/unary_coroutine", lease_id)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop()
 
 
 def call_unary(channel: grpc.Channel, method: str, lease_id: str) -> tuple[grpc.StatusCode, str, str | None]:
@@ -423,7 +441,7 @@ def restart_config(authority_target: str) -> EnforcerConfig:
     """Enforcer settings for riding out a restart: a staleness bound longer than the outage."""
     return EnforcerConfig(
         authority_target=authority_target,
-        staleness_bound_seconds=5.0,
+        staleness_bound_seconds=8.0,
         activity_batch_interval_seconds=0.05,
         reconnect_backoff_initial_seconds=0.05,
         reconnect_backoff_max_seconds=0.5,
@@ -431,15 +449,23 @@ def restart_config(authority_target: str) -> EnforcerConfig:
     )
 
 
-def test_unary_lease_outlives_restart(authority_process, direct_client) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("kind", "away_seconds"), [("sync", 1.6), ("sync", 3.5), ("aio", 3.5)])
+def test_unary_lease_outlives_restart(authority_process, direct_client, kind: str, away_seconds: float) -> None:  # type: ignore[no-untyped-def]
     """A lease in use through a restart survives although its stored activity is older than its idle timeout.
 
-    The authority is away about 2 s, as long as the lease's idle timeout, so
-    the activity it stored before the kill has run out when it serves again.
-    The enforcer reports the calls it admitted meanwhile once it reconnects,
-    within the restart grace.
+    The authority is away about 2 s or about 4 s, while the lease's idle
+    timeout is 2 s, so the activity it stored before the kill has run out
+    when it serves again. The enforcer reports the calls it admitted
+    meanwhile once it reconnects, within the restart grace. In the longer
+    outage it refuses calls once the lease's last reply has run out, but the
+    holder keeps calling, and those refused calls count as activity too.
     """
-    server = ProtectedServer(authority_process.target, config=restart_config(authority_process.target))
+    config = restart_config(authority_process.target)
+    server: ProtectedServer | AioProtectedServer
+    if kind == "sync":
+        server = ProtectedServer(authority_process.target, config=config)
+    else:
+        server = AioProtectedServer(config)
     lease_id = direct_client.grant("standard", idle_timeout_seconds=2.0).lease_id
     outcomes: list[tuple[grpc.StatusCode, str, str | None]] = []
     try:
@@ -447,7 +473,7 @@ def test_unary_lease_outlives_restart(authority_process, direct_client) -> None:
             outcomes.append(server.call(lease_id))
             time.sleep(0.1)
         authority_process.kill()
-        away_until = time.monotonic() + 1.6
+        away_until = time.monotonic() + away_seconds
         while time.monotonic() < away_until:
             outcomes.append(server.call(lease_id))
             time.sleep(0.1)
@@ -455,13 +481,15 @@ def test_unary_lease_outlives_restart(authority_process, direct_client) -> None:
         # Calls refused while the enforcer could not confirm the lease are fine;
         # an end of the lease is not.
         after = wait_for_call(server, lease_id, lambda o: is_ok(o) or o[2] not in (None, "authority_unreachable"), 10.0, "an answer")
-        for _ in range(10):
+        for _ in range(30):
             outcomes.append(server.call(lease_id))
             time.sleep(0.1)
         at_authority = direct_client.time_to_live(lease_id)
     finally:
         server.stop()
 
+    if away_seconds > 2.0:
+        assert any(is_unreachable(o) for o in outcomes), "no call was refused while the authority was away"
     assert after[0] is grpc.StatusCode.OK, after
     assert [o for o in outcomes if not is_ok(o) and not is_unreachable(o)] == []
     assert at_authority.state is LeaseState.ALIVE
