@@ -55,8 +55,10 @@ class _CutOffQueue:
     """Cut-offs waiting to run on one event loop.
 
     The enforcer ends every call of a lease in one pass from its own thread.
-    Queuing them here wakes the loop once per pass instead of once per call,
-    and the loop then cancels every handler in one callback.
+    Queuing them here wakes the loop once per pass instead of once per call.
+    The loop then starts every status task in one callback and cancels the
+    handlers in the next, so that the sends of all the statuses have started
+    before the loop spends its time on the handlers' cancellations.
     """
 
     __slots__ = ("loop", "_lock", "_pending")
@@ -81,8 +83,15 @@ class _CutOffQueue:
     def _run(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        for call, refusal in pending:
-            call.cut_off_on_loop(refusal)
+        started = [call for call, refusal in pending if call.cut_off_on_loop(refusal)]
+        if started:
+            # Queued after the first step of every status task just created.
+            self.loop.call_soon(_cancel_handlers, started)
+
+
+def _cancel_handlers(calls: list[_AioCall]) -> None:
+    for call in calls:
+        call.cancel_handler()
 
 
 class _AioCall:
@@ -136,18 +145,29 @@ class _AioCall:
     def cut_off(self, refusal: LeaseRefused) -> None:
         self._queue.put(self, refusal)
 
-    def cut_off_on_loop(self, refusal: LeaseRefused) -> None:
-        """Record the refusal, start sending the status and cancel the handler if it runs (event loop thread)."""
+    def cut_off_on_loop(self, refusal: LeaseRefused) -> bool:
+        """Record the refusal and start sending the status (event loop thread).
+
+        Returns:
+            True when this cut the call off; then call :meth:`cancel_handler`
+            once the status task has taken its first step.
+        """
         if self.finished or self.refusal is not None:
-            return
+            return False
         self.refusal = refusal
         _telemetry.add_cut_off_event(self.admission_context, self.handler_context, refusal, self._method)
         self.stop()
-        # Created before the cancellation, so this task's first step runs
-        # before the handler gets the CancelledError.
         aborting = asyncio.ensure_future(self._send_cut_off_status(refusal), loop=self._queue.loop)
         aborting.add_done_callback(_retrieve_error)
         self.aborting = aborting
+        return True
+
+    def cancel_handler(self) -> None:
+        """Cancel the handler's task if the handler still runs (event loop thread).
+
+        A handler that reached one of the wrapper's stop checks since the
+        cut-off has returned already, and its task is left alone.
+        """
         if self.running and self._task is not None:
             self._task.cancel()
 
