@@ -189,8 +189,17 @@ class _AioCall:
         A cancellation of the handler's task (the client left) stops only
         this wait: the status task goes on by itself.
         """
-        assert self.aborting is not None, "the call was not cut off"
-        await asyncio.shield(self.aborting)
+        aborting = self.aborting
+        assert aborting is not None, "the call was not cut off"
+        try:
+            await asyncio.shield(aborting)
+        finally:
+            if aborting.done():
+                # The task keeps its AbortError, whose traceback leads back
+                # to this call. Dropping the task removes that reference
+                # cycle; gRPC's own call state keeps the error too, in a
+                # cycle that only the garbage collector can free.
+                self.aborting = None
 
     def raise_if_stopped(self) -> None:
         """Raise ``CancelledError`` once the call was cut off or cancelled.
@@ -789,7 +798,11 @@ class _RunInContext:
                     step = run(coroutine.throw, error)
             except StopIteration as stop:
                 return stop.value
-            value = error = None
+            finally:
+                # An exception leaving this frame has it in its traceback:
+                # holding the exception here too would make a reference cycle.
+                error = None
+            value = None
             try:
                 value = yield step
             except GeneratorExit:
