@@ -995,9 +995,9 @@ class Enforcer:
         future.set_result(None)
 
     def _count_refused_call(self, lease_id: str, method: str, caller: str, at: float) -> None:
-        # Under the lock, after a Validate found the authority out of reach.
-        # A cached lease whose last reply ran out is refused for that reason
-        # alone, not because of the lease. Its holder is still using it, so
+        # Under the lock, after a Validate failed because the authority was
+        # out of reach or too slow. A cached lease whose last reply ran out
+        # is refused for that reason alone, not because of the lease. Its holder is still using it, so
         # the call counts as activity. After a restart the authority takes
         # activity only from before the lease's idle deadline, so this cannot
         # bring back a lease that idled out.
