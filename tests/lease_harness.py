@@ -404,6 +404,33 @@ class LoopGate:
         self.loop.call_soon_threadsafe(self._block)
 
 
+class GatedAioSetup:
+    """An authority client, an aio server with extra handlers, a channel to it and one lease.
+
+    ``gate`` blocks the server's loop for a race test, as :class:`LoopGate`
+    does; it gets the loop once the server runs.
+    """
+
+    def __init__(self, authority_target: str, gate: Any, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.admin = AuthorityClient(authority_target, principal="svc")
+        self.gate = gate
+        self.server = AioServer(enforcer_config(authority_target), extra=handlers)
+        gate.loop = self.server.loop
+        self.channel = grpc.insecure_channel(self.server.target)
+        self.lease_id = self.admin.grant("standard", principal="svc").lease_id
+
+    def cut_off_queued(self) -> bool:
+        """Tell whether a cut-off waits in the interceptor's queue for the blocked loop."""
+        queue = self.server.interceptor._queue
+        return bool(queue and queue._pending)
+
+    def close(self) -> None:
+        self.gate.release.set()
+        self.channel.close()
+        self.server.stop()
+        self.admin.close()
+
+
 # -- client ------------------------------------------------------------------------------
 
 

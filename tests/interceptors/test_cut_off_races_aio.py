@@ -14,9 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
-from lease_harness import GUARD_SECONDS, AioServer, LoopGate, enforcer_config, lease_metadata, wait_for
+from lease_harness import GUARD_SECONDS, GatedAioSetup, LoopGate, lease_metadata, wait_for
 
-from session_authority.clients._client import AuthorityClient
 from session_authority.clients._metadata import END_REASON_TRAILER_KEY
 
 
@@ -91,27 +90,13 @@ def _handlers(probe: _Probe, gate: LoopGate) -> dict[str, grpc.RpcMethodHandler]
     }
 
 
-class _Setup:
+class _Setup(GatedAioSetup):
     """An authority client, an aio server with the test handlers, and a channel to it."""
 
     def __init__(self, authority: Any) -> None:
-        self.admin = AuthorityClient(authority.target, principal="svc")
         self.probe = _Probe()
-        self.gate = LoopGate()
-        self.server = AioServer(enforcer_config(authority.target), extra=_handlers(self.probe, self.gate))
-        self.gate.loop = self.server.loop
-        self.channel = grpc.insecure_channel(self.server.target)
-        self.lease_id = self.admin.grant("standard", principal="svc").lease_id
-
-    def cut_off_queued(self) -> bool:
-        queue = self.server.interceptor._queue
-        return bool(queue and queue._pending)
-
-    def close(self) -> None:
-        self.gate.release.set()
-        self.channel.close()
-        self.server.stop()
-        self.admin.close()
+        gate = LoopGate()
+        super().__init__(authority.target, gate, _handlers(self.probe, gate))
 
 
 @pytest.fixture
