@@ -18,12 +18,12 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable, NoReturn, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import grpc
 
 from session_authority.clients._client import AuthorityClient
-from session_authority.clients._common import check_ca_file, check_client_certificate, read_pem_file
+from session_authority.clients._common import OneLineArgumentParser, check_ca_file, check_client_certificate, read_pem_file
 from session_authority.clients._errors import AuthorityError, AuthorityUnavailable
 from session_authority.clients._types import (
     MAX_DURATION_SECONDS,
@@ -94,18 +94,6 @@ _LEASE_COLUMNS = (
 
 class UsageError(Exception):
     """Invalid command-line input found after argparse accepted it (exit status 2)."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """An argument parser whose usage errors print one line instead of the usage block.
-
-    Subcommand parsers inherit the class, because ``add_subparsers`` creates
-    them with the class of the parser it belongs to.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        _print_error(f"{message} (see '{self.prog} --help')", prog=self.prog)
-        sys.exit(EXIT_USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,7 +176,7 @@ def _lease_ids_after_separator(arguments: list[str], parser: argparse.ArgumentPa
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand except the forwarded ``serve``, ``audit`` and ``demo``."""
     global_options = _global_options_parser()
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG,
         description="Run the session authority, or grant, inspect and revoke session leases.",
         parents=[global_options],

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import math
 import os
 import pathlib
 import ssl
+import sys
 import threading
-from typing import Generic, Sequence, TypeVar
+from typing import Generic, NoReturn, Sequence, TypeVar
 
 import grpc
 
@@ -17,6 +19,20 @@ from session_authority.clients._types import LeaseInfo, RenewResult, seconds_to_
 from session_authority.v1 import session_authority_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors print one line, and where to find help, instead of the usage block.
+
+    Subcommand parsers inherit the class, because ``add_subparsers`` creates
+    them with the class of the parser it belongs to. Exits with status 2, as
+    argparse does.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        one_line = " ".join(message.split())
+        print(f"{self.prog}: error: {one_line} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
 
 AUTHORIZATION_METADATA_KEY = "authorization"
 """Request metadata key for the API key, sent as ``Bearer <key>``."""

@@ -38,6 +38,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from session_authority.clients import AuthorityClient, HeartbeatEvent, LeaseInfo, SessionEndEvent
+from session_authority.clients._common import OneLineArgumentParser
 from session_authority.examples import _evidence
 from session_authority.examples._processes import Child, ChildFailed, ChildProcesses
 from session_authority.examples.protos.demo.v1 import demo_pb2, demo_pb2_grpc
@@ -476,7 +477,7 @@ def check_results(demo: Demo, audit_reasons: dict[str, list[str]], span_reasons:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="session-authority demo",
         description=(
             "Run the authority, a protected grpc.server and grpc.aio.server, and four machine clients on"

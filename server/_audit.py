@@ -45,6 +45,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from session_authority.clients._common import OneLineArgumentParser
+
 from ._log_limit import LogLimit
 
 try:
@@ -2738,7 +2740,7 @@ def _format_value(value: object) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="session-authority audit",
         description="Verify or read the tamper-evident audit log of a session authority.",
     )

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from session_authority.clients._common import OneLineArgumentParser
+
 from ._audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from ._audit import MIN_MAX_BYTES as MIN_AUDIT_MAX_BYTES
 from ._audit import AuditWriteError
@@ -102,7 +104,7 @@ def _argparse_type(check: Callable[[str], object]) -> Callable[[str], object]:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="session-authority serve",
         description="Run the session authority: grants, renews, revokes and expires session leases.",
         epilog=(

@@ -599,6 +599,10 @@ def test_cli_lease_id_starting_with_dash(command: list[str]) -> None:
         ["keys", "add"],
         ["watch", "--count", "0"],
         ["now", "--timeout", "soon"],
+        ["serve", "--no-such-option"],
+        ["audit"],
+        ["audit", "verify", "--no-such-option", "audit"],
+        ["demo", "--no-such-option"],
     ],
 )
 def test_cli_usage_error_prints_one_line(arguments: list[str]) -> None:

@@ -1143,8 +1143,11 @@ def test_cli_verify_missing_path_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 def test_cli_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     code = audit_main(["frobnicate"])
 
+    error = capsys.readouterr().err
     assert code == 2
-    assert "usage: session-authority audit" in capsys.readouterr().err
+    assert error.startswith("session-authority audit: error: argument COMMAND: invalid choice: 'frobnicate'")
+    assert error.endswith(" (see 'session-authority audit --help')\n")
+    assert len(error.splitlines()) == 1
 
 
 def test_cli_tail_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
