@@ -1332,8 +1332,8 @@ class Enforcer:
                 assert isinstance(token, _Report)
                 entry = token.entry
                 if not entry.ended:
-                    kept = _add_unconfirmed(entry, token.at)
-                    if not kept and entry.reported_activity == token.at:
+                    point_kept = _add_unconfirmed(entry, token.at)
+                    if not point_kept and entry.reported_activity == token.at:
                         # No later batch carries this lease, and the thinning
                         # dropped this time: report the latest activity again.
                         entry.reported_activity = -math.inf

@@ -241,6 +241,24 @@ def _outcome(method: str, call: Any) -> grpc.RpcError:
     return raised.value
 
 
+def _revoke_while_blocked(setup: _Setup) -> None:
+    """Revoke the lease once the handler has blocked the loop, and wait until the cut-off is queued."""
+    assert setup.gate.blocked.wait(10), "the handler never reached the gate"
+    setup.admin.revoke(setup.lease_id)
+    wait_for(setup.cut_off_queued, message="queued cut-off")
+
+
+def _wait_handler_gone(setup: _Setup) -> None:
+    """Wait until the handler has ended and its task is gone, then collect the garbage it left."""
+    assert setup.gate.exited.wait(10), "the handler never ended"
+    wait_for(lambda: setup.server.rpc_tasks() == [], message="handler task gone")
+    gc.collect()
+
+
+def _errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize(
     "method",
     [
@@ -270,15 +288,10 @@ def test_window_step_gets_cut_off(
 
     monkeypatch.setattr(_aio_server, "_cancel_handlers", recording)
     call = _start(setup, method)
-    assert setup.gate.blocked.wait(10), "the handler never reached the gate"
-
-    setup.admin.revoke(setup.lease_id)
-    wait_for(setup.cut_off_queued, message="queued cut-off")
+    _revoke_while_blocked(setup)
     setup.gate.release.set()
     error = _outcome(method, call)
-    assert setup.gate.exited.wait(10), "the handler never ended"
-    wait_for(lambda: setup.server.rpc_tasks() == [], message="handler task gone")
-    gc.collect()
+    _wait_handler_gone(setup)
 
     assert error.code() is grpc.StatusCode.UNAUTHENTICATED, error
     assert dict(error.trailing_metadata())[END_REASON_TRAILER_KEY] == "revoked"
@@ -289,43 +302,30 @@ def test_window_step_gets_cut_off(
         assert "ran on" not in setup.gate.after
     assert "wrote" not in setup.gate.after
     assert "read" not in setup.gate.after
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert errors == []
+    assert _errors_logged(caplog) == []
 
 
 def test_window_own_abort_kept(setup: _Setup, caplog: pytest.LogCaptureFixture) -> None:
     call = _start(setup, "window_abort")
-    assert setup.gate.blocked.wait(10), "the handler never reached the gate"
-
-    setup.admin.revoke(setup.lease_id)
-    wait_for(setup.cut_off_queued, message="queued cut-off")
+    _revoke_while_blocked(setup)
     setup.gate.release.set()
     error = call.exception(timeout=15)
-    assert setup.gate.exited.wait(10), "the handler never ended"
-    wait_for(lambda: setup.server.rpc_tasks() == [], message="handler task gone")
-    gc.collect()
+    _wait_handler_gone(setup)
 
     assert isinstance(error, grpc.Call)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert error.details() == "handler's own abort"
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert errors == []
+    assert _errors_logged(caplog) == []
 
 
 @pytest.mark.parametrize("method", ["window_sleep", "window_swallow", "window_return", "sync_return"])
 def test_window_client_cancel_clean(method: str, setup: _Setup, caplog: pytest.LogCaptureFixture) -> None:
     call = _start(setup, method)
-    assert setup.gate.blocked.wait(10), "the handler never reached the gate"
-
-    setup.admin.revoke(setup.lease_id)
-    wait_for(setup.cut_off_queued, message="queued cut-off")
+    _revoke_while_blocked(setup)
     call.cancel()
     time.sleep(0.1)
     setup.gate.release.set()
-    assert setup.gate.exited.wait(10), "the handler never ended"
-    wait_for(lambda: setup.server.rpc_tasks() == [], message="handler task gone")
-    gc.collect()
+    _wait_handler_gone(setup)
 
     assert call.cancelled()
-    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
-    assert errors == []
+    assert _errors_logged(caplog) == []
