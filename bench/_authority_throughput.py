@@ -17,6 +17,7 @@ import cProfile
 import dataclasses
 import io
 import logging
+import os
 import pathlib
 import pstats
 import statistics
@@ -78,7 +79,9 @@ def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra
     """Run one load client process against ``server`` and return its JSON result.
 
     The result gains ``server_cpu_per_operation``: the server's CPU time over
-    the whole client run divided by every operation the client completed.
+    the whole client run divided by every operation the client completed;
+    for a Python server also ``server_loop_cpu_per_operation``, the same for
+    its main thread, which runs the event loop.
     """
     command = python_command(
         "bench._load",
@@ -88,10 +91,14 @@ def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra
         "--warmup", str(plan.warmup_seconds),
         *extra,
     )  # fmt: skip
+    python_server = isinstance(server, ServerProcess)
     cpu_before = server.cpu_seconds()
+    loop_cpu_before = server.cpu_seconds(main_thread=True) if python_server else 0.0
     result = run_json(command, plan.timeout_seconds())
-    cpu = server.cpu_seconds() - cpu_before
-    result["server_cpu_per_operation"] = cpu / max(1, result["all_operations"])
+    operations = max(1, result["all_operations"])
+    result["server_cpu_per_operation"] = (server.cpu_seconds() - cpu_before) / operations
+    if python_server:
+        result["server_loop_cpu_per_operation"] = (server.cpu_seconds(main_thread=True) - loop_cpu_before) / operations
     return result
 
 
@@ -258,6 +265,59 @@ def grant_figures(
     ]
 
 
+def grant_loop_budget(label: str, grants: list[dict], echoes: list[dict], target: float) -> Figure:
+    """Return the CPU the authority's event loop spends per grant beside one thread's time per grant at ``target``.
+
+    Every grant passes through the event loop's one thread, which cannot
+    run for more than a second per second. At ``target`` times the echo's
+    rate it therefore has at most ``1 / (target * echo rate)`` per grant,
+    whatever the other threads do. A ratio above 1 means that the target is
+    out of reach until the loop's share of a grant shrinks.
+    """
+    allowed = 1e6 / (target * median_rate(echoes))
+    echo_loop = median_cpu_microseconds(echoes, "server_loop_cpu_per_operation")
+    return Figure(
+        name=f"event loop CPU us/grant {label}",
+        value=median_cpu_microseconds(grants, "server_loop_cpu_per_operation"),
+        unit="",
+        baseline_name=f"one thread's time per grant at {target:.2f} of the echo",
+        baseline=allowed,
+        note=f"the echo's event loop: {echo_loop:.0f} us/call; above 1 the target is out of reach here",
+    )
+
+
+def grant_cpu_budget(label: str, grants: list[dict], echoes: list[dict], target: float) -> Figure:
+    """Return the authority's server CPU per grant beside the most it may spend to reach ``target`` here.
+
+    Client and server share this machine's cores. When the echo run keeps
+    them all busy, as it does on a small machine, the rate is bounded by the
+    CPU that one call costs the two processes together. So a server that
+    reaches ``target`` times the echo's rate may spend at most ``cores /
+    (target * echo rate)`` per call, less the client's own CPU per call. A
+    ratio above 1 means that the target is out of reach on this machine
+    until a grant costs less CPU, however the work is spread over threads
+    or processes.
+    """
+    cores = len(os.sched_getaffinity(0))
+    echo_rate = median_rate(echoes)
+    client = median_cpu_microseconds(grants, "client_cpu_per_operation")
+    echo_busy = echo_rate * (
+        median_cpu_microseconds(echoes) + median_cpu_microseconds(echoes, "client_cpu_per_operation")
+    ) / 1e6 / cores
+    budget = cores / (target * echo_rate) * 1e6 - client
+    return Figure(
+        name=f"server CPU us/grant {label}",
+        value=median_cpu_microseconds(grants),
+        unit="",
+        baseline_name=f"CPU budget for {target:.2f} of the echo",
+        baseline=budget,
+        note=(
+            f"budget = {cores} cores / ({target:.2f} x echo rate) - client CPU {client:.0f} us/grant;"
+            f" the echo run kept {echo_busy:.0%} of the cores busy; above 1 the target is out of reach here"
+        ),
+    )
+
+
 def run(options: Options) -> list[Figure]:
     """Measure grants and renewals; return the figures."""
     plan = Plan.for_options(options)
@@ -326,6 +386,14 @@ def run(options: Options) -> list[Figure]:
     figures += grant_figures(
         "without store or audit log", grants_without_store, echoes, target=None, note="reference: nothing kept on disk"
     )
+    # Two bounds that the grant target must fit within on this machine: the
+    # CPU of all processes, and the time of the authority's event loop.
+    figures += [
+        grant_cpu_budget("sqlite", grants, echoes, 0.80),
+        grant_cpu_budget("without store or audit log", grants_without_store, echoes, 0.80),
+        grant_loop_budget("sqlite", grants, echoes, 0.80),
+        grant_loop_budget("without store or audit log", grants_without_store, echoes, 0.80),
+    ]
     if etcd_grants:
         figures.append(
             Figure(

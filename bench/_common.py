@@ -181,9 +181,9 @@ class ServerProcess:
         self.port = int(self.port_file.read_text())
         return self
 
-    def cpu_seconds(self) -> float:
-        """Return the CPU time (user + system, all threads) the child has used so far."""
-        return process_cpu_seconds(self.process.pid if self.process else 0)
+    def cpu_seconds(self, *, main_thread: bool = False) -> float:
+        """Return the CPU time (user + system) the child has used so far: all threads, or its main thread only."""
+        return process_cpu_seconds(self.process.pid if self.process else 0, main_thread=main_thread)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
@@ -199,9 +199,10 @@ class ServerProcess:
         self.stop()
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """Return the user + system CPU time of a live process, all threads, from ``/proc``."""
-    with open(f"/proc/{pid}/stat") as stat:
+def process_cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
+    """Return the user + system CPU time of a live process from ``/proc``: all threads, or its main thread only."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+    with open(path) as stat:
         # The command name in field 2 may contain spaces; the fields after it do not.
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -231,7 +231,10 @@ def main() -> None:
     window = Window(args.warmup, args.seconds)
     extra: dict[str, float] | None = None
     if args.kind == "grant":
+        cpu_before = time.process_time()
         asyncio.run(grant(args.target, window, args.concurrency))
+        cpu = time.process_time() - cpu_before
+        extra = {"client_cpu_per_operation": cpu / max(1, window.all_operations)}
     elif args.kind == "keepalive":
         extra = asyncio.run(
             keepalive(args.target, window, args.leases, args.batch, args.in_flight, args.lease_file)
