@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from types import TracebackType
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -144,8 +145,27 @@ def run_json(command: Sequence[str], timeout_seconds: float) -> dict:
     return json.loads(lines[-1])
 
 
+class ChildExited(RuntimeError):
+    """A server child exited on its own before its benchmark stopped it."""
+
+
+def describe_exit(returncode: int) -> str:
+    """Describe a child's exit status: the signal that killed it, or its exit code."""
+    if returncode >= 0:
+        return f"exited with {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
 class ServerProcess:
-    """A server child that writes its port to a file once it serves, stopped with SIGTERM."""
+    """A server child that writes its port to a file once it serves, stopped with SIGTERM.
+
+    Used as a context manager, it raises :class:`ChildExited` on exit when the
+    child had exited before anything asked it to stop, so a server that dies
+    mid-measurement is named in the benchmark's failure, with its log.
+    """
 
     def __init__(self, command: Sequence[str], port_file: pathlib.Path, log_path: pathlib.Path) -> None:
         self.command = list(command)
@@ -153,6 +173,8 @@ class ServerProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.stop_requested = False
+        self.early_exit: int | None = None
 
     @property
     def target(self) -> str:
@@ -170,6 +192,17 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(), cwd=REPO_ROOT
             )
+        try:
+            self._wait_for_port(timeout_seconds)
+        except BaseException:
+            # __exit__ does not run when __enter__ raises, so an interrupt
+            # (SIGINT, SIGTERM) during the wait must stop the child here.
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_port(self, timeout_seconds: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout_seconds
         while not self.port_file.exists():
             if self.process.poll() is not None:
@@ -179,7 +212,6 @@ class ServerProcess:
                 raise RuntimeError(f"{self.command[2]} wrote no port within {timeout_seconds:g} s:\n{self.log()}")
             time.sleep(0.02)
         self.port = int(self.port_file.read_text())
-        return self
 
     def cpu_seconds(self, *, main_thread: bool = False) -> float:
         """Return the CPU time (user + system) the child has used so far: all threads, or its main thread only."""
@@ -189,14 +221,30 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        """Send SIGTERM, wait up to 15 s, then SIGKILL."""
+        """Send SIGTERM, wait up to 15 s, then SIGKILL. Note first whether the child had already exited by itself."""
+        if self.process is not None and not self.stop_requested and self.process.poll() is not None:
+            self.early_exit = self.process.returncode
+        self.stop_requested = True
         stop_process(self.process)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         self.stop()
+        # An interrupt keeps its own exception. Any other failure most likely
+        # follows from this child's death, so the child is named.
+        if self.early_exit is not None and (exc_value is None or isinstance(exc_value, Exception)):
+            assert self.process is not None
+            raise ChildExited(
+                f"{self.command[2]} (PID {self.process.pid}) {describe_exit(self.early_exit)}"
+                f" before the benchmark stopped it. Its log: {self.log_path}"
+            ) from exc_value
 
 
 def process_cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
