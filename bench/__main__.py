@@ -146,7 +146,12 @@ def run_benchmark(name: str, args: argparse.Namespace, work_dir: pathlib.Path) -
         print(f"{name}: failed to run: {summary}\n{traceback.format_exc()}", flush=True)
         return False
     for figure in figures:
-        print(figure.line(), flush=True)
+        line = figure.line()
+        if args.profile and figure.target is not None:
+            # cProfile slows the profiled processes several times over, so
+            # their figures say nothing about the target.
+            line += "  [profiled run: the verdict does not count]"
+        print(line, flush=True)
     print(
         f"({name} took {time.monotonic() - started:.1f} s;"
         f" 1-min load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores)",

@@ -58,12 +58,22 @@ def named(options):
     return []
 
 
+def one_figure(options):
+    from bench._common import Figure
+
+    return [
+        Figure(name="rate", value=1.0, unit="", baseline_name="baseline", baseline=2.0, target=0.9),
+        Figure(name="cost", value=1.0, unit="", baseline_name="baseline", baseline=2.0),
+    ]
+
+
 entry.BENCHMARKS = {
     "hold": ("holds an echo server until interrupted", hold),
     "hang-in-start": ("waits for a port file that never appears", hang_in_start),
     "lose-child": ("waits until its echo server dies", lose_child),
     "first": ("prints its name", named),
     "second": ("prints its name", named),
+    "figure": ("returns a figure with a target and one without", one_figure),
 }
 sys.exit(entry.main(sys.argv[1:]))
 """
@@ -182,3 +192,16 @@ def test_killed_child_named_with_its_log(tmp_path: pathlib.Path) -> None:
     log_path = pathlib.Path(failure.rsplit("Its log: ", 1)[1])
     assert log_path.is_file()
     assert stdout.splitlines()[-1] == f"work directory kept for the logs of lose-child: {log_path.parent.parent}"
+
+
+@pytest.mark.parametrize("profile", [False, True], ids=["plain", "profiled"])
+def test_profiled_verdicts_marked(tmp_path: pathlib.Path, profile: bool) -> None:
+    driver = start_driver(tmp_path, "--only", "figure", *(["--profile"] if profile else []))
+    stdout, stderr = driver.communicate(timeout=60)
+
+    assert driver.returncode == 0, stderr
+    [rate] = [line for line in stdout.splitlines() if line.startswith("rate ")]
+    [cost] = [line for line in stdout.splitlines() if line.startswith("cost ")]
+    assert "(target >= 0.90: MISSED)" in rate
+    assert rate.endswith("[profiled run: the verdict does not count]") is profile
+    assert "profiled run" not in cost
