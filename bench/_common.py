@@ -106,8 +106,25 @@ def free_port() -> int:
 
 
 def python_command(module: str, *args: str) -> list[str]:
-    """Return the command that runs ``python -m module args`` with this interpreter."""
-    return [sys.executable, "-m", module, *args]
+    """Return the command that runs ``python -m module args`` with this interpreter, stopping if this process dies.
+
+    The child starts through :mod:`bench._child`, which has Linux send it
+    SIGTERM when this process ends, however it ends.
+    """
+    return [sys.executable, "-m", "bench._child", str(os.getpid()), "-m", module, *args]
+
+
+def program_command(program: str, *args: str) -> list[str]:
+    """Return the command that runs a program that is not Python (etcd), stopping if this process dies."""
+    return [sys.executable, "-m", "bench._child", str(os.getpid()), program, *args]
+
+
+def command_name(command: Sequence[str]) -> str:
+    """Return what a child command runs: the module of a :func:`python_command`, or the program."""
+    parts = list(command)
+    if parts[1:3] == ["-m", "bench._child"]:
+        return parts[5] if parts[4] == "-m" else parts[4]
+    return parts[2] if parts[1:2] == ["-m"] else parts[0]
 
 
 def child_environment() -> dict[str, str]:
@@ -206,10 +223,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_seconds
         while not self.port_file.exists():
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.command[2]} exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{command_name(self.command)} exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.command[2]} wrote no port within {timeout_seconds:g} s:\n{self.log()}")
+                raise RuntimeError(f"{command_name(self.command)} wrote no port within {timeout_seconds:g} s:\n{self.log()}")
             time.sleep(0.02)
         self.port = int(self.port_file.read_text())
 
@@ -242,7 +259,7 @@ class ServerProcess:
         if self.early_exit is not None and (exc_value is None or isinstance(exc_value, Exception)):
             assert self.process is not None
             raise ChildExited(
-                f"{self.command[2]} (PID {self.process.pid}) {describe_exit(self.early_exit)}"
+                f"{command_name(self.command)} (PID {self.process.pid}) {describe_exit(self.early_exit)}"
                 f" before the benchmark stopped it. Its log: {self.log_path}"
             ) from exc_value
 

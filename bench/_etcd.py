@@ -16,7 +16,7 @@ from types import ModuleType
 
 import grpc
 
-from ._common import free_port, process_cpu_seconds, stop_process
+from ._common import REPO_ROOT, child_environment, free_port, process_cpu_seconds, program_command, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class EtcdServer:
         self.client_port = free_port()
         peer_url = f"http://127.0.0.1:{free_port()}"
         client_url = f"http://{self.target}"
-        command = [
+        command = program_command(
             self.binary,
             "--name", "bench",
             "--data-dir", str(self.work_dir / "etcd-data"),
@@ -81,9 +81,11 @@ class EtcdServer:
             "--initial-cluster", f"bench={peer_url}",
             "--initial-cluster-state", "new",
             "--log-level", "warn",
-        ]  # fmt: skip
+        )  # fmt: skip
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=child_environment(), cwd=REPO_ROOT
+            )
         try:
             self._wait_ready()
         except BaseException:

@@ -205,3 +205,18 @@ def test_profiled_verdicts_marked(tmp_path: pathlib.Path, profile: bool) -> None
     assert "(target >= 0.90: MISSED)" in rate
     assert rate.endswith("[profiled run: the verdict does not count]") is profile
     assert "profiled run" not in cost
+
+
+def test_sigkill_of_the_run_stops_its_children(tmp_path: pathlib.Path) -> None:
+    driver = start_driver(tmp_path, "--only", "hold")
+    child = read_child_pid(driver)
+
+    driver.kill()
+    driver.communicate(timeout=60)
+    deadline = time.monotonic() + 15.0
+    while is_running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leftover = is_running(child)
+    stop_leftover(child)
+
+    assert not leftover, f"echo server {child} still running 15 s after SIGKILL of the benchmark"
