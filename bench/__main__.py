@@ -149,7 +149,7 @@ def run_benchmark(name: str, args: argparse.Namespace, work_dir: pathlib.Path) -
         line = figure.line()
         if args.profile and figure.target is not None:
             # cProfile slows the profiled processes several times over, so
-            # their figures say nothing about the target.
+            # their figures cannot show whether the target is met.
             line += "  [profiled run: the verdict does not count]"
         print(line, flush=True)
     print(
