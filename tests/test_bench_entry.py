@@ -20,6 +20,8 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 DRIVER = """
+import os
+import signal
 import sys
 import time
 
@@ -75,12 +77,19 @@ entry.BENCHMARKS = {
     "second": ("prints its name", named),
     "figure": ("returns a figure with a target and one without", one_figure),
 }
+# A test run started in the background (nohup, a CI runner) inherits SIGINT
+# ignored. Each test sets the disposition a terminal run would have, or the
+# ignored one on purpose.
+if os.environ.get("DRIVER_SIGINT") == "ignored":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(entry.main(sys.argv[1:]))
 """
 
 
-def start_driver(tmp_path: pathlib.Path, *args: str) -> subprocess.Popen[str]:
-    environment = dict(os.environ, TMPDIR=str(tmp_path))
+def start_driver(tmp_path: pathlib.Path, *args: str, sigint: str = "default") -> subprocess.Popen[str]:
+    environment = dict(os.environ, TMPDIR=str(tmp_path), DRIVER_SIGINT=sigint)
     return subprocess.Popen(
         [sys.executable, "-c", DRIVER, *args],
         cwd=REPO_ROOT,
@@ -162,6 +171,23 @@ def test_signal_mid_run_stops_children(tmp_path: pathlib.Path, signum: signal.Si
     assert not leftover, f"echo server {child} still running after {signum.name}"
     assert stderr.strip() == f"interrupted by {signum.name}, and every process this run started has been stopped"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ignored_sigint_stays_ignored(tmp_path: pathlib.Path) -> None:
+    driver = start_driver(tmp_path, "--only", "hold", sigint="ignored")
+    child = read_child_pid(driver)
+
+    driver.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    still_running = driver.poll() is None
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=60)
+    leftover = is_running(child)
+    stop_leftover(child)
+
+    assert still_running, f"the run ended on a SIGINT it inherited as ignored; stderr:\n{stderr}"
+    assert driver.returncode == 128 + signal.SIGTERM, stderr
+    assert not leftover, f"echo server {child} still running after SIGTERM"
 
 
 def test_sigint_while_child_starts_stops_it(tmp_path: pathlib.Path) -> None:
