@@ -547,6 +547,8 @@ def holder_figures(
         (f"cut-off of one stream per {api} holder after Revoke returning", stream_delays, True),
     ):
         note = f"{len(delays):,} leases over {rounds} round(s), {count} {kind}s sharing one client; min {min(delays):.2f} ms"
+        if min(delays) < 0:
+            note += " (below 0: the holder learned of the end before the Revoke reply reached this process)"
         figures.extend(
             Figure(
                 name=f"{what} {label} (aio server, {count} leases revoked one by one)",
@@ -800,6 +802,8 @@ def scenario_figures(scenario: Scenario, delays: list[float], rounds: int, spans
     if not delays:
         raise RuntimeError(f"no cut-off delays measured for {scenario}")
     note = f"{len(delays):,} streams over {rounds} round(s); min {min(delays):.2f} ms"
+    if min(delays) < 0 and scenario.trigger == "revoke":
+        note += " (below 0: the stream ended before the Revoke reply reached this process)"
     if scenario.measured:
         # How far apart the counted leases ended shows whether they ended one at a time.
         note += f"; their leases ended over {statistics.median(spans_ms):,.0f} ms per round"

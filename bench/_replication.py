@@ -312,6 +312,8 @@ def delay_figures(label: str, delays: Delays, note: str, *, with_target: bool) -
     if delays.missing:
         print(f"replication: {delays.missing} of {delays.expected} ends of {label} were not seen within the wait")
     note = f"{note}; grants took {delays.grant_seconds:.2f} s"
+    if delays.at(0.0) < 0:
+        note += "; below 0: the end came before the deadline as estimated from the late grant reply"
     figures = []
     for name, fraction in (("p50", 0.50), ("p99", 0.99), ("max", 1.0)):
         figures.append(
