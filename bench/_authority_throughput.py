@@ -79,9 +79,9 @@ def load(plan: Plan, kind: str, server: ServerProcess | _etcd.EtcdServer, *extra
     """Run one load client process against ``server`` and return its JSON result.
 
     The result gains ``server_cpu_per_operation``: the server's CPU time over
-    the whole client run divided by every operation the client completed;
-    for a Python server also ``server_loop_cpu_per_operation``, the same for
-    its main thread, which runs the event loop.
+    the whole client run divided by every operation the client completed.
+    A Python server also gets ``server_loop_cpu_per_operation``, the same
+    for its main thread, which runs the event loop.
     """
     command = python_command(
         "bench._load",

@@ -1,8 +1,8 @@
 """Start a benchmark child that stops when the benchmark process dies, even by SIGKILL.
 
 ``python -m bench._child PARENT_PID -m MODULE ARGS...`` runs MODULE as
-``__main__``; ``python -m bench._child PARENT_PID PROGRAM ARGS...`` execs
-PROGRAM (etcd). Before either, it sets ``PR_SET_PDEATHSIG``, which an exec
+``__main__``, and ``python -m bench._child PARENT_PID PROGRAM ARGS...``
+execs PROGRAM (etcd). Before either, it sets ``PR_SET_PDEATHSIG``, which an exec
 keeps, so that Linux sends this process SIGTERM when its parent dies. It
 exits at once if PARENT_PID is no longer its parent, since the parent may
 have died before the setting took effect. Without it, a benchmark killed by
@@ -27,7 +27,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def stop_with_parent(parent_pid: int) -> None:
-    """Have SIGTERM sent to this process when its parent dies; exit now if ``parent_pid`` is gone already."""
+    """Set SIGTERM to arrive when this process's parent dies, and exit if ``parent_pid`` has already gone."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         error = ctypes.get_errno()

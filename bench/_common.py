@@ -111,12 +111,16 @@ def python_command(module: str, *args: str) -> list[str]:
     The child starts through :mod:`bench._child`, which has Linux send it
     SIGTERM when this process ends, however it ends.
     """
-    return [sys.executable, "-m", "bench._child", str(os.getpid()), "-m", module, *args]
+    return _through_child("-m", module, *args)
 
 
 def program_command(program: str, *args: str) -> list[str]:
     """Return the command that runs a program that is not Python (etcd), stopping if this process dies."""
-    return [sys.executable, "-m", "bench._child", str(os.getpid()), program, *args]
+    return _through_child(program, *args)
+
+
+def _through_child(*command: str) -> list[str]:
+    return [sys.executable, "-m", "bench._child", str(os.getpid()), *command]
 
 
 def command_name(command: Sequence[str]) -> str:

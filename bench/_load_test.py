@@ -668,7 +668,7 @@ def check_admissions(verdicts: Verdicts, server_logs: list[dict[str, Any]], reco
         after_learned == 0 and unknown == 0,
         f"calls admitted after the enforcer had learned their lease ended: {after_learned} of {admissions:,}",
     )
-    # The delays are printed above; a figure would compare the p99 with the p50, which is no baseline.
+    # The delays are printed above. A figure would compare the p99 with the p50, which is no baseline.
     return []
 
 

@@ -233,7 +233,7 @@ def test_profiled_verdicts_marked(tmp_path: pathlib.Path, profile: bool) -> None
     assert "profiled run" not in cost
 
 
-def test_sigkill_of_the_run_stops_its_children(tmp_path: pathlib.Path) -> None:
+def test_sigkill_stops_children(tmp_path: pathlib.Path) -> None:
     driver = start_driver(tmp_path, "--only", "hold")
     child = read_child_pid(driver)
 
