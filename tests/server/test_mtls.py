@@ -15,8 +15,6 @@ from concurrent import futures
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from session_authority.clients import AuthorityClient
 from session_authority.clients._cli import main as cli_main
@@ -30,21 +28,10 @@ from session_authority.server._main import build_config, build_parser
 from session_authority.server._tls import server_credentials
 
 from policies import TEST_POLICY
-from tls_support import issue_certificate, name_of
+from tls_support import Identity, TestCa
 
 SPIFFE_ID = "spiffe://example.org/ns/prod/sa/payments"
 ECHO_METHOD = "/test.Echo/Call"
-
-
-@dataclasses.dataclass(frozen=True)
-class Identity:
-    """A certificate and its key as PEM files."""
-
-    cert: pathlib.Path
-    key: pathlib.Path
-
-    def channel_credentials(self, ca: pathlib.Path) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,50 +46,19 @@ class Pki:
     foreign_client: Identity
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write_identity(
-    directory: pathlib.Path, name: str, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> Identity:
-    cert_path = directory / f"{name}.crt"
-    key_path = directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Identity(cert_path, key_path)
-
-
 def _make_pki(directory: pathlib.Path) -> Pki:
-    ca_key = _new_key()
-    ca_name = name_of("session authority test CA")
-    ca_cert = issue_certificate("session authority test CA", ca_key, ca_name, ca_key, is_ca=True)
-    ca_path = directory / "ca.crt"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-
-    def leaf(name: str, cn: str, sans: list[x509.GeneralName] | None) -> Identity:
-        key = _new_key()
-        return _write_identity(directory, name, issue_certificate(cn, key, ca_name, ca_key, sans=sans), key)
-
-    server = leaf(
+    ca = TestCa(directory)
+    server = ca.issue(
         "server", "localhost", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     )
     # The DNS name comes first so that a reader who takes gRPC's first peer identity gets it wrong.
-    spiffe_client = leaf(
+    spiffe_client = ca.issue(
         "spiffe-client", "payments-cn", [x509.DNSName("payments.internal"), x509.UniformResourceIdentifier(SPIFFE_ID)]
     )
-    cn_client = leaf("cn-client", "batch-worker", None)
-    enforcer_client = leaf("enforcer", "orders-enforcer", None)
-
-    other_key = _new_key()
-    other_name = name_of("some other CA")
-    foreign_key = _new_key()
-    foreign = _write_identity(
-        directory, "foreign", issue_certificate("payments-cn", foreign_key, other_name, other_key), foreign_key
-    )
-    return Pki(ca_path, server, spiffe_client, cn_client, enforcer_client, foreign)
+    cn_client = ca.issue("cn-client", "batch-worker")
+    enforcer_client = ca.issue("enforcer", "orders-enforcer")
+    foreign = TestCa(directory, "some other CA").issue("foreign", "payments-cn")
+    return Pki(ca.cert, server, spiffe_client, cn_client, enforcer_client, foreign)
 
 
 @pytest.fixture(scope="module")
