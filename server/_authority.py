@@ -31,8 +31,10 @@ from ._etcd_store import (
     EtcdLeaseStore,
     MirroredLease,
     ReplicaState,
+    check_endpoints,
     check_prefix,
     check_replica_id,
+    check_tls,
 )
 from ._limits import PrincipalLimiter
 from ._policy import Policy
@@ -101,8 +103,15 @@ class AuthorityConfig:
         store: ``"sqlite"`` keeps leases in ``<data_dir>/leases.db``;
             ``"etcd"`` shares them with other replicas in etcd, and
             ``data_dir`` then holds only the audit log.
-        etcd_endpoints: etcd client URLs (``http://HOST:PORT``), for the
-            etcd store.
+        etcd_endpoints: etcd client URLs (``http://HOST:PORT``, or
+            ``https://HOST:PORT`` for TLS), for the etcd store.
+        etcd_credentials: TLS credentials towards ``https`` etcd endpoints
+            (a CA, and a client certificate for etcd's
+            ``--client-cert-auth``); None trusts the system's roots and
+            sends no client certificate.
+        etcd_server_name: The name that the etcd members' certificates must
+            contain; "" checks the host of the single ``https`` endpoint.
+            Several ``https`` endpoints need it.
         replica_id: This replica's name in etcd; empty takes the host name.
             It must be unique in the fleet and kept across restarts.
         etcd_prefix: Prefix of every key the etcd store writes.
@@ -130,6 +139,8 @@ class AuthorityConfig:
     etcd_endpoints: tuple[str, ...] = ()
     replica_id: str = ""
     etcd_prefix: str = DEFAULT_ETCD_PREFIX
+    etcd_credentials: grpc.ChannelCredentials | None = None
+    etcd_server_name: str = ""
 
     def __post_init__(self) -> None:
         if self.store not in ("sqlite", "etcd"):
@@ -147,6 +158,13 @@ class AuthorityConfig:
                 self.replica_id = socket.gethostname()
             check_replica_id(self.replica_id)
             check_prefix(self.etcd_prefix)
+            check_tls(
+                check_endpoints(self.etcd_endpoints),
+                credentials=self.etcd_credentials is not None,
+                server_name=self.etcd_server_name,
+            )
+        elif self.etcd_credentials is not None or self.etcd_server_name:
+            raise ValueError('etcd_credentials and etcd_server_name apply only to store="etcd"')
         if isinstance(self.authenticator, MtlsAuthenticator) and self.server_credentials is None:
             raise ValueError(
                 "MtlsAuthenticator needs server_credentials that require client certificates;"
@@ -667,6 +685,8 @@ class Authority:
             prefix=config.etcd_prefix,
             retention_seconds=config.ended_retention_seconds,
             loop=asyncio.get_running_loop(),
+            credentials=config.etcd_credentials,
+            server_name=config.etcd_server_name,
         )
         self.store = store
         return store

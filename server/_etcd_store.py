@@ -128,10 +128,11 @@ def parse_endpoints(text: str) -> tuple[str, ...]:
 def check_endpoints(endpoints: Iterable[str]) -> tuple[str, ...]:
     """Return etcd client URLs as a tuple if the store can reach all of them.
 
-    Every endpoint is ``http://HOST:PORT`` without a user name or password.
-    The store reaches all endpoints through one gRPC channel whose target is
-    a list of addresses, so several endpoints must be IP addresses of one
-    family. A single endpoint may be a DNS name.
+    Every endpoint is ``http://HOST:PORT`` or ``https://HOST:PORT`` without a
+    user name or password, all with the same scheme. The store reaches all
+    endpoints through one gRPC channel whose target is a list of addresses,
+    so several endpoints must be IP addresses of one family. A single
+    endpoint may be a DNS name.
 
     Raises:
         ValueError: The message names the bad endpoint, with any user name
@@ -141,6 +142,12 @@ def check_endpoints(endpoints: Iterable[str]) -> tuple[str, ...]:
     if not endpoints:
         raise ValueError("no etcd endpoint given; pass URLs such as http://127.0.0.1:2379,http://127.0.0.1:22379")
     families = [_endpoint_family(endpoint) for endpoint in endpoints]
+    schemes = {urllib.parse.urlsplit(endpoint).scheme for endpoint in endpoints}
+    if len(schemes) > 1:
+        raise ValueError(
+            f"etcd endpoints {','.join(endpoints)} mix http and https; the store reaches them all over one"
+            " channel, so give every endpoint the same scheme"
+        )
     if len(endpoints) > 1 and 0 in families:
         hosts = [str(urllib.parse.urlsplit(endpoint).hostname) for endpoint, family in zip(endpoints, families) if family == 0]
         names = ", ".join(dict.fromkeys(hosts))
@@ -156,28 +163,78 @@ def check_endpoints(endpoints: Iterable[str]) -> tuple[str, ...]:
     return endpoints
 
 
+def uses_tls(endpoints: Sequence[str]) -> bool:
+    """Return whether checked ``endpoints`` are ``https`` URLs (they all share one scheme)."""
+    return bool(endpoints) and urllib.parse.urlsplit(endpoints[0]).scheme == "https"
+
+
+def check_tls(endpoints: Sequence[str], *, credentials: bool, server_name: str) -> str:
+    """Check the TLS settings towards etcd against the endpoints; return the name to verify, or "".
+
+    Args:
+        endpoints: Endpoints already checked by :func:`check_endpoints`.
+        credentials: Whether TLS credentials (a CA or a client certificate) were given.
+        server_name: The name that etcd's certificates must hold, or "" for
+            the host of the single endpoint.
+
+    Raises:
+        ValueError: TLS settings with ``http`` endpoints, several ``https``
+            endpoints without a server name, or a server name that is not a
+            host name or IP address.
+    """
+    if not uses_tls(endpoints):
+        if credentials or server_name:
+            raise ValueError(
+                "TLS settings for etcd (CA, client certificate or server name) apply only to https endpoints;"
+                " write the endpoints as https://HOST:PORT, or drop the TLS settings"
+            )
+        return ""
+    if server_name:
+        if not _is_host_name(server_name):
+            raise ValueError(
+                f"etcd server name {server_name[:260]!r} is not a host name or IP address; give the name that"
+                " the members' certificates contain, such as etcd.internal or 10.0.0.1, without a port"
+            )
+        return server_name
+    if len(endpoints) > 1:
+        raise ValueError(
+            f"several https endpoints ({','.join(endpoints)}) share one channel, which checks every member's"
+            " certificate against one name; give that name (a DNS name or IP address that every member's"
+            " certificate contains) as the etcd server name"
+        )
+    return urllib.parse.urlsplit(endpoints[0]).hostname or ""
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_host_name(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.split("."))
+
+
 def _endpoint_family(endpoint: str) -> int:
     """Check one etcd client URL and return its IP version, or 0 for a DNS name.
 
     Raises:
-        ValueError: The endpoint is not ``http://HOST:PORT``.
+        ValueError: The endpoint is not ``http://HOST:PORT`` or ``https://HOST:PORT``.
     """
     redacted = redact_userinfo(endpoint)
     if redacted != endpoint:
         raise ValueError(
             f"etcd endpoint {redacted!r} contains a user name or password, but this store does not support"
-            " etcd authentication yet; give http://HOST:PORT without them and reach etcd on a private network"
+            " etcd's password authentication; give http(s)://HOST:PORT without them, and use client"
+            " certificates (https endpoints) or a private network to limit who reaches etcd"
         )
-    expected = f"etcd endpoint {endpoint!r} is not http://HOST:PORT, for example http://127.0.0.1:2379"
+    expected = f"etcd endpoint {endpoint!r} is not http://HOST:PORT or https://HOST:PORT, for example http://127.0.0.1:2379"
     try:
         parsed = urllib.parse.urlsplit(endpoint)
     except ValueError:
         raise ValueError(expected) from None
-    if parsed.scheme == "https":
-        raise ValueError(
-            f"etcd endpoint {endpoint!r} uses https, which this store does not support yet;"
-            " reach etcd over http on a private network"
-        )
     port_text = parsed.netloc.rpartition("]")[2].rpartition(":")[2]
     if port_text.isdigit() and not 1 <= int(port_text) <= 65535:
         raise ValueError(f"etcd endpoint {endpoint!r} has port {port_text}, which is out of range 1-65535")
@@ -185,7 +242,7 @@ def _endpoint_family(endpoint: str) -> int:
         port = parsed.port
     except ValueError:
         port = None
-    if parsed.scheme != "http" or not parsed.hostname or port is None or parsed.path not in ("", "/"):
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None or parsed.path not in ("", "/"):
         raise ValueError(expected)
     try:
         return ipaddress.ip_address(parsed.hostname).version
@@ -402,6 +459,20 @@ def _describe_rpc_error(exc: grpc.aio.AioRpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+_TLS_FAILURE_DETAILS = ("handshake", "Handshake", "verification", "Verification", "Unwrap failed", "SSL_ERROR")
+"""Parts of the details of an UNAVAILABLE that gRPC gives when TLS to a member failed.
+
+Seen with grpcio 1.85 against etcd 3.4: "Tls handshake failed" (an unknown
+CA), "Hostname Verification Check failed" (a certificate without the
+expected name), "Unwrap failed" (etcd rejecting a missing client certificate).
+"""
+
+
+def _is_tls_failure(exc: grpc.aio.AioRpcError) -> bool:
+    details = exc.details() or ""
+    return any(part in details for part in _TLS_FAILURE_DETAILS)
+
+
 def is_transient(exc: grpc.aio.AioRpcError) -> bool:
     """Return whether a failed etcd request may succeed when sent again, as during a leader election.
 
@@ -457,6 +528,18 @@ class EtcdLeaseStore:
             calls all run on one loop avoids the spurious ``BlockingIOError``
             that grpc.aio logged in this project's tests when several loops
             in several threads shared its completion queue.
+        credentials: TLS credentials for ``https`` endpoints, such as those
+            of ``grpc.ssl_channel_credentials(ca, key, cert)`` with a client
+            certificate for etcd's ``--client-cert-auth``; None with
+            ``https`` endpoints trusts the system's roots and sends no
+            client certificate.
+        server_name: The name that every member's certificate must contain, for
+            ``https`` endpoints; "" checks the host of the single endpoint.
+            Several ``https`` endpoints need it (see :func:`check_tls`).
+
+    Raises:
+        ValueError: An endpoint or setting is invalid; see
+            :func:`check_endpoints` and :func:`check_tls`.
     """
 
     def __init__(
@@ -469,9 +552,13 @@ class EtcdLeaseStore:
         request_timeout_seconds: float = REQUEST_TIMEOUT_SECONDS,
         load_timeout_seconds: float = LOAD_TIMEOUT_SECONDS,
         loop: asyncio.AbstractEventLoop | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ) -> None:
         # Checked here too, so that no caller can make the store log a password.
         self.endpoints = check_endpoints(endpoints)
+        self._server_name = check_tls(self.endpoints, credentials=credentials is not None, server_name=server_name)
+        self._credentials = credentials
         self.replica_id = check_replica_id(replica_id)
         self.prefix = check_prefix(prefix)
         self.retention_seconds = retention_seconds
@@ -675,7 +762,13 @@ class EtcdLeaseStore:
 
     def _unavailable(self, action: str, exc: grpc.aio.AioRpcError) -> StoreError:
         message = f"etcd at {','.join(self.endpoints)} did not {action} ({_describe_rpc_error(exc)})"
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and uses_tls(self.endpoints) and _is_tls_failure(exc):
+            message += (
+                "; the TLS handshake failed: check that the CA (--etcd-ca) signed the members' certificates,"
+                f" that those certificates contain the name {self._server_name!r} (--etcd-server-name), and that"
+                " the client certificate (--etcd-cert, --etcd-key) is one that etcd trusts"
+            )
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE:
             message += "; check that the etcd members at these endpoints run and accept connections"
         return StoreError(message)
 
@@ -738,7 +831,14 @@ class EtcdLeaseStore:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        self._channel = grpc.aio.insecure_channel(self._target, options=options)
+        if uses_tls(self.endpoints):
+            # The channel checks every member's certificate against its default authority.
+            host = f"[{self._server_name}]" if ":" in self._server_name else self._server_name
+            options.append(("grpc.default_authority", host))
+            credentials = self._credentials or grpc.ssl_channel_credentials()
+            self._channel = grpc.aio.secure_channel(self._target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self._target, options=options)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._watch = rpc_pb2_grpc.WatchStub(self._channel)
         self._leases = rpc_pb2_grpc.LeaseStub(self._channel)

@@ -28,11 +28,11 @@ from ._auth import (
 )
 from ._authority import DEFAULT_RESTART_GRACE_SECONDS, Authority, AuthorityConfig
 from ._etcd_store import DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX
-from ._etcd_store import check_prefix, check_replica_id, parse_endpoints
+from ._etcd_store import check_prefix, check_replica_id, check_tls, parse_endpoints, uses_tls
 from ._policy import Policy, PolicyError, load_policy
 from ._store import StoreError
 from ._telemetry_sdk import TelemetryConfigError, TelemetrySetup, configure_sdk
-from ._tls import TlsConfigError, server_credentials
+from ._tls import TlsConfigError, channel_credentials, server_credentials
 from ._watch import DEFAULT_REPLAY_SIZE
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,18 @@ def _argparse_type(check: Callable[[str], object]) -> Callable[[str], object]:
     return parse
 
 
+def _add_file_flag(group: argparse._ArgumentGroup, flag: str, text: str, note: str = "") -> None:
+    """Add a file-path flag whose default comes from ``SESSION_AUTHORITY_<FLAG>`` in the environment."""
+    variable = "SESSION_AUTHORITY_" + flag.removeprefix("--").replace("-", "_").upper()
+    group.add_argument(
+        flag,
+        type=pathlib.Path,
+        default=os.environ.get(variable) or None,
+        metavar="FILE",
+        help=f"{text} (env {variable}{'; ' + note if note else ''})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = OneLineArgumentParser(
@@ -141,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_argparse_type(parse_endpoints),
         default=env("SESSION_AUTHORITY_ETCD_ENDPOINTS") or None,
         metavar="URLS",
-        help="comma-separated etcd client URLs, http://HOST:PORT each, for --store etcd"
+        help="comma-separated etcd client URLs, http://HOST:PORT or https://HOST:PORT each, for --store etcd"
         " (env SESSION_AUTHORITY_ETCD_ENDPOINTS)",
     )
     store.add_argument(
@@ -159,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("SESSION_AUTHORITY_ETCD_PREFIX", DEFAULT_ETCD_PREFIX),
         metavar="PREFIX",
         help=f"prefix of every etcd key the replicas share (env SESSION_AUTHORITY_ETCD_PREFIX, default {DEFAULT_ETCD_PREFIX})",
+    )
+    _add_file_flag(
+        store, "--etcd-ca", "PEM CA bundle that signed the etcd members' certificates, for https endpoints", "default: the system's roots"
+    )
+    _add_file_flag(
+        store, "--etcd-cert", "PEM client certificate chain to present to etcd, for etcd's --client-cert-auth", "needs --etcd-key"
+    )
+    _add_file_flag(store, "--etcd-key", "PEM private key of --etcd-cert")
+    store.add_argument(
+        "--etcd-server-name",
+        default=env("SESSION_AUTHORITY_ETCD_SERVER_NAME") or None,
+        metavar="NAME",
+        help="name that every etcd member's certificate contains, for https endpoints"
+        " (env SESSION_AUTHORITY_ETCD_SERVER_NAME; default: the host of the single endpoint;"
+        " needed with several https endpoints)",
     )
     parser.add_argument(
         "--policy",
@@ -180,29 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the principal from the request, with no authentication; loopback addresses only",
     )
     tls = parser.add_argument_group("TLS")
-    tls.add_argument(
-        "--tls-cert",
-        type=pathlib.Path,
-        default=env("SESSION_AUTHORITY_TLS_CERT") or None,
-        metavar="FILE",
-        help="PEM certificate chain of the server; serves TLS instead of plaintext"
-        " (env SESSION_AUTHORITY_TLS_CERT; needs --tls-key)",
+    _add_file_flag(
+        tls, "--tls-cert", "PEM certificate chain of the server; serves TLS instead of plaintext", "needs --tls-key"
     )
-    tls.add_argument(
-        "--tls-key",
-        type=pathlib.Path,
-        default=env("SESSION_AUTHORITY_TLS_KEY") or None,
-        metavar="FILE",
-        help="PEM private key of --tls-cert (env SESSION_AUTHORITY_TLS_KEY)",
-    )
-    tls.add_argument(
+    _add_file_flag(tls, "--tls-key", "PEM private key of --tls-cert")
+    _add_file_flag(
+        tls,
         "--tls-client-ca",
-        type=pathlib.Path,
-        default=env("SESSION_AUTHORITY_TLS_CLIENT_CA") or None,
-        metavar="FILE",
-        help="PEM CA bundle; every client must present a certificate signed by it (mutual TLS),"
-        " and without --api-keys the certificate's identity is the grant's principal"
-        " (env SESSION_AUTHORITY_TLS_CLIENT_CA; needs --tls-cert)",
+        "PEM CA bundle; every client must present a certificate signed by it (mutual TLS),"
+        " and without --api-keys the certificate's identity is the grant's principal",
+        "needs --tls-cert",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -326,8 +340,16 @@ def _store_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.store not in ("sqlite", "etcd"):
         parser.error(f"--store {args.store!r} is invalid; use sqlite or etcd")
     if args.store == "sqlite":
-        if endpoints is not None or args.replica_id is not None:
-            flag = "--etcd-endpoints" if endpoints is not None else "--replica-id"
+        etcd_flags = {
+            "--etcd-endpoints": endpoints,
+            "--replica-id": args.replica_id,
+            "--etcd-ca": args.etcd_ca,
+            "--etcd-cert": args.etcd_cert,
+            "--etcd-key": args.etcd_key,
+            "--etcd-server-name": args.etcd_server_name,
+        }
+        flag = next((flag for flag, value in etcd_flags.items() if value is not None), None)
+        if flag is not None:
             parser.error(f"{flag} applies only to --store etcd; add --store etcd or drop {flag}")
         return {}
     if endpoints is None:
@@ -336,14 +358,36 @@ def _store_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             " --etcd-endpoints http://127.0.0.1:2379,http://127.0.0.1:22379"
         )
     try:
-        return {
+        checked = parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints
+        server_name = args.etcd_server_name or ""
+        tls_flags = {
+            "--etcd-ca": args.etcd_ca,
+            "--etcd-cert": args.etcd_cert,
+            "--etcd-key": args.etcd_key,
+            "--etcd-server-name": server_name,
+        }
+        tls_flags_given = [flag for flag, value in tls_flags.items() if value]
+        if tls_flags_given and not uses_tls(checked):
+            parser.error(
+                f"{tls_flags_given[0]} applies only to https etcd endpoints;"
+                f" write them as https://HOST:PORT or drop {tls_flags_given[0]}"
+            )
+        check_tls(checked, credentials=False, server_name=server_name)
+        options: dict[str, object] = {
             "store": "etcd",
-            "etcd_endpoints": parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints,
+            "etcd_endpoints": checked,
             "replica_id": check_replica_id(args.replica_id) if args.replica_id else "",
             "etcd_prefix": check_prefix(args.etcd_prefix),
+            "etcd_server_name": server_name,
         }
     except ValueError as exc:
         parser.error(str(exc))
+    if uses_tls(checked):
+        try:
+            options["etcd_credentials"] = channel_credentials(args.etcd_ca, args.etcd_cert, args.etcd_key)
+        except TlsConfigError as exc:
+            raise SystemExit(f"session-authority serve: {exc}") from exc
+    return options
 
 
 def _server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:

@@ -1,4 +1,4 @@
-"""TLS server credentials of the authority, read from PEM files."""
+"""TLS credentials read from PEM files: the authority's server side, and its client side towards etcd."""
 
 from __future__ import annotations
 
@@ -57,3 +57,35 @@ def server_credentials(
         root_certificates=root_certificates,
         require_client_auth=root_certificates is not None,
     )
+
+
+def channel_credentials(
+    ca_path: str | os.PathLike[str] | None,
+    cert_path: str | os.PathLike[str] | None,
+    key_path: str | os.PathLike[str] | None,
+    *,
+    flags: tuple[str, str, str] = ("--etcd-ca", "--etcd-cert", "--etcd-key"),
+) -> grpc.ChannelCredentials:
+    """Build TLS channel credentials from PEM files.
+
+    Args:
+        ca_path: CA bundle that the server's certificate must chain to; None
+            trusts the system's default roots.
+        cert_path: The client's certificate chain, for servers that require
+            client certificates; None sends none.
+        key_path: The client certificate's private key; given exactly when
+            ``cert_path`` is.
+        flags: The options that named the three files, for messages.
+
+    Raises:
+        TlsConfigError: A file cannot be read or is not PEM, or only one of
+            the certificate and its key is given.
+    """
+    ca_flag, cert_flag, key_flag = flags
+    if (cert_path is None) != (key_path is None):
+        missing = key_flag if key_path is None else cert_flag
+        raise TlsConfigError(f"{missing} is missing; give {cert_flag} and {key_flag} together")
+    root_certificates = None if ca_path is None else read_pem(ca_path, ca_flag)
+    certificate_chain = None if cert_path is None else read_pem(cert_path, cert_flag)
+    private_key = None if key_path is None else read_pem(key_path, key_flag)
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)

@@ -30,6 +30,8 @@ from typing import Any
 
 import grpc
 
+from tls_support import Identity
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_MILLISECONDS = 50
@@ -58,6 +60,21 @@ def load_etcd_stubs() -> tuple[ModuleType, ModuleType]:
     return rpc_pb2, rpc_pb2_grpc
 
 
+@dataclasses.dataclass(frozen=True)
+class EtcdTls:
+    """Certificates of a cluster whose members serve https and require client certificates.
+
+    Attributes:
+        ca: CA bundle that signed the server and client certificates.
+        server: Every member's certificate, which must contain 127.0.0.1.
+        client: The certificate the cluster's own queries present.
+    """
+
+    ca: pathlib.Path
+    server: Identity
+    client: Identity
+
+
 class EtcdClusterError(RuntimeError):
     """A member failed to start, or the cluster did not become healthy in time. The message contains the log tails."""
 
@@ -81,11 +98,12 @@ class EtcdMember:
     data_dir: pathlib.Path
     log_path: pathlib.Path
     process: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"
 
     @property
     def endpoint(self) -> str:
         """Client URL, as given to ``serve --etcd-endpoints``."""
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def target(self) -> str:
@@ -146,13 +164,17 @@ class EtcdCluster:
         work_dir: Directory for the members' data directories and logs; the
             caller removes it (pytest's ``tmp_path``).
         binary: Path of the ``etcd`` executable; None looks it up on PATH.
+        tls: Serve clients over https and require client certificates;
+            None serves plain http. Peers always talk plain http on loopback.
 
     Raises:
         ValueError: ``members`` is not 1 or 3.
         FileNotFoundError: ``etcd`` is not on PATH and no binary was given.
     """
 
-    def __init__(self, members: int, work_dir: pathlib.Path, *, binary: str | None = None) -> None:
+    def __init__(
+        self, members: int, work_dir: pathlib.Path, *, binary: str | None = None, tls: EtcdTls | None = None
+    ) -> None:
         if members not in (1, 3):
             raise ValueError(f"members must be 1 or 3 (a quorum that survives one death needs 3), got {members!r}")
         found = binary or etcd_binary()
@@ -161,6 +183,7 @@ class EtcdCluster:
         self.binary = found
         self.size = members
         self.work_dir = work_dir
+        self.tls = tls
         self.members: list[EtcdMember] = []
         self._token = f"test-{secrets.token_hex(4)}"
         self._pb, self._pb_grpc = load_etcd_stubs()
@@ -219,6 +242,7 @@ class EtcdCluster:
                     peer_port=ports[2 * index + 1],
                     data_dir=self.work_dir / f"etcd-{attempt}-{name}",
                     log_path=self.work_dir / f"etcd-{attempt}-{name}.log",
+                    scheme="https" if self.tls is not None else "http",
                 )
             )
 
@@ -241,6 +265,13 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.tls is not None:
+            command += [
+                "--cert-file", str(self.tls.server.cert),
+                "--key-file", str(self.tls.server.key),
+                "--trusted-ca-file", str(self.tls.ca),
+                "--client-cert-auth",
+            ]  # fmt: skip
         with open(member.log_path, "ab") as log:
             member.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logger.info("started etcd %s (pid %d) on %s", member.name, member.process.pid, member.endpoint)
@@ -290,7 +321,7 @@ class EtcdCluster:
         Raises:
             grpc.RpcError: The member did not reply within ``timeout_seconds``.
         """
-        with grpc.insecure_channel(member.target) as channel:
+        with self._channel(member) as channel:
             stub = self._pb_grpc.MaintenanceStub(channel)
             return stub.Status(self._pb.StatusRequest(), timeout=timeout_seconds)
 
@@ -331,7 +362,7 @@ class EtcdCluster:
 
     def put(self, member: EtcdMember, key: bytes, value: bytes, timeout_seconds: float = 1.0) -> int:
         """Write one key through ``member`` and return the revision of the write."""
-        with grpc.insecure_channel(member.target) as channel:
+        with self._channel(member) as channel:
             stub = self._pb_grpc.KVStub(channel)
             reply = stub.Put(self._pb.PutRequest(key=key, value=value), timeout=timeout_seconds)
         return int(reply.header.revision)
@@ -342,12 +373,17 @@ class EtcdCluster:
         if member is None:
             raise EtcdClusterError("no etcd member is running, so no key can be read")
         range_end = prefix[:-1] + bytes([prefix[-1] + 1])
-        with grpc.insecure_channel(member.target) as channel:
+        with self._channel(member) as channel:
             stub = self._pb_grpc.KVStub(channel)
             reply = stub.Range(
                 self._pb.RangeRequest(key=prefix, range_end=range_end, keys_only=True), timeout=timeout_seconds
             )
         return [kv.key for kv in reply.kvs]
+
+    def _channel(self, member: EtcdMember) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(member.target)
+        return grpc.secure_channel(member.target, self.tls.client.channel_credentials(self.tls.ca))
 
     # -- waiting -------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._errors import AuthorityError
@@ -53,16 +53,24 @@ class ReplicaProcess:
         policy: The policy file.
         etcd_endpoints: ``--etcd-endpoints``: comma-separated client URLs.
         etcd_prefix: ``--etcd-prefix``, shared by the replicas of one fleet.
+        extra_args: More flags of ``serve``, such as the TLS flags towards etcd.
     """
 
     def __init__(
-        self, replica_id: str, work_dir: pathlib.Path, policy: pathlib.Path, etcd_endpoints: str, etcd_prefix: str
+        self,
+        replica_id: str,
+        work_dir: pathlib.Path,
+        policy: pathlib.Path,
+        etcd_endpoints: str,
+        etcd_prefix: str,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.replica_id = replica_id
         self.data_dir = work_dir / replica_id
         self.policy = policy
         self.etcd_endpoints = etcd_endpoints
         self.etcd_prefix = etcd_prefix
+        self.extra_args = tuple(extra_args)
         self.port_file = work_dir / f"{replica_id}.port"
         self.log_path = work_dir / f"{replica_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -101,6 +109,7 @@ class ReplicaProcess:
             "--etcd-endpoints", self.etcd_endpoints,
             "--replica-id", self.replica_id,
             "--etcd-prefix", self.etcd_prefix,
+            *self.extra_args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

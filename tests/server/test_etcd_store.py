@@ -838,8 +838,9 @@ def test_serve_rejects_inconsistent_store_flags(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--etcd-endpoints", "127.0.0.1:2379"], "is not http://HOST:PORT"),
-        (["--etcd-endpoints", "https://127.0.0.1:2379"], "uses https"),
+        (["--etcd-endpoints", "127.0.0.1:2379"], "is not http://HOST:PORT or https://HOST:PORT"),
+        (["--etcd-endpoints", "ftp://127.0.0.1:2379"], "is not http://HOST:PORT or https://HOST:PORT"),
+        (["--etcd-endpoints", "https://127.0.0.1:2379,http://127.0.0.1:22379"], "mix http and https"),
         (
             ["--etcd-endpoints", "http://localhost:2379,http://localhost:22379"],
             "contain DNS names (localhost), which this store supports only as a single endpoint",
