@@ -30,7 +30,7 @@ DEFAULT_EXEMPT_PATTERNS: tuple[str, ...] = (
 )
 """Methods that need no lease unless the policy file sets ``exempt`` itself."""
 
-_TOP_LEVEL_KEYS = ("version", "default_tier", "admins", "exempt", "tiers", "methods", "bounds", "limits")
+_TOP_LEVEL_KEYS = ("version", "default_tier", "admins", "watchers", "exempt", "tiers", "methods", "bounds", "limits")
 _TIER_KEYS = ("idle_timeout", "max_duration")
 _METHOD_KEYS = ("pattern", "tiers", "max_session_age")
 _BOUNDS_KEYS = ("min_idle_timeout", "max_idle_timeout", "min_max_duration", "max_max_duration")
@@ -146,6 +146,9 @@ class Policy:
         rules: Exempt patterns (``exempt=True``) and method rules. No pattern appears twice.
         default_tier: The tier used when a grant names none. It is a key of ``tiers``.
         admins: Principals that may list all leases and revoke leases of other principals.
+        watchers: Principals besides the admins that may watch session ends,
+            which name every principal's leases; None lets every
+            authenticated principal watch.
         bounds: The range that tier timeouts were checked against.
         limits: Per-principal limits.
     """
@@ -154,6 +157,7 @@ class Policy:
     rules: tuple[MethodRule, ...]
     default_tier: str
     admins: frozenset[str] = frozenset()
+    watchers: frozenset[str] | None = None
     bounds: Bounds = field(default_factory=Bounds)
     limits: Limits = field(default_factory=Limits)
     _rules_by_method: dict[str, MethodRule] = field(init=False, repr=False, compare=False)
@@ -163,6 +167,8 @@ class Policy:
         object.__setattr__(self, "tiers", types.MappingProxyType(dict(self.tiers)))
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "admins", frozenset(self.admins))
+        if self.watchers is not None:
+            object.__setattr__(self, "watchers", frozenset(self.watchers))
         if self.default_tier not in self.tiers:
             raise UnknownTierError(self.default_tier, sorted(self.tiers))
 
@@ -235,6 +241,10 @@ class Policy:
     def is_admin(self, principal: str) -> bool:
         """Return whether ``principal`` may list all leases and revoke those of others."""
         return principal in self.admins
+
+    def may_watch(self, principal: str) -> bool:
+        """Return whether ``principal`` may watch session ends: any principal without a watchers list."""
+        return self.watchers is None or principal in self.watchers or principal in self.admins
 
 
 def parse_duration(value: object, *, key: str) -> float:
@@ -380,7 +390,8 @@ class _PolicyParser:
         limits = self._parse_limits(document.get("limits"))
         declared_tiers, tiers = self._parse_tiers(document.get("tiers"), bounds)
         default_tier = self._parse_default_tier(document, declared_tiers)
-        admins = self._parse_admins(document.get("admins", []))
+        admins = self._parse_principals(document.get("admins", []), "admins")
+        watchers = self._parse_principals(document["watchers"], "watchers") if "watchers" in document else None
         exempt_rules, rule_paths = self._parse_exempt(document)
         method_rules = self._parse_methods(document.get("methods", []), declared_tiers, tiers, rule_paths)
 
@@ -391,6 +402,7 @@ class _PolicyParser:
             rules=exempt_rules + method_rules,
             default_tier=default_tier,
             admins=admins,
+            watchers=watchers,
             bounds=bounds,
             limits=limits,
         )
@@ -579,13 +591,13 @@ class _PolicyParser:
             return None
         return name
 
-    def _parse_admins(self, value: object) -> frozenset[str]:
+    def _parse_principals(self, value: object, key: str) -> frozenset[str]:
         if not isinstance(value, list):
-            self._add("admins", f"expected an array of principals, got {_describe(value)}")
+            self._add(key, f"expected an array of principals, got {_describe(value)}")
             return frozenset()
-        admins: set[str] = set()
+        principals: set[str] = set()
         for index, principal in enumerate(value):
-            path = f"admins[{index}]"
+            path = f"{key}[{index}]"
             if not isinstance(principal, str):
                 self._add(path, f"expected a principal string, got {_describe(principal)}")
                 continue
@@ -593,8 +605,8 @@ class _PolicyParser:
             if problem is not None:
                 self._add(path, problem)
                 continue
-            admins.add(principal)
-        return frozenset(admins)
+            principals.add(principal)
+        return frozenset(principals)
 
     def _pattern(self, value: object, path: str) -> str | None:
         if not isinstance(value, str):

@@ -439,6 +439,7 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
         self._store_replies = _StoreReplies()
         self._grant_replies = GrantReplies()
         self._auth_log_limit = LogLimit()
+        self._watch_log_limit = LogLimit()
 
     # -- helpers ---------------------------------------------------------------
 
@@ -734,8 +735,19 @@ class AuthorityServicer(pb_grpc.SessionAuthorityServicer):
     async def WatchSessionEnds(
         self, request: pb.WatchSessionEndsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchSessionEndsResponse]:
-        # NOTE: any authenticated principal may watch, and ends name other principals' leases.
         watcher = self._authenticate(context)
+        if not self._admin_everyone and not self._policy.may_watch(watcher):
+            held_back = self._watch_log_limit.allow()
+            if held_back is not None:
+                logger.warning(
+                    "watch stream rejected for %s: not listed under watchers or admins in the policy%s",
+                    watcher,
+                    self._watch_log_limit.note(held_back),
+                )
+            raise PermissionDenied(
+                f'principal "{watcher}" may not watch session ends, which name every principal\'s leases;'
+                " list it under watchers (or admins) in the policy"
+            )
         subscription, replay, reset = self._hub.subscribe(request.after_sequence, request.instance_id)
         logger.info("watch stream opened by %s (%d watching)", watcher, self._hub.subscriber_count)
         # Heartbeats carry the last sequence this stream has covered, so a

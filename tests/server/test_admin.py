@@ -1,15 +1,19 @@
-"""Tests of admin authorization: listing all leases and ending another principal's lease."""
+"""Tests of admin authorization: listing all leases, ending another principal's lease and watching session ends."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from session_authority.clients import AuthorityClient
 from session_authority.clients._errors import PermissionDenied, Unauthenticated
-from session_authority.clients._types import EndReason, LeaseState
+from session_authority.clients._types import EndReason, HeartbeatEvent, LeaseState
+from session_authority.interceptors import EnforcerConfig
+from session_authority.interceptors._enforcer import Enforcer
 from session_authority.server import (
     ApiKeyAuthenticator,
     AuthorityConfig,
@@ -200,3 +204,67 @@ def test_dev_mode_everyone_lists_all(authority: AuthorityThread) -> None:
         listed = list(client.list_leases())
 
     assert sorted(lease.principal for lease in listed) == ["svc-a", "svc-b"]
+
+
+# --- WatchSessionEnds -------------------------------------------------------------------------
+
+WATCHER_KEY = "test-key-of-orders-enforcer"
+
+
+@pytest.fixture
+def watched_authority(tmp_path: pathlib.Path) -> Iterator[AuthorityThread]:
+    """An authority whose policy lets only "orders-enforcer" (and the admin "ops") watch session ends."""
+    authenticator = ApiKeyAuthenticator(
+        {
+            hash_api_key(ADMIN_KEY): "ops",
+            hash_api_key(HOLDER_KEY): "svc-a",
+            hash_api_key(WATCHER_KEY): "orders-enforcer",
+        }
+    )
+    policy = parse_policy(TEST_POLICY.replace('admins = ["ops"]', 'admins = ["ops"]\nwatchers = ["orders-enforcer"]'))
+    config = AuthorityConfig(authenticator=authenticator, policy=policy, data_dir=tmp_path / "data")
+    running = AuthorityThread(config).start()
+    yield running
+    running.stop()
+
+
+def _first_event(target: str, api_key: str) -> object:
+    with AuthorityClient(target, api_key=api_key) as client:
+        stream = client.watch_session_ends()
+        try:
+            return next(iter(stream))
+        finally:
+            stream.cancel()
+
+
+@pytest.mark.parametrize("api_key", [WATCHER_KEY, ADMIN_KEY])
+def test_listed_watcher_and_admin_watch(watched_authority: AuthorityThread, api_key: str) -> None:
+    assert isinstance(_first_event(watched_authority.target, api_key), HeartbeatEvent)
+
+
+def test_unlisted_principal_watch_denied(watched_authority: AuthorityThread) -> None:
+    with pytest.raises(PermissionDenied) as caught:
+        _first_event(watched_authority.target, HOLDER_KEY)
+
+    assert 'principal "svc-a" may not watch session ends' in caught.value.details
+    assert "list it under watchers (or admins) in the policy" in caught.value.details
+
+
+def test_without_watchers_list_anyone_watches(keyed_authority: AuthorityThread) -> None:
+    assert isinstance(_first_event(keyed_authority.target, OTHER_KEY), HeartbeatEvent)
+
+
+def test_enforcer_not_watcher_logs_denial(
+    watched_authority: AuthorityThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = EnforcerConfig(authority_target=watched_authority.target, api_key=HOLDER_KEY)
+    with caplog.at_level(logging.WARNING, logger="session_authority.interceptors._authority_link"):
+        enforcer = Enforcer(config).start()
+        try:
+            deadline = time.monotonic() + 10
+            while "may not watch session ends" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            enforcer.close()
+
+    assert 'PERMISSION_DENIED: principal "svc-a" may not watch session ends' in caplog.text

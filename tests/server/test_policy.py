@@ -195,6 +195,7 @@ def test_parse_minimal_policy_uses_defaults() -> None:
 
     assert policy.default_tier == "standard"
     assert policy.admins == frozenset()
+    assert policy.watchers is None
     assert policy.rules == tuple(MethodRule(pattern, exempt=True) for pattern in DEFAULT_EXEMPT_PATTERNS)
     assert policy.bounds == Bounds()
     assert policy.limits == Limits()
@@ -274,13 +275,14 @@ PROBLEM_CASES = [
     (
         "unknown_top_level_key",
         policy_text(top='default_tier = "standard"\ntier = "x"\n'),
-        r'tier: unknown key; did you mean "tiers"\? known keys: version, default_tier, admins, exempt, tiers, '
-        r"methods, bounds, limits",
+        r'tier: unknown key; did you mean "tiers"\? known keys: version, default_tier, admins, watchers, exempt, '
+        r"tiers, methods, bounds, limits",
     ),
     (
         "unknown_top_level_key_without_suggestion",
         policy_text(top='default_tier = "standard"\nzzz = 1\n'),
-        r"zzz: unknown key; known keys: version, default_tier, admins, exempt, tiers, methods, bounds, limits",
+        r"zzz: unknown key; known keys: version, default_tier, admins, watchers, exempt, tiers, methods, bounds,"
+        r" limits",
     ),
     (
         "unknown_tier_key",
@@ -426,6 +428,16 @@ PROBLEM_CASES = [
         "admin_with_whitespace",
         policy_text(top='default_tier = "standard"\nadmins = ["ops admin"]\n'),
         r'admins\[0\]: invalid principal "ops admin": a principal is 1 to 256 printable ASCII characters ',
+    ),
+    (
+        "watchers_not_array",
+        policy_text(top='default_tier = "standard"\nwatchers = "orders-enforcer"\n'),
+        r'watchers: expected an array of principals, got string "orders-enforcer"',
+    ),
+    (
+        "watchers_bad_principal",
+        policy_text(top='default_tier = "standard"\nwatchers = ["orders enforcer"]\n'),
+        r'watchers\[0\]: invalid principal "orders enforcer": a principal is 1 to 256 printable ASCII characters ',
     ),
     # Exempt patterns.
     (
@@ -758,6 +770,26 @@ def test_tier_unknown_name() -> None:
 def test_unknown_tier_error_is_value_error() -> None:
     with pytest.raises(ValueError, match=r'^tier "gold" is not'):
         Policy.default().tier("gold")
+
+
+def test_watchers_list_limits_watching() -> None:
+    policy = parse_policy(policy_text(top='default_tier = "standard"\nadmins = ["ops"]\nwatchers = ["orders-enforcer"]\n'))
+
+    assert policy.watchers == frozenset({"orders-enforcer"})
+    assert policy.may_watch("orders-enforcer")
+    assert policy.may_watch("ops")
+    assert not policy.may_watch("svc-a")
+
+
+def test_empty_watchers_list_leaves_admins() -> None:
+    policy = parse_policy(policy_text(top='default_tier = "standard"\nadmins = ["ops"]\nwatchers = []\n'))
+
+    assert policy.may_watch("ops")
+    assert not policy.may_watch("orders-enforcer")
+
+
+def test_without_watchers_everyone_watches() -> None:
+    assert Policy.default().may_watch("svc-a")
 
 
 def test_is_admin() -> None:
