@@ -121,6 +121,9 @@ MAX_RECORD_SEARCH_BYTES = 1 << 20
 OLDER_FILES_SCAN_MAX_BYTES = 1 << 30
 """Most bytes of older audit files read at start-up to find records that stored leases are owed."""
 
+VERIFY_ATTEMPTS = 3
+"""Maximum number of times :func:`verify` reads a directory whose files changed during a failed check."""
+
 _IndexKey = bytes | str
 _EventIndex = dict[_IndexKey, int]
 """Event IDs of one audit file, each mapped to the byte offset of its record's line in that file."""
@@ -2277,6 +2280,11 @@ def verify(
     does not start on a directory whose file cannot be read or is invalid.
     A problem with it is reported in ``chain_start_error``.
 
+    A directory may be checked while an authority writes it. When a check
+    fails and the directory's files changed while it read them (a rotation
+    or a write in progress), the directory is read again, at most
+    :data:`VERIFY_ATTEMPTS` times in all, and the last result is returned.
+
     Args:
         paths: A directory (all of its audit files, in chain order), one
             file, or several files; files are put in order of their first seq.
@@ -2304,6 +2312,63 @@ def verify(
 
 
 def _verify(
+    paths: Sequence[Path] | Path,
+    expected_last_hash: str | None,
+    require_last_hash_file: bool,
+    require_valid_chain_start: bool,
+    state: _ChainState,
+) -> VerifyResult:
+    """Verify the paths, and read a directory again when its files changed during a failed check.
+
+    A running authority appends to ``audit.jsonl``, replaces
+    ``last-hash.json`` and rotates while a check reads. A check that overlaps
+    a rotation can list the files before the rename and open the new
+    ``audit.jsonl`` after it, or miss both names, and then reports a seq gap
+    or records cut from the end that no one removed. A failure on a
+    directory that stayed the same while it was read is final.
+    """
+    directory = Path(paths) if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir() else None
+    for attempt in range(1, VERIFY_ATTEMPTS + 1):
+        before = _directory_snapshot(directory) if directory is not None else None
+        attempt_state = _ChainState(event_places=None if state.event_places is None else {})
+        result = _verify_once(
+            paths, expected_last_hash, require_last_hash_file, require_valid_chain_start, attempt_state
+        )
+        if result.ok or directory is None or _directory_snapshot(directory) == before:
+            break
+        logger.debug(
+            "audit directory %s changed during check %d of %d, which failed: %s",
+            directory,
+            attempt,
+            VERIFY_ATTEMPTS,
+            result.error,
+        )
+    vars(state).update(vars(attempt_state))
+    return result
+
+
+def _directory_snapshot(directory: Path) -> frozenset[tuple[str, int, int, int]]:
+    """Return the name, inode, size and modification time of each entry of a directory.
+
+    Two equal snapshots taken before and after a check show that no file was
+    appended to, replaced, renamed or removed in between. An unreadable
+    directory gives an empty snapshot.
+    """
+    entries = set()
+    try:
+        with os.scandir(directory) as scan:
+            for entry in scan:
+                try:
+                    status = entry.stat()
+                except OSError:  # Removed between the listing and the stat: the next snapshot differs.
+                    continue
+                entries.add((entry.name, status.st_ino, status.st_size, status.st_mtime_ns))
+    except OSError:
+        return frozenset()
+    return frozenset(entries)
+
+
+def _verify_once(
     paths: Sequence[Path] | Path,
     expected_last_hash: str | None,
     require_last_hash_file: bool,

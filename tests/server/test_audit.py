@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import session_authority.server._audit as audit_module
 from session_authority.server._audit import (
     CHAIN_START_FILE_NAME,
     CURRENT_FILE_NAME,
@@ -462,6 +463,68 @@ def test_rotated_directory_verifies(tmp_path: Path) -> None:
     assert result.ok, result.error
     assert result.files == len(files)
     assert result.records == 100 + len(files) - 1
+
+
+def append_until_rotated(log: AuditLog, first_index: int) -> None:
+    rotated_before = len(list_audit_files(log.directory))
+    index = first_index
+    while len(list_audit_files(log.directory)) == rotated_before:
+        log.append(f"end:{index:04d}", "end", end_fields(index))
+        index += 1
+
+
+def test_verify_during_rotation_reads_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "audit"
+    log = open_log(directory, max_bytes=4096)
+    for index in range(40):
+        log.append(f"end:{index:04d}", "end", end_fields(index))
+    read_file = audit_module._verify_file
+    rotations = []
+
+    def rotate_while_reading(path: Path, first_file: bool, state: object) -> object:
+        # verify has listed the files, so this rotation renames the audit.jsonl in that list.
+        if not rotations:
+            append_until_rotated(log, 1000)
+            rotations.append(path)
+        return read_file(path, first_file, state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_module, "_verify_file", rotate_while_reading)
+
+    with log:
+        result = verify(directory)
+
+    assert len(rotations) == 1
+    assert result.ok, result.error
+    assert result.last_seq == log.last_seq
+
+
+def test_verify_break_in_changing_directory_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "audit"
+    log = open_log(directory, max_bytes=4096)
+    for index in range(40):
+        log.append(f"end:{index:04d}", "end", end_fields(index))
+    first_file = list_audit_files(directory)[0]
+    lines = read_lines(first_file)
+    del lines[3]
+    write_lines(first_file, lines)
+    read_file = audit_module._verify_file
+    calls = []
+
+    def append_while_reading(path: Path, first_file: bool, state: object) -> object:
+        calls.append(path)
+        log.append(f"end:{1000 + len(calls):04d}", "end", end_fields(len(calls)))
+        return read_file(path, first_file, state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_module, "_verify_file", append_while_reading)
+
+    with log:
+        result = verify(directory)
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.path == first_file
+    assert result.error.line == 4
+    assert calls.count(first_file) == audit_module.VERIFY_ATTEMPTS
 
 
 def test_verify_sorts_given_files_by_first_seq(tmp_path: Path) -> None:
