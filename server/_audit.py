@@ -2634,7 +2634,9 @@ def _read_lines(path: Path, follow: bool, poll_seconds: float, stop: threading.E
     """
     file = None
     inode = 0
-    buffered = b""
+    # Bytes after the last newline read. A bytearray grows in place, so a long
+    # line costs time linear in its length.
+    buffered = bytearray()
     try:
         while stop is None or not stop.is_set():
             if file is None:
@@ -2648,13 +2650,15 @@ def _read_lines(path: Path, follow: bool, poll_seconds: float, stop: threading.E
                         return
                     continue
                 inode = os.fstat(file.fileno()).st_ino
-                buffered = b""
+                buffered = bytearray()
 
             chunk = file.read(65536)
             if chunk:
                 buffered += chunk
-                *lines, buffered = buffered.split(b"\n")
-                yield from lines
+                if b"\n" in chunk:
+                    *lines, rest = buffered.split(b"\n")
+                    buffered = rest
+                    yield from (bytes(line) for line in lines)
                 continue
 
             yield None
@@ -2668,7 +2672,7 @@ def _read_lines(path: Path, follow: bool, poll_seconds: float, stop: threading.E
                 # Rotated: the writer finished the old file before renaming it.
                 buffered += file.read()
                 *lines, _torn = buffered.split(b"\n")
-                yield from lines
+                yield from (bytes(line) for line in lines)
                 file.close()
                 file = None
                 if status is not None:
@@ -2676,7 +2680,7 @@ def _read_lines(path: Path, follow: bool, poll_seconds: float, stop: threading.E
             elif status.st_size < file.tell():
                 # A torn last line was cut off when the writer reopened the file.
                 file.seek(status.st_size)
-                buffered = b""
+                buffered = bytearray()
             if _wait(stop, poll_seconds):
                 return
     finally:

@@ -1112,6 +1112,18 @@ def test_tail_skips_torn_last_line(tmp_path: Path) -> None:
     assert [record["seq"] for record in records] == [1, 2, 3]
 
 
+def test_tail_reads_long_line_whole(tmp_path: Path) -> None:
+    # The line takes 64 reads of 64 KiB and must come back whole.
+    path = tmp_path / CURRENT_FILE_NAME
+    note = "x" * (4 << 20)
+    path.write_bytes(b'{"note":"' + note.encode() + b'"}\n{"seq":1}\n')
+
+    records = list(tail(path, follow=False))
+
+    assert [record.get("seq") for record in records] == [None, 1]
+    assert records[0]["note"] == note
+
+
 def test_tail_follow_crosses_rotation(tmp_path: Path) -> None:
     directory = tmp_path / "audit"
     log = open_log(directory, max_bytes=4096)
