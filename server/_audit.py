@@ -569,9 +569,11 @@ def _fsync_directory(directory: Path) -> None:
 def _torn_tail_start(data: bytes) -> int:
     """Return the length of a file's bytes without a torn last line.
 
-    A line without its newline, or a last line that is not a JSON object, is
-    what a crash in the middle of a write leaves behind (some file systems
-    also extend the file with zero bytes).
+    A crash in the middle of a write leaves a last line without its newline,
+    or, on file systems that extend the file before its data lands, a last
+    line with zero bytes in it. A complete last line without zero bytes that
+    is not a record did not come from an interrupted write, so it is kept
+    for ``verify`` to report.
     """
     # NOTE: only the last line is checked. A crash in a write of several
     # records can damage more than one line, but only on a file system that
@@ -579,7 +581,8 @@ def _torn_tail_start(data: bytes) -> int:
     keep = data.rfind(b"\n") + 1
     if keep > 0:
         last_start = data.rfind(b"\n", 0, keep - 1) + 1
-        if _parse_line(data[last_start : keep - 1]) is None:
+        last_line = data[last_start : keep - 1]
+        if b"\0" in last_line and _parse_line(last_line) is None:
             keep = last_start
     return keep
 

@@ -671,6 +671,27 @@ def test_invalid_last_line_removed_on_reopen(tmp_path: Path) -> None:
     assert path.read_bytes() == intact
 
 
+def test_garbage_last_line_kept_on_reopen(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_records(tmp_path, 10)
+    path = tmp_path / CURRENT_FILE_NAME
+    with path.open("ab") as file:
+        file.write(b"written by someone else\n")
+
+    with caplog.at_level(logging.WARNING, logger="session_authority.server._audit"):
+        log = open_log(tmp_path)
+    with log:
+        receipt = log.append("end:after", "end", end_fields(10))
+    result = verify(tmp_path)
+
+    assert f"audit file {path} line 11 is not a valid record" in caplog.text
+    assert "removed a torn last record" not in caplog.text
+    assert receipt.seq == 11
+    assert read_lines(path)[10] == b"written by someone else"
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.line == 11
+
+
 def test_torn_line_only_in_file_leaves_empty_log(tmp_path: Path) -> None:
     path = tmp_path / CURRENT_FILE_NAME
     path.write_bytes(b'{"v":1,"seq":1')
