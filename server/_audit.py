@@ -2388,7 +2388,7 @@ def _verify_once(
         if target.is_dir():
             files = list_audit_files(target)
             if not files:
-                message = f"no audit files ({CURRENT_FILE_NAME} or audit-<seq>.jsonl) in this directory"
+                message = f"no audit files ({CURRENT_FILE_NAME} or audit-<seq>.jsonl) in this directory{_subdirectory_hint(target)}"
                 return VerifyResult(ok=False, records=0, files=0, error=VerifyError(target, 0, message))
             if expected_last_hash is None:
                 stored, stored_error = _load_last_hash_for_verify(target)
@@ -3019,11 +3019,29 @@ def _json_line(record: Mapping[str, Any]) -> str:
         return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
+def _subdirectory_hint(directory: Path) -> str:
+    """Return a hint for a data directory given where its ``audit/`` subdirectory was meant, or ""."""
+    audit_directory = directory / "audit"
+    if audit_directory.is_dir() and list_audit_files(audit_directory):
+        return f"; an authority's data directory keeps its audit log in audit/, so give {audit_directory}"
+    return ""
+
+
 def _run_tail(arguments: argparse.Namespace) -> int:
     path: Path = arguments.path
     if not path.exists() and not arguments.follow:
         print(f"session-authority audit tail: error: {path}: no such file or directory", file=sys.stderr)
         return 2
+    if path.is_dir() and not list_audit_files(path):
+        hint = _subdirectory_hint(path)
+        # Following an empty directory waits for an authority to start writing there, unless it is the wrong directory.
+        if hint or not arguments.follow:
+            print(
+                f"session-authority audit tail: error: {path}: no audit files ({CURRENT_FILE_NAME} or"
+                f" audit-<seq>.jsonl) in this directory{hint}",
+                file=sys.stderr,
+            )
+            return 2
     if not arguments.json:
         print(_TABLE_HEADER, flush=True)
     try:

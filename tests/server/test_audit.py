@@ -1206,6 +1206,40 @@ def test_cli_verify_fail_prints_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert capsys.readouterr().out == f"FAIL: {path} line 7: seq 8 follows seq 6 (record deleted or reordered)\n"
 
 
+def test_cli_verify_data_directory_hints_audit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_records(tmp_path / "audit", 3)
+
+    code = audit_main(["verify", str(tmp_path)])
+
+    assert code == 1
+    assert capsys.readouterr().out == (
+        f"FAIL: {tmp_path}: no audit files (audit.jsonl or audit-<seq>.jsonl) in this directory;"
+        f" an authority's data directory keeps its audit log in audit/, so give {tmp_path / 'audit'}\n"
+    )
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_cli_tail_data_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], follow: bool) -> None:
+    write_records(tmp_path / "audit", 3)
+
+    code = audit_main(["tail", str(tmp_path), *(["--follow"] if follow else [])])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err == (
+        f"session-authority audit tail: error: {tmp_path}: no audit files (audit.jsonl or audit-<seq>.jsonl) in this"
+        f" directory; an authority's data directory keeps its audit log in audit/, so give {tmp_path / 'audit'}\n"
+    )
+
+
+def test_cli_tail_empty_directory_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = audit_main(["tail", str(tmp_path)])
+
+    assert code == 2
+    assert "no audit files (audit.jsonl or audit-<seq>.jsonl) in this directory\n" in capsys.readouterr().err
+
+
 def test_cli_verify_expected_last_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_records(tmp_path, 3)
 
