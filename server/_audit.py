@@ -1051,6 +1051,7 @@ class AuditLog:
         # Checked before the torn tail is cut, so a failed check leaves the files as found.
         self._check_last_hash_file(stored, current, previous)
         data = self._remove_torn_tail(data, keep)
+        self._report_missing_previous_file(data)
         self._started_empty = stored is None and not rotated and not data
         if stored is None and not self._started_empty:
             self._warn_last_hash_file_missing(current, previous)
@@ -1100,6 +1101,27 @@ class AuditLog:
                 f" {exc.strerror or exc}. Give this process read and write access to it, then start again",
                 str(path),
             ) from exc
+
+    def _report_missing_previous_file(self, data: bytes) -> None:
+        """Log an error when the rotate record that starts ``audit.jsonl`` names a file that is gone.
+
+        The log goes on from its last record either way, as it does when the
+        file goes while the authority runs; ``verify`` reports the gap.
+        """
+        first_line = data.split(b"\n", 1)[0]
+        record = _parse_line(first_line) if first_line else None
+        if record is None or record.get("type") != ROTATE_TYPE:
+            return
+        missing = _missing_previous_file(record, self._path)
+        if missing is not None:
+            logger.error(
+                "audit file %s names %s as the file before it, but %s has no such file: it was moved or deleted."
+                " If it was moved, put it back under that name; 'session-authority audit verify %s' reports the gap",
+                self._path,
+                missing,
+                self._directory,
+                self._directory,
+            )
 
     def _warn_last_hash_file_missing(self, current: _ScannedFile, previous: _ScannedFile | None) -> None:
         last_seq = max(current.last_seq, previous.last_seq if previous is not None else 0)

@@ -527,6 +527,30 @@ def test_verify_break_in_changing_directory_fails(tmp_path: Path, monkeypatch: p
     assert calls.count(first_file) == audit_module.VERIFY_ATTEMPTS
 
 
+def test_open_reports_deleted_newest_rotated_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = rotated_directory(tmp_path)
+    newest = list_audit_files(directory)[-2]
+    newest.unlink()
+
+    with caplog.at_level(logging.ERROR, logger="session_authority.server._audit"):
+        with open_log(directory) as log:
+            receipt = log.append("end:after", "end", end_fields(1))
+
+    assert f"names {newest.name} as the file before it, but {directory} has no such file" in caplog.text
+    assert receipt.seq > 0
+    assert not verify(directory).ok
+
+
+def test_open_rotated_directory_reports_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = rotated_directory(tmp_path)
+
+    caplog.clear()
+
+    open_log(directory).close()
+
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
 def test_verify_sorts_given_files_by_first_seq(tmp_path: Path) -> None:
     directory = rotated_directory(tmp_path)
     files = list_audit_files(directory)
