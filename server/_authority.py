@@ -374,10 +374,20 @@ class ReplicaMirror:
         persistence: Converts between authority time and the table's clock.
         store: The etcd store.
         replica_id: This replica's name, to tell its own grants from others'.
+        limiter: Counts every live lease of the fleet against its principal;
+            the mirror adds the leases that other replicas granted.
     """
 
-    def __init__(self, table: LeaseTable, persistence: Persistence, store: EtcdLeaseStore, replica_id: str) -> None:
+    def __init__(
+        self,
+        table: LeaseTable,
+        persistence: Persistence,
+        store: EtcdLeaseStore,
+        replica_id: str,
+        limiter: PrincipalLimiter | None = None,
+    ) -> None:
         self._table = table
+        self._limiter = limiter
         self._persistence = persistence
         self._store = store
         self._replica_id = replica_id
@@ -433,7 +443,9 @@ class ReplicaMirror:
     # ReplicaListener interface.
 
     def lease_stored(self, lease: MirroredLease) -> None:
-        self._table.mirror_stored(self._record_of(lease), self._table.clock.monotonic())
+        added = self._table.mirror_stored(self._record_of(lease), self._table.clock.monotonic())
+        if added and self._limiter is not None:
+            self._limiter.load([lease.lease.principal])
 
     def lease_ended(self, lease: MirroredLease) -> None:
         self._table.mirror_ended(self._record_of(lease), self._table.clock.monotonic())
@@ -459,20 +471,6 @@ class ReplicaMirror:
         else:
             self.lease_ended(mirrored)
         return True
-
-
-class _LocalGrantLimiter:
-    """Table listener in front of the limiter that passes on only the ends of leases granted here, the ones it counted."""
-
-    def __init__(self, limiter: PrincipalLimiter) -> None:
-        self._limiter = limiter
-
-    def on_grant(self, lease: LeaseSnapshot) -> None:
-        self._limiter.on_grant(lease)
-
-    def on_end(self, end: SessionEnd) -> None:
-        if end.granted_here:
-            self._limiter.on_end(end)
 
 
 class Authority:
@@ -553,14 +551,16 @@ class Authority:
         self.persistence = Persistence(self.table, self.store, high_water)
         skip_grant_records: set[bytes] = set()
         if replica_state is not None:
-            self.mirror = ReplicaMirror(self.table, self.persistence, etcd_store, config.replica_id)
+            self.mirror = ReplicaMirror(self.table, self.persistence, etcd_store, config.replica_id, self.limiter)
             live, ended = self.mirror.restore(replica_state)
             rows, skip_grant_records = self.mirror.owed_records(replica_state)
-            # Only leases granted here count against limits and in this replica's metrics.
+            # Every live lease of the fleet counts against its principal's limit; only
+            # leases granted here count in this replica's metrics.
+            fleet_live = [m.lease for m in replica_state.leases if m.lease.ended_at is None]
             local_live = [m.lease for m in replica_state.leases if m.lease.ended_at is None and m.granted_by == config.replica_id]
         else:
             live, ended = self.persistence.restore_into_table(rows)
-            local_live = [row for row in rows if row.ended_at is None]
+            local_live = fleet_live = [row for row in rows if row.ended_at is None]
         self.telemetry.lease_restored(row.tier for row in local_live)
         # Until enforcers have reconnected and reported what they saw while
         # this authority was away, an active lease's stored activity is too old.
@@ -588,8 +588,8 @@ class Authority:
         self.table.add_listener(self.recorder)
         # Restored live leases count against their principal's limit. The limiter listens
         # before expire_due, so leases that ended while the authority was down free their slot.
-        self.limiter.load(row.principal for row in local_live)
-        self.table.add_listener(_LocalGrantLimiter(self.limiter))
+        self.limiter.load(row.principal for row in fleet_live)
+        self.table.add_listener(self.limiter)
         if self.mirror is not None:
             assert isinstance(self.store, EtcdLeaseStore)
             # From the revision of the start-up read on, so no change is missed.

@@ -384,8 +384,8 @@ class LeaseTable:
         if deadline is not None:
             self._deadline_pushed(deadline)
 
-    def mirror_stored(self, record: LeaseRecord, arrived_at: float) -> None:
-        """Add or update a lease that another authority replica stored.
+    def mirror_stored(self, record: LeaseRecord, arrived_at: float) -> bool:
+        """Add or update a lease that another authority replica stored; return whether it is new and live here.
 
         ``record`` carries the stored times converted to this table's clock.
         The table takes the earlier of each and ``arrived_at``, so a replica
@@ -406,6 +406,7 @@ class LeaseTable:
                 deadline = self._push(record)
         if deadline is not None:
             self._deadline_pushed(deadline)
+        return deadline is not None
 
     def mirror_ended(self, record: LeaseRecord, arrived_at: float) -> None:
         """End a lease because another authority replica stored its end.
