@@ -22,8 +22,9 @@ from session_authority.clients._session import (
     LeaseHolder,
     LeaseSnapshot,
     _SessionBase,
+    warn_release_skipped,
 )
-from session_authority.clients._types import RenewResult, SessionEndEvent
+from session_authority.clients._types import GrantedLease, RenewResult, SessionEndEvent
 
 if TYPE_CHECKING:
     import grpc
@@ -70,6 +71,7 @@ class AioSession(_SessionBase):
 
     Raises:
         ValueError: ``end_policy`` or a drift margin is invalid.
+        TypeError: ``client`` is a blocking ``AuthorityClient``; use ``Session`` with it.
     """
 
     def __init__(
@@ -87,6 +89,14 @@ class AioSession(_SessionBase):
         drift_margin_fixed_seconds: float = DEFAULT_DRIFT_MARGIN_FIXED_SECONDS,
         clock: Clock = time.monotonic,
     ) -> None:
+        from session_authority.clients._client import AuthorityClient
+
+        if isinstance(client, AuthorityClient):
+            # Its methods block and return results, which the first grant would fail to await.
+            raise TypeError(
+                "AioSession needs an AioAuthorityClient, got a blocking AuthorityClient;"
+                " use Session with an AuthorityClient, or AioSession with an AioAuthorityClient"
+            )
         super().__init__(
             tier=tier,
             principal=principal,
@@ -124,6 +134,8 @@ class AioSession(_SessionBase):
         Raises:
             SessionEnded: The session is closed, or the lease ended under the ``raise`` policy.
             AuthorityError: The grant failed.
+            ValueError: The drift margin is at least the granted lease's time
+                to live; the lease was released.
         """
         await self._lease_for_call()
         return self
@@ -174,10 +186,21 @@ class AioSession(_SessionBase):
         async with self._grant_lock:
             if self._needs_grant_locked():
                 self._loop = asyncio.get_running_loop()
-                self._install(await self._client.grant(**self._grant_kwargs()))
+                granted = await self._client.grant(**self._grant_kwargs())
+                error = self._margin_error(granted)
+                if error is not None:
+                    await self._release_unused(granted)
+                    raise error
+                self._install(granted)
         snapshot = self._lease_for_call_nowait(granted_for_this_call=True)
         assert snapshot is not None
         return snapshot
+
+    async def _release_unused(self, granted: GrantedLease) -> None:
+        try:
+            await self._client.revoke(granted.lease_id, release=True)
+        except AuthorityError as exc:
+            logger.warning("releasing unused lease %s failed: %s", granted.lease.fingerprint, exc)
 
     def _register(self, holder: LeaseHolder) -> None:
         loop = self._loop
@@ -220,19 +243,26 @@ class AioSession(_SessionBase):
     async def close(self) -> None:
         """Release the lease (end reason ``released``) and refuse later calls. Idempotent.
 
-        A release the authority cannot receive is logged; the lease then ends
-        at the authority by its idle timeout.
+        A release the authority cannot receive is logged. So is a release not
+        sent because the authority client was closed first. In both cases the
+        lease ends at the authority by its idle timeout.
         """
         holder = self._begin_close()
         if holder is None:
             return
         try:
-            await self._client.revoke(holder.lease_id, release=True)
+            if self._client.closed:
+                warn_release_skipped(holder.fingerprint)
+            else:
+                await self._client.revoke(holder.lease_id, release=True)
         except NotFound:
             logger.debug("lease %s was already gone at release", holder.fingerprint)
         except AuthorityError as exc:
             logger.warning("releasing lease %s failed: %s", holder.fingerprint, exc)
-        holder.end(EndReason.RELEASED)
+        finally:
+            # As in Session.close, the lease ends here even when the release
+            # raised, so on_end runs and the keeper drops it.
+            holder.end(EndReason.RELEASED)
 
 
 class AioLink:

@@ -53,6 +53,15 @@ RETRY_BACKOFF_BASE_SECONDS = 0.05
 _END_POLICIES = ("raise", "reauthenticate")
 
 
+def warn_release_skipped(fingerprint: str) -> None:
+    """Log that ``close()`` cannot release a lease because its authority client is closed."""
+    logger.warning(
+        "lease %s not released: its authority client was closed first, so the lease ends at the"
+        " authority by its idle timeout; close sessions before their authority client",
+        fingerprint,
+    )
+
+
 class SessionEnded(Exception):
     """A call was attempted on a session whose lease has ended.
 
@@ -576,6 +585,22 @@ class _SessionBase:
                 return False
             return self._holder is None or self._holder.ended
 
+    def _margin_error(self, granted: GrantedLease) -> ValueError | None:
+        """Return the error to raise when the drift margin would end a new lease before its first use."""
+        lease = granted.lease
+        if lease.state is not LeaseState.ALIVE:
+            return None
+        remaining = min(lease.ttl_seconds, lease.max_remaining_seconds)
+        margin = drift_margin_seconds(remaining, self._margin_ratio, self._margin_fixed)
+        if margin < remaining:
+            return None
+        return ValueError(
+            f"drift margin of {margin:.3f} s leaves no time of the {remaining:.3f} s lease of tier"
+            f" {lease.tier!r} (drift_margin_ratio {self._margin_ratio!r} of it plus"
+            f" drift_margin_fixed_seconds {self._margin_fixed!r}); lower the margin, or use a tier"
+            " with a longer idle timeout"
+        )
+
     def _install(self, granted: GrantedLease) -> LeaseHolder:
         holder = LeaseHolder(
             granted,
@@ -700,6 +725,7 @@ class Session(_SessionBase):
 
     Raises:
         ValueError: ``end_policy`` or a drift margin is invalid.
+        TypeError: ``client`` is an ``AioAuthorityClient``; use ``AioSession`` with it.
     """
 
     def __init__(
@@ -717,6 +743,14 @@ class Session(_SessionBase):
         drift_margin_fixed_seconds: float = DEFAULT_DRIFT_MARGIN_FIXED_SECONDS,
         clock: Clock = time.monotonic,
     ) -> None:
+        from session_authority.clients._aio_client import AioAuthorityClient
+
+        if isinstance(client, AioAuthorityClient):
+            # Its methods return coroutines, which the first grant would fail on.
+            raise TypeError(
+                "Session needs a blocking AuthorityClient, got an AioAuthorityClient;"
+                " use AioSession with an AioAuthorityClient, or Session with an AuthorityClient"
+            )
         super().__init__(
             tier=tier,
             principal=principal,
@@ -752,6 +786,8 @@ class Session(_SessionBase):
         Raises:
             SessionEnded: The session is closed, or the lease ended under the ``raise`` policy.
             AuthorityError: The grant failed.
+            ValueError: The drift margin is at least the granted lease's time
+                to live; the lease was released.
         """
         self._lease_for_call()
         return self
@@ -780,10 +816,21 @@ class Session(_SessionBase):
             return snapshot
         with self._grant_lock:
             if self._needs_grant_locked():
-                self._install(self._client.grant(**self._grant_kwargs()))
+                granted = self._client.grant(**self._grant_kwargs())
+                error = self._margin_error(granted)
+                if error is not None:
+                    self._release_unused(granted)
+                    raise error
+                self._install(granted)
         snapshot = self._lease_for_call_nowait(granted_for_this_call=True)
         assert snapshot is not None
         return snapshot
+
+    def _release_unused(self, granted: GrantedLease) -> None:
+        try:
+            self._client.revoke(granted.lease_id, release=True)
+        except AuthorityError as exc:
+            logger.warning("releasing unused lease %s failed: %s", granted.lease.fingerprint, exc)
 
     def _register(self, holder: LeaseHolder) -> None:
         from session_authority.clients._keeper import SyncLink
@@ -798,16 +845,23 @@ class Session(_SessionBase):
     def close(self) -> None:
         """Release the lease (end reason ``released``) and refuse later calls. Idempotent.
 
-        A release the authority cannot receive is logged; the lease then ends
-        at the authority by its idle timeout.
+        A release the authority cannot receive is logged. So is a release not
+        sent because the authority client was closed first. In both cases the
+        lease ends at the authority by its idle timeout.
         """
         holder = self._begin_close()
         if holder is None:
             return
         try:
-            self._client.revoke(holder.lease_id, release=True)
+            if self._client.closed:
+                warn_release_skipped(holder.fingerprint)
+            else:
+                self._client.revoke(holder.lease_id, release=True)
         except NotFound:
             logger.debug("lease %s was already gone at release", holder.fingerprint)
         except AuthorityError as exc:
             logger.warning("releasing lease %s failed: %s", holder.fingerprint, exc)
-        holder.end(EndReason.RELEASED)
+        finally:
+            # The session is closed even when the release raised, so the lease
+            # ends here too, which runs on_end and makes the keeper drop it.
+            holder.end(EndReason.RELEASED)

@@ -256,6 +256,8 @@ class LeaseClientInterceptor(
     Raises (from the intercepted call):
         SessionEnded: The lease ended and the session's policy is ``raise``.
         AuthorityError: A grant was needed and failed.
+        ValueError: A grant was needed, and the session's drift margin is at
+            least the granted lease's time to live.
 
     Threading: one interceptor may serve calls from many threads at once.
     """

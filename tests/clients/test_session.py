@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from session_authority.clients._aio_client import AioAuthorityClient
+from session_authority.clients._aio_session import AioSession
 from session_authority.clients._client import AuthorityClient
 from session_authority.clients._errors import InvalidArgument
 from session_authority.clients._keeper import LeaseKeeper
@@ -565,3 +568,80 @@ def test_session_unreachable_ends_once(authority, keeper: LeaseKeeper) -> None: 
             assert raised.value.reason is EndReason.AUTHORITY_UNREACHABLE
     finally:
         proxy.stop()
+
+
+def test_session_close_after_client_close(authority, keeper: LeaseKeeper, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+    client = AuthorityClient(authority.target, principal="svc")
+    session = Session(client, tier="standard", keeper=keeper, on_end=ends.append).open()
+    client.close()
+
+    session.close()
+
+    assert ends == [EndReason.RELEASED]
+    assert session.state is SessionState.CLOSED
+    assert keeper.stats.leases == 0
+    assert "close sessions before their authority client" in caplog.text
+
+
+def test_aio_session_close_after_client_close(authority, keeper: LeaseKeeper, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    ends: list[EndReason] = []
+
+    async def main() -> AioSession:
+        client = AioAuthorityClient(authority.target, principal="svc")
+        session = AioSession(client, tier="standard", keeper=keeper, on_end=ends.append)
+        await session.open()
+        await client.close()
+
+        await session.close()
+        return session
+
+    session = asyncio.run(main())
+
+    assert ends == [EndReason.RELEASED]
+    assert session.state is SessionState.CLOSED
+    assert keeper.stats.leases == 0
+    assert "close sessions before their authority client" in caplog.text
+
+
+def test_session_rejects_aio_client() -> None:
+    async def main() -> None:
+        client = AioAuthorityClient("127.0.0.1:1")
+        try:
+            with pytest.raises(TypeError, match=r"^Session needs a blocking AuthorityClient, got an AioAuthorityClient"):
+                Session(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_aio_session_rejects_blocking_client() -> None:
+    with AuthorityClient("127.0.0.1:1") as client:
+        with pytest.raises(TypeError, match=r"^AioSession needs an AioAuthorityClient, got a blocking AuthorityClient"):
+            AioSession(client)  # type: ignore[arg-type]
+
+
+def test_session_margin_longer_than_lease(client: AuthorityClient, admin: AuthorityClient, keeper: LeaseKeeper) -> None:
+    # The short tier's idle timeout is 1 s, less than the 2 s fixed margin.
+    session = Session(client, tier="short", keeper=keeper, drift_margin_fixed_seconds=2.0)
+
+    with pytest.raises(ValueError, match=r"^drift margin of 2\.0\d* s leaves no time of the 1\.0\d* s lease"):
+        session.open()
+
+    assert list(admin.list_leases(principal="svc")) == []
+    assert keeper.stats.leases == 0
+
+
+def test_aio_session_margin_longer_than_lease(authority, admin: AuthorityClient, keeper: LeaseKeeper) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        async with AioAuthorityClient(authority.target, principal="svc") as client:
+            session = AioSession(client, tier="short", keeper=keeper, drift_margin_ratio=0.5, drift_margin_fixed_seconds=0.5)
+
+            with pytest.raises(ValueError, match=r"^drift margin of 1\.0\d* s leaves no time of the 1\.0\d* s lease"):
+                await session.open()
+
+    asyncio.run(main())
+
+    assert list(admin.list_leases(principal="svc")) == []
+    assert keeper.stats.leases == 0
