@@ -246,11 +246,20 @@ def warn_if_key_sent_in_clear(target: str, api_key: str | None, secure: bool) ->
         )
 
 
+MAX_TIMEOUT_SECONDS = 1e9
+"""Longest call deadline, about 31 years.
+
+gRPC failed calls at once with DEADLINE_EXCEEDED for a deadline of 1e10 s
+(grpcio 1.85), which would send an operator looking at the network.
+"""
+
+
 def check_timeout_seconds(value: float | None, field: str = "timeout_seconds") -> float | None:
     """Validate a call deadline in seconds; None means no deadline.
 
     Raises:
-        ValueError: The value is not a finite number greater than zero.
+        ValueError: The value is not a finite number greater than zero and
+            at most :data:`MAX_TIMEOUT_SECONDS`.
     """
     if value is None:
         return None
@@ -258,6 +267,11 @@ def check_timeout_seconds(value: float | None, field: str = "timeout_seconds") -
         raise ValueError(f"{field} must be a number of seconds or None, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{field} must be a finite number of seconds > 0, got {value!r}")
+    if value > MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"{field} must be at most {MAX_TIMEOUT_SECONDS:.0e} s (about 31 years), got {value!r};"
+            " pass None for no deadline"
+        )
     return float(value)
 
 

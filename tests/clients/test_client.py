@@ -270,6 +270,18 @@ def test_client_rejects_zero_timeout() -> None:
         AuthorityClient("127.0.0.1:1", timeout_seconds=0)
 
 
+def test_client_rejects_huge_timeout() -> None:
+    with pytest.raises(ValueError, match=r"^timeout_seconds must be at most 1e\+09 s \(about 31 years\), got 10000000000\.0"):
+        AuthorityClient("127.0.0.1:1", timeout_seconds=1e10)
+
+
+def test_grant_with_longest_timeout(authority) -> None:  # type: ignore[no-untyped-def]
+    with AuthorityClient(authority.target, principal="svc", timeout_seconds=1e9) as client:
+        granted = client.grant()
+
+    assert granted.lease.principal == "svc"
+
+
 def test_client_leaves_given_channel_open(authority) -> None:  # type: ignore[no-untyped-def]
     with grpc.insecure_channel(authority.target) as channel:
         AuthorityClient(channel=channel).close()
