@@ -295,7 +295,11 @@ class LeaseKeeper:
             due_at = holder.renewal_due_at()
             if due_at is None:
                 continue
-            if due_at <= now:
+            # A regular renewal may go out up to half its interval early, so
+            # leases due within that window share this batch. Without it,
+            # leases granted at different moments are renewed one per batch.
+            early_seconds = 0.0 if holder.renewal_failures else holder.idle_timeout_seconds / 6
+            if due_at - early_seconds <= now:
                 due.append(holder)
             else:
                 next_wake = min(next_wake, due_at)

@@ -433,6 +433,29 @@ def test_sessions_share_one_stream(client: AuthorityClient, keeper: LeaseKeeper)
         session.close()
 
 
+def test_keeper_batches_leases_due_apart(client: AuthorityClient, keeper: LeaseKeeper) -> None:
+    # 100 leases granted over about 0.3 s, one renewal interval of the short
+    # tier (1 s idle timeout), so their renewals fall due at 100 different times.
+    sessions = []
+    for _ in range(100):
+        sessions.append(Session(client, tier="short", keeper=keeper, watch=False).open())
+        time.sleep(0.003)
+    batches_before = keeper.stats.batches_sent
+    stop_at = time.monotonic() + 2.0
+    while time.monotonic() < stop_at:
+        for session in sessions:
+            session.mark_activity()
+        time.sleep(0.05)
+    batches = keeper.stats.batches_sent - batches_before
+
+    assert all(session.state is SessionState.ALIVE for session in sessions)
+    # About 6 renewals each: 600 batches one lease at a time, about 2 per interval when shared.
+    assert 6 <= batches <= 60
+    assert keeper.stats.renewals_failed == 0
+    for session in sessions:
+        session.close()
+
+
 def test_session_concurrent_callers_keep_lease(client: AuthorityClient, keeper: LeaseKeeper) -> None:
     ends: list[EndReason] = []
     session = Session(client, tier="short", keeper=keeper, watch=False, on_end=ends.append).open()
