@@ -346,9 +346,10 @@ class LeaseHolder:
         """Return when the next renewal should be sent, or None when none is needed now.
 
         A renewal is needed only when activity happened since the last one
-        that succeeded; it is sent a third of the idle timeout after the
-        previous one, or at the retry time after a failure. When none is
-        needed, the next :meth:`mark_activity` returns True.
+        that succeeded; it is due a third of the idle timeout after the
+        previous one (the keeper may send it up to half that interval early,
+        with other leases), or at the retry time after a failure. When none
+        is needed, the next :meth:`mark_activity` returns True.
         """
         with self._lock:
             if self._end_reason is not None or self._renewal_in_flight:
