@@ -65,20 +65,22 @@ def warn_release_skipped(fingerprint: str) -> None:
 class SessionEnded(Exception):
     """A call was attempted on a session whose lease has ended.
 
+    The message ends with ``advice`` on what to do; by default, open a new
+    session or switch to the ``reauthenticate`` policy.
+
     Attributes:
         reason: Why the lease ended.
         fingerprint: The loggable name of the ended lease, or None when the
             session never held one.
     """
 
-    def __init__(self, reason: EndReason, fingerprint: str | None = None) -> None:
+    def __init__(self, reason: EndReason, fingerprint: str | None = None, advice: str | None = None) -> None:
         self.reason = reason
         self.fingerprint = fingerprint
         named = f"lease {fingerprint}" if fingerprint else "the session"
-        super().__init__(
-            f"{named} ended ({reason.value}); open a new Session, or pass "
-            "end_policy='reauthenticate' to grant a new lease on the next call"
-        )
+        if advice is None:
+            advice = "open a new Session, or pass end_policy='reauthenticate' to grant a new lease on the next call"
+        super().__init__(f"{named} ended ({reason.value}); {advice}")
 
 
 class SessionState(str, enum.Enum):
@@ -564,7 +566,9 @@ class _SessionBase:
         with self._state_lock:
             holder, closed = self._holder, self._closed
         if closed:
-            raise SessionEnded(EndReason.RELEASED, holder.fingerprint if holder else None)
+            raise SessionEnded(
+                EndReason.RELEASED, holder.fingerprint if holder else None, "the session was closed; open a new Session"
+            )
         if holder is None:
             return None
         if not holder.check_deadline():
@@ -575,7 +579,14 @@ class _SessionBase:
                     self._keeper.wake()
                 return snapshot
         reason = holder.end_reason or EndReason.UNKNOWN
-        if self._end_policy == "raise" or granted_for_this_call:
+        if granted_for_this_call:
+            raise SessionEnded(
+                reason,
+                holder.fingerprint,
+                "the lease granted for this call ended before the call could use it; check the tier's idle"
+                " timeout against the drift margin and the time a grant takes",
+            )
+        if self._end_policy == "raise":
             raise SessionEnded(reason, holder.fingerprint)
         return None
 
@@ -616,7 +627,7 @@ class _SessionBase:
                 self._holder = holder
                 self._open_holder = holder
         if closed:
-            raise SessionEnded(EndReason.RELEASED, holder.fingerprint)
+            raise SessionEnded(EndReason.RELEASED, holder.fingerprint, "the session was closed; open a new Session")
         logger.debug(
             "session holds lease %s (tier %s, idle timeout %.3f s)",
             holder.fingerprint,

@@ -415,6 +415,32 @@ def test_session_close_releases(client: AuthorityClient, admin: AuthorityClient,
     with pytest.raises(SessionEnded) as raised:
         session.open()
     assert raised.value.reason is EndReason.RELEASED
+    assert str(raised.value).endswith("ended (released); the session was closed; open a new Session")
+
+
+class _SlowGrantClient(AuthorityClient):
+    """A real client whose grants reach the session only after the session's clock has moved on."""
+
+    def __init__(self, target: str, clock: FakeClock) -> None:
+        super().__init__(target, principal="svc")
+        self._clock = clock
+
+    def grant(self, *args: object, **kwargs: object) -> GrantedLease:  # type: ignore[override]
+        granted = super().grant(*args, **kwargs)  # type: ignore[arg-type]
+        self._clock.now += 10.0
+        return granted
+
+
+def test_lease_ended_before_first_use_explains(authority, keeper: LeaseKeeper) -> None:  # type: ignore[no-untyped-def]
+    clock = FakeClock(time.monotonic())
+    with _SlowGrantClient(authority.target, clock) as client:
+        session = Session(client, tier="short", keeper=keeper, end_policy="reauthenticate", clock=clock)
+
+        with pytest.raises(SessionEnded) as raised:
+            session.open()
+
+    assert "the lease granted for this call ended before the call could use it" in str(raised.value)
+    assert "reauthenticate" not in str(raised.value)
 
 
 def test_sessions_share_one_stream(client: AuthorityClient, keeper: LeaseKeeper) -> None:
