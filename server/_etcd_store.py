@@ -842,6 +842,10 @@ class EtcdLeaseStore:
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
         self._watch = rpc_pb2_grpc.WatchStub(self._channel)
         self._leases = rpc_pb2_grpc.LeaseStub(self._channel)
+        # Held by whichever writes queued activity, deletions and the high-water
+        # mark: the write-behind loop or a flush. A flush that finds the queue
+        # just taken by the loop then waits for those writes to land.
+        self._write_lock = asyncio.Lock()
         self._flush_task = asyncio.get_running_loop().create_task(self._run_flusher())
 
     async def _shutdown(self) -> None:
@@ -1236,11 +1240,12 @@ class EtcdLeaseStore:
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._flush_activity()
-                await self._flush_deletes()
-                if time.monotonic() - last_high_water >= HIGH_WATER_INTERVAL_SECONDS:
-                    await self._flush_high_water()
-                    last_high_water = time.monotonic()
+                async with self._write_lock:
+                    await self._flush_activity()
+                    await self._flush_deletes()
+                    if time.monotonic() - last_high_water >= HIGH_WATER_INTERVAL_SECONDS:
+                        await self._flush_high_water()
+                        last_high_water = time.monotonic()
             except (grpc.aio.AioRpcError, _RetryLater) as exc:
                 delay = min(MAX_RETRY_SECONDS, max(delay * 2, MIN_RETRY_SECONDS))
                 logger.warning(
@@ -1277,13 +1282,14 @@ class EtcdLeaseStore:
         Raises:
             grpc.aio.AioRpcError: A write failed; what it did not write stays queued.
         """
-        try:
-            await self._flush_activity()
-        except _RetryLater as exc:
-            assert isinstance(exc.__cause__, grpc.aio.AioRpcError)
-            raise exc.__cause__ from None
-        await self._flush_deletes()
-        await self._flush_high_water()
+        async with self._write_lock:
+            try:
+                await self._flush_activity()
+            except _RetryLater as exc:
+                assert isinstance(exc.__cause__, grpc.aio.AioRpcError)
+                raise exc.__cause__ from None
+            await self._flush_deletes()
+            await self._flush_high_water()
 
     async def _flush_activity(self) -> None:
         with self._lock:

@@ -380,6 +380,24 @@ def test_activity_of_many_leases_written(etcd: EtcdMember, prefix: str) -> None:
         assert json.loads(value)["last_activity"] == 1_005.0
 
 
+def test_flush_waits_for_write_behind_in_flight(etcd: EtcdMember, prefix: str) -> None:
+    store = open_store(etcd, prefix, "replica-a")
+    leases = [make_lease(number) for number in range(700, 1000)]
+    grant_all(store, leases)
+    for lease in leases:
+        store.save_activity(lease.digest, 1_005.0)
+    # Wait until the write-behind loop has taken the queue, so its writes are in flight.
+    deadline = time.monotonic() + 5
+    while store._pending_activity and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+    store.flush(10)
+    values = [etcd.get(f"{prefix}leases/{lease.digest.hex()}") for lease in (leases[0], leases[-1])]
+    store.close()
+
+    assert [json.loads(value)["last_activity"] for value in values if value is not None] == [1_005.0, 1_005.0]
+
+
 def test_activity_never_recreates_ended_lease(etcd: EtcdMember, prefix: str) -> None:
     a = open_store(etcd, prefix, "replica-a")
     b = open_store(etcd, prefix, "replica-b")
