@@ -13,7 +13,7 @@ import grpc
 
 from session_authority.clients._client import AuthorityClient, KeepAliveStream, WatchStream
 from session_authority.clients._common import build_metadata
-from session_authority.clients._errors import AuthorityError
+from session_authority.clients._errors import AuthorityError, PermissionDenied, Unauthenticated
 from session_authority.clients._keeper import MAX_BATCH_ENTRIES
 from session_authority.clients._types import (
     HeartbeatEvent,
@@ -43,6 +43,9 @@ class LinkListener(Protocol):
 
     def watch_reset(self) -> None:
         """Drop cached leases: the authority could not replay every end since the last resume."""
+
+    def watch_rejected(self, error: AuthorityError) -> None:
+        """Stop trusting the cache: the authority refused this enforcer's watch stream (its credentials or the policy)."""
 
     def session_ended(self, event: SessionEndEvent) -> None:
         """Apply an end pushed by the authority."""
@@ -271,6 +274,8 @@ class AuthorityLink:
                 if not self._closed.is_set():
                     _log_watch_failure(failed_attempts, f"watch stream to the authority failed: {exc}")
                     failed_attempts += 1
+                    if isinstance(exc, (Unauthenticated, PermissionDenied)):
+                        self._listener.watch_rejected(exc)
             except Exception:  # noqa: BLE001 - a bug here must not end watching for good
                 logger.exception("unexpected error on the watch stream; reconnecting")
             finally:

@@ -623,6 +623,8 @@ class Enforcer:
         self._heartbeat_reported = False
         self._last_heard = clock()
         self._stale = False
+        # The details of every refusal while stale: why the cache is not trusted.
+        self._stale_details = ""
         self._closed = False
         self._started = False
 
@@ -870,7 +872,7 @@ class Enforcer:
         if self._closed:
             raise _errors.unreachable(fingerprint(lease_id), "the enforcer is closed")
         if self._stale and not self.config.fail_open:
-            raise _errors.unreachable(fingerprint(lease_id), "no word from the authority within the staleness bound")
+            raise _errors.unreachable(fingerprint(lease_id), self._stale_details)
         tombstone = self._ended.get(lease_id, now)
         if tombstone is not None:
             raise _errors.ended(*tombstone)
@@ -1188,26 +1190,27 @@ class Enforcer:
             if now < due:
                 self._timer.schedule(due, self._check_staleness)
                 return
-            self._stale = True
-            silent_for = now - self._last_heard
-            cut: list[tuple[CallHandle, LeaseRefused]] = []
-            if self.config.fail_open:
-                logger.warning(
-                    "no word from the authority for %.2f s; fail-open: serving cached leases until their max duration",
-                    silent_for,
-                )
-            else:
-                logger.warning(
-                    "no word from the authority for %.2f s; refusing calls and cutting off %d cached lease(s)",
-                    silent_for,
-                    len(self._entries),
-                )
-                for entry in list(self._entries.values()):
-                    refusal = _errors.unreachable(entry.fingerprint, "no word from the authority within the staleness bound")
-                    cut.extend(self._finish_entry(entry, refusal, session_end=False))
-                    self._keep_unreported(entry)
+            cut = self._go_stale_locked(
+                f"no word from the authority for {now - self._last_heard:.2f} s",
+                "no word from the authority within the staleness bound",
+            )
         self._link.cancel_watch()
         self._run_cut_offs(cut, due)
+
+    def _go_stale_locked(self, cause: str, refusal_details: str) -> list[tuple[CallHandle, LeaseRefused]]:
+        """Stop trusting the cache: refuse calls and return the cut-offs to run, unless ``fail_open``."""
+        self._stale = True
+        self._stale_details = refusal_details
+        cut: list[tuple[CallHandle, LeaseRefused]] = []
+        if self.config.fail_open:
+            logger.warning("%s; fail-open: serving cached leases until their max duration", cause)
+            return cut
+        logger.warning("%s; refusing calls and cutting off %d cached lease(s)", cause, len(self._entries))
+        for entry in list(self._entries.values()):
+            refusal = _errors.unreachable(entry.fingerprint, refusal_details)
+            cut.extend(self._finish_entry(entry, refusal, session_end=False))
+            self._keep_unreported(entry)
+        return cut
 
     # -- LinkListener ------------------------------------------------------------
 
@@ -1224,6 +1227,23 @@ class Enforcer:
             self._stale = False
         logger.info("the authority's watch stream is back (instance %s); admitting calls again", instance_id)
         self._arm_staleness_check()
+
+    def watch_rejected(self, error: AuthorityError) -> None:
+        """Go stale at once when the authority refuses the watch stream (link's watch thread).
+
+        Without the stream the enforcer learns of no revoke, so waiting for the
+        staleness bound would only admit calls that it cannot cut off in time.
+        The stream is retried, and its first message makes the enforcer admit
+        calls again.
+        """
+        with self._lock:
+            if self._closed or self._stale:
+                return
+            cut = self._go_stale_locked(
+                f"the authority rejected this enforcer's watch stream ({error})",
+                "the authority rejected this enforcer's watch stream; fix its credentials or the policy's watchers",
+            )
+        self._run_cut_offs(cut, self._clock())
 
     def watch_reset(self) -> None:
         """Stop trusting every cached lease: ends may have been missed (link's watch thread).

@@ -30,6 +30,9 @@ class _RecordingListener:
     def watch_reset(self) -> None:
         pass
 
+    def watch_rejected(self, error: object) -> None:
+        pass
+
     def session_ended(self, event: object) -> None:
         pass
 

@@ -7,10 +7,12 @@ import pathlib
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from session_authority.clients import AuthorityClient
 from session_authority.clients._errors import PermissionDenied, Unauthenticated
+from session_authority.clients._metadata import LEASE_METADATA_KEY
 from session_authority.clients._types import EndReason, HeartbeatEvent, LeaseState
 from session_authority.interceptors import EnforcerConfig
 from session_authority.interceptors._enforcer import Enforcer
@@ -22,6 +24,7 @@ from session_authority.server import (
     parse_policy,
 )
 
+from lease_harness import SERVICE, SyncServer, enforcer_config
 from policies import TEST_POLICY
 
 ADMIN_KEY = "test-key-of-ops"
@@ -268,3 +271,24 @@ def test_enforcer_not_watcher_logs_denial(
             enforcer.close()
 
     assert 'PERMISSION_DENIED: principal "svc-a" may not watch session ends' in caplog.text
+
+
+def test_enforcer_refuses_calls_once_watch_rejected(watched_authority: AuthorityThread) -> None:
+    # A staleness bound far beyond the test, so only the rejection can stop the enforcer's trust.
+    server = SyncServer(enforcer_config(watched_authority.target, api_key=HOLDER_KEY, staleness_bound_seconds=60.0))
+    try:
+        with AuthorityClient(watched_authority.target, api_key=HOLDER_KEY) as holder_client:
+            lease_id = holder_client.grant().lease_id
+        deadline = time.monotonic() + 10
+        while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(f"/{SERVICE}/unary_function")(
+                    b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5
+                )
+    finally:
+        server.stop()
+
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "the authority rejected this enforcer's watch stream" in (refused.value.details() or "")
