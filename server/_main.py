@@ -339,16 +339,15 @@ def _store_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     endpoints = args.etcd_endpoints
     if args.store not in ("sqlite", "etcd"):
         parser.error(f"--store {args.store!r} is invalid; use sqlite or etcd")
+    tls_flags = {
+        "--etcd-ca": args.etcd_ca,
+        "--etcd-cert": args.etcd_cert,
+        "--etcd-key": args.etcd_key,
+        "--etcd-server-name": args.etcd_server_name,
+    }
     if args.store == "sqlite":
-        etcd_flags = {
-            "--etcd-endpoints": endpoints,
-            "--replica-id": args.replica_id,
-            "--etcd-ca": args.etcd_ca,
-            "--etcd-cert": args.etcd_cert,
-            "--etcd-key": args.etcd_key,
-            "--etcd-server-name": args.etcd_server_name,
-        }
-        flag = next((flag for flag, value in etcd_flags.items() if value is not None), None)
+        etcd_flags = {"--etcd-endpoints": endpoints, "--replica-id": args.replica_id, **tls_flags}
+        flag = next((flag for flag, value in etcd_flags.items() if value), None)
         if flag is not None:
             parser.error(f"{flag} applies only to --store etcd; add --store etcd or drop {flag}")
         return {}
@@ -360,12 +359,6 @@ def _store_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     try:
         checked = parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints
         server_name = args.etcd_server_name or ""
-        tls_flags = {
-            "--etcd-ca": args.etcd_ca,
-            "--etcd-cert": args.etcd_cert,
-            "--etcd-key": args.etcd_key,
-            "--etcd-server-name": server_name,
-        }
         tls_flags_given = [flag for flag, value in tls_flags.items() if value]
         if tls_flags_given and not uses_tls(checked):
             parser.error(
