@@ -174,7 +174,7 @@ def check_tls(endpoints: Sequence[str], *, credentials: bool, server_name: str) 
     Args:
         endpoints: Endpoints already checked by :func:`check_endpoints`.
         credentials: Whether TLS credentials (a CA or a client certificate) were given.
-        server_name: The name that etcd's certificates must hold, or "" for
+        server_name: The name that etcd's certificates must contain, or "" for
             the host of the single endpoint.
 
     Raises:
