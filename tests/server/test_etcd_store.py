@@ -362,15 +362,21 @@ def test_claims_retried_on_new_end_lease(etcd: EtcdMember, prefix: str) -> None:
     assert etcd.get(f"{prefix}ends/{second.digest.hex()}") is not None
 
 
+def grant_with_activity(store: EtcdLeaseStore, numbers: range, last_activity: float) -> list[StoredLease]:
+    """Grant a lease per number and queue one activity time for each."""
+    leases = [make_lease(number) for number in numbers]
+    grant_all(store, leases)
+    for lease in leases:
+        store.save_activity(lease.digest, last_activity)
+    return leases
+
+
 def test_activity_of_many_leases_written(etcd: EtcdMember, prefix: str) -> None:
     # More renewals than etcd accepts in one transaction (128 operations,
     # nested ones included) must be split, or none of them lands.
     store = open_store(etcd, prefix, "replica-a")
-    leases = [make_lease(number) for number in range(300, 600)]
-    grant_all(store, leases)
+    leases = grant_with_activity(store, range(300, 600), 1_005.0)
 
-    for lease in leases:
-        store.save_activity(lease.digest, 1_005.0)
     store.flush(10)
     store.close()
 
@@ -382,10 +388,7 @@ def test_activity_of_many_leases_written(etcd: EtcdMember, prefix: str) -> None:
 
 def test_flush_waits_for_write_behind_in_flight(etcd: EtcdMember, prefix: str) -> None:
     store = open_store(etcd, prefix, "replica-a")
-    leases = [make_lease(number) for number in range(700, 1000)]
-    grant_all(store, leases)
-    for lease in leases:
-        store.save_activity(lease.digest, 1_005.0)
+    leases = grant_with_activity(store, range(700, 1000), 1_005.0)
     # Wait until the write-behind loop has taken the queue, so its writes are in flight.
     deadline = time.monotonic() + 5
     while store._pending_activity and time.monotonic() < deadline:
