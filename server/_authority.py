@@ -246,6 +246,7 @@ class Persistence:
     def _store_grant(self, lease: LeaseSnapshot) -> concurrent.futures.Future[None]:
         if self._store is None:
             return _done()
+        recorder = self.recorder
         return self._store.save_grant(
             StoredLease(
                 digest=lease.digest,
@@ -256,6 +257,7 @@ class Persistence:
                 granted_at=self.to_authority_time(lease.granted_at),
                 granted_wall=lease.granted_wall,
                 last_activity=self.to_authority_time(lease.last_activity),
+                grant_span=recorder.telemetry.grant_traceparent(lease.digest) if recorder is not None else "",
             )
         )
 
@@ -562,6 +564,7 @@ class Authority:
             live, ended = self.persistence.restore_into_table(rows)
             local_live = fleet_live = [row for row in rows if row.ended_at is None]
         self.telemetry.lease_restored(row.tier for row in local_live)
+        self.telemetry.restore_grant_contexts((row.digest, row.grant_span) for row in local_live if row.grant_span)
         # Until enforcers have reconnected and reported what they saw while
         # this authority was away, an active lease's stored activity is too old.
         self.table.hold_idle_ends()

@@ -393,6 +393,8 @@ def encode_lease(lease: StoredLease, granted_by: str, claimed_by: str = "") -> b
         "last_activity": lease.last_activity,
         "granted_by": granted_by,
     }
+    if lease.grant_span:
+        record["grant_span"] = lease.grant_span
     if lease.ended_at is not None:
         record.update(
             ended_at=lease.ended_at,
@@ -428,6 +430,7 @@ def decode_lease(digest: bytes, value: bytes) -> MirroredLease:
         ended_wall=float(record["ended_wall"]) if ended_at is not None else None,
         end_reason=int(record["end_reason"]) if ended_at is not None else None,
         revoked_by=str(record.get("revoked_by", "")),
+        grant_span=str(record.get("grant_span", "")),
     )
     return MirroredLease(lease, str(record.get("granted_by", "")), str(record.get("claimed_by", "")))
 

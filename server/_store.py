@@ -76,6 +76,8 @@ class StoredLease:
     ended_wall: float | None = None
     end_reason: int | None = None
     revoked_by: str = ""
+    grant_span: str = ""
+    """The grant span's context as a W3C ``traceparent`` value, or "" without tracing."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,7 +167,8 @@ CREATE TABLE IF NOT EXISTS leases (
     ended_at REAL,
     ended_wall REAL,
     end_reason INTEGER,
-    revoked_by TEXT NOT NULL DEFAULT ''
+    revoked_by TEXT NOT NULL DEFAULT '',
+    grant_span TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -180,16 +183,16 @@ _NOTHING: object = object()
 
 _INSERT_GRANT_PREFIX = (
     "INSERT OR REPLACE INTO leases (digest, version, principal, tier, idle_timeout,"
-    " max_duration, granted_at, granted_wall, last_activity) VALUES "
+    " max_duration, granted_at, granted_wall, last_activity, grant_span) VALUES "
 )
-_GRANT_ROW_PLACEHOLDERS = "(?,?,?,?,?,?,?,?,?)"
+_GRANT_ROW_PLACEHOLDERS = "(?,?,?,?,?,?,?,?,?,?)"
 
-MAX_ROWS_PER_INSERT = 100
+MAX_ROWS_PER_INSERT = 99
 """Maximum number of lease rows in one INSERT statement.
 
 One statement with many rows is one step of the SQLite library, and the
 ``sqlite3`` module releases the GIL around every step, so a batch of grants
-costs one GIL hand-off instead of one per row. 100 rows of 9 columns stay
+costs one GIL hand-off instead of one per row. 99 rows of 10 columns stay
 under 999 bound parameters, the default limit of SQLite before 3.32.0
 (``SQLITE_MAX_VARIABLE_NUMBER``, 32766 since).
 """
@@ -249,6 +252,7 @@ class SqliteLeaseStore:
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=FULL")
             self._connection.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._check_version()
         except (OSError, sqlite3.Error) as exc:
             hint = ""
@@ -281,7 +285,7 @@ class SqliteLeaseStore:
         try:
             rows = self._connection.execute(
                 "SELECT digest, principal, tier, idle_timeout, max_duration, granted_at,"
-                " granted_wall, last_activity, ended_at, ended_wall, end_reason, revoked_by"
+                " granted_wall, last_activity, ended_at, ended_wall, end_reason, revoked_by, grant_span"
                 " FROM leases"
             ).fetchall()
             high_water_row = self._connection.execute(
@@ -389,6 +393,14 @@ class SqliteLeaseStore:
         logger.info("lease store closed at %s", self.path)
 
     # -- writer thread -------------------------------------------------------
+
+    def _add_missing_columns(self) -> None:
+        # A store written before grant spans were kept lacks their column. The
+        # column has a default, so adding it keeps every row and the format version.
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(leases)")}
+        if "grant_span" not in columns:
+            self._connection.execute("ALTER TABLE leases ADD COLUMN grant_span TEXT NOT NULL DEFAULT ''")
+            logger.info("lease store %s: added the grant_span column", self.path)
 
     def _check_version(self) -> None:
         row = self._connection.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
@@ -558,6 +570,7 @@ def _insert_grants(connection: sqlite3.Connection, rows: list[StoredLease]) -> N
                 row.granted_at,
                 row.granted_wall,
                 row.last_activity,
+                row.grant_span,
             )
         connection.execute(_INSERT_GRANTS[len(chunk)], parameters)
 

@@ -149,6 +149,28 @@ class SessionTelemetry:
         except Exception:  # noqa: BLE001 - telemetry must not fail a grant
             logger.exception("could not finish the grant span of lease %s", lease.fingerprint)
 
+    def grant_traceparent(self, digest: bytes) -> str:
+        """Return the grant span's context of a lease as a W3C ``traceparent`` value, or "" without one.
+
+        The store keeps it, so that the end of a lease granted before a
+        restart can still link to its grant span.
+        """
+        with self._lock:
+            grant_context = self._grant_contexts.get(digest)
+        if grant_context is None:
+            return ""
+        return f"00-{grant_context.trace_id:032x}-{grant_context.span_id:016x}-{int(grant_context.trace_flags):02x}"
+
+    def restore_grant_contexts(self, stored: Iterable[tuple[bytes, str]]) -> None:
+        """Keep the grant span contexts of leases restored at start-up, from ``(digest, traceparent)`` pairs."""
+        restored = {}
+        for digest, traceparent in stored:
+            grant_context = _parse_traceparent(traceparent)
+            if grant_context is not None:
+                restored[digest] = grant_context
+        with self._lock:
+            self._grant_contexts.update(restored)
+
     def lease_restored(self, tiers: Iterable[str]) -> None:
         """Count live leases loaded from the store at start-up as active."""
         try:
@@ -169,7 +191,7 @@ class SessionTelemetry:
             logger.exception("could not count %d renewals", count)
 
     def lease_ended(self, end: SessionEnd) -> trace.SpanContext | None:
-        """Count an end and return the grant's span context, or None after a restart."""
+        """Count an end and return the grant's span context, or None when the grant had none."""
         lease = end.lease
         try:
             with self._lock:
@@ -235,3 +257,16 @@ class SessionTelemetry:
         with self._lock:
             counts = list(self._active.items())
         return [Observation(count, {TIER: tier}) for tier, count in counts]
+
+
+def _parse_traceparent(text: str) -> trace.SpanContext | None:
+    """Return the span context of a stored W3C ``traceparent`` value, or None for "" or a malformed one."""
+    parts = text.split("-")
+    if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16 or len(parts[3]) != 2:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    grant_context = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags))
+    return grant_context if grant_context.is_valid else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import logging
@@ -399,6 +400,24 @@ def test_flush_waits_for_write_behind_in_flight(etcd: EtcdMember, prefix: str) -
     store.close()
 
     assert [json.loads(value)["last_activity"] for value in values if value is not None] == [1_005.0, 1_005.0]
+
+
+def test_grant_span_kept_in_etcd(etcd: EtcdMember, prefix: str) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    a = open_store(etcd, prefix, "replica-a")
+    b = open_store(etcd, prefix, "replica-b")
+    lease = dataclasses.replace(make_lease(8), grant_span=traceparent)
+    a.save_grant(lease).result(10)
+    a.save_activity(lease.digest, 1_005.0)
+    a.flush(10)
+
+    fetched = b.fetch(lease.digest).result(10)
+    a.close()
+    b.close()
+
+    assert fetched is not None
+    assert fetched.lease.grant_span == traceparent
+    assert fetched.lease.last_activity == 1_005.0
 
 
 def test_activity_never_recreates_ended_lease(etcd: EtcdMember, prefix: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import sqlite3
 
 from session_authority.server._store import MAX_BATCH, MAX_ROWS_PER_INSERT, SqliteLeaseStore, StoredLease
 
@@ -88,3 +90,53 @@ def test_same_digest_twice_in_one_batch_keeps_last(tmp_path: pathlib.Path) -> No
     rows = _load(tmp_path)
 
     assert rows[(5).to_bytes(32, "big")] == replacement
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_grant_span_round_trips(tmp_path: pathlib.Path) -> None:
+    store = SqliteLeaseStore(tmp_path)
+    try:
+        store.save_grant(dataclasses.replace(_row(1), grant_span=TRACEPARENT)).result(timeout=30)
+        store.save_grant(_row(2)).result(timeout=30)
+    finally:
+        store.close()
+
+    rows = _load(tmp_path)
+
+    assert rows[(1).to_bytes(32, "big")].grant_span == TRACEPARENT
+    assert rows[(2).to_bytes(32, "big")].grant_span == ""
+
+
+def test_store_without_grant_span_column_gains_it(tmp_path: pathlib.Path) -> None:
+    # The leases table as stores wrote it before grant spans were kept.
+    connection = sqlite3.connect(tmp_path / "leases.db")
+    connection.executescript(
+        """
+        CREATE TABLE leases (
+            digest BLOB PRIMARY KEY, version INTEGER NOT NULL, principal TEXT NOT NULL, tier TEXT NOT NULL,
+            idle_timeout REAL NOT NULL, max_duration REAL NOT NULL, granted_at REAL NOT NULL,
+            granted_wall REAL NOT NULL, last_activity REAL NOT NULL, ended_at REAL, ended_wall REAL,
+            end_reason INTEGER, revoked_by TEXT NOT NULL DEFAULT ''
+        ) WITHOUT ROWID;
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        INSERT INTO meta VALUES ('version', '1');
+        INSERT INTO leases VALUES (x'01', 1, 'holder', 'standard', 60.0, 3600.0, 1000.0, 1767225600.0, 1000.5,
+            NULL, NULL, NULL, '');
+        """
+    )
+    connection.commit()
+    connection.close()
+
+    store = SqliteLeaseStore(tmp_path)
+    try:
+        old_rows = store.load().leases
+        store.save_grant(dataclasses.replace(_row(3), grant_span=TRACEPARENT)).result(timeout=30)
+    finally:
+        store.close()
+    rows = _load(tmp_path)
+
+    assert [(row.principal, row.grant_span) for row in old_rows] == [("holder", "")]
+    assert rows[(3).to_bytes(32, "big")].grant_span == TRACEPARENT
+    assert len(rows) == 2

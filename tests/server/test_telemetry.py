@@ -194,11 +194,13 @@ def test_end_span_without_audit_log(tmp_path: pathlib.Path) -> None:
     assert len(ends[0].links) == 1
 
 
-def test_lease_restored_after_restart_ends_unlinked(tmp_path: pathlib.Path) -> None:
+def test_lease_restored_after_restart_links_grant(tmp_path: pathlib.Path) -> None:
     clock = ManualClock()
     first = Harness(tmp_path, clock)
     granted = first.stub.Grant(pb.GrantRequest(principal="svc-a"))
+    first.flush()
     first.stop()
+    grant_context = first.grant_spans()[0].get_span_context()
 
     clock.advance(60)
     second = Harness(tmp_path, clock)
@@ -212,7 +214,9 @@ def test_lease_restored_after_restart_ends_unlinked(tmp_path: pathlib.Path) -> N
     assert len(ends) == 1
     assert dict(ends[0].attributes or {})["session.lease.fingerprint"] == granted.lease.fingerprint
     assert dict(ends[0].attributes or {})["session.end_reason"] == "idle_timeout"
-    assert ends[0].links == ()
+    assert [(link.context.trace_id, link.context.span_id) for link in ends[0].links] == [
+        (grant_context.trace_id, grant_context.span_id)
+    ]
     assert [event.name for event in ends[0].events] == ["audit.record"]
 
 
