@@ -97,6 +97,9 @@ MAX_ORPHAN_REPORT_AGE_SECONDS = 30.0
 """How long the activity of a lease dropped from the cache is still sent after failures."""
 _MAX_VALIDATION_ROUNDS = 3
 _MAX_WRAPPED_HANDLERS = 1024
+_WATCH_REJECTED_DETAILS = (
+    "the authority rejected this enforcer's watch stream; fix its credentials or the policy's watchers"
+)
 _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 
 
@@ -1236,13 +1239,17 @@ class Enforcer:
         The stream is retried, and its first message makes the enforcer admit
         calls again.
         """
+        cause = f"the authority rejected this enforcer's watch stream ({error})"
         with self._lock:
-            if self._closed or self._stale:
+            if self._closed or (self._stale and self._stale_details == _WATCH_REJECTED_DETAILS):
                 return
-            cut = self._go_stale_locked(
-                f"the authority rejected this enforcer's watch stream ({error})",
-                "the authority rejected this enforcer's watch stream; fix its credentials or the policy's watchers",
-            )
+            if self._stale:
+                # Stale from silence, but the authority responds now, so the
+                # refusals must name the rejection rather than the silence.
+                self._stale_details = _WATCH_REJECTED_DETAILS
+                logger.warning("%s; calls are still rejected", cause)
+                return
+            cut = self._go_stale_locked(cause, _WATCH_REJECTED_DETAILS)
         self._run_cut_offs(cut, self._clock())
 
     def watch_reset(self) -> None:

@@ -24,6 +24,7 @@ from session_authority.server import (
     parse_policy,
 )
 
+from faults._proxy import ProxyMode, TcpProxy
 from lease_harness import SERVICE, SyncServer, enforcer_config
 from policies import TEST_POLICY
 
@@ -273,6 +274,14 @@ def test_enforcer_not_watcher_logs_denial(
     assert 'PERMISSION_DENIED: principal "svc-a" may not watch session ends' in caplog.text
 
 
+def _refusal_details(target: str, lease_id: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(f"/{SERVICE}/unary_function")(b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    return refused.value.details() or ""
+
+
 def test_enforcer_refuses_calls_once_watch_rejected(watched_authority: AuthorityThread) -> None:
     # A staleness bound far beyond the test, so only the rejection can stop the enforcer's trust.
     server = SyncServer(enforcer_config(watched_authority.target, api_key=HOLDER_KEY, staleness_bound_seconds=60.0))
@@ -282,13 +291,35 @@ def test_enforcer_refuses_calls_once_watch_rejected(watched_authority: Authority
         deadline = time.monotonic() + 10
         while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
             time.sleep(0.05)
-        with grpc.insecure_channel(server.target) as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                channel.unary_unary(f"/{SERVICE}/unary_function")(
-                    b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5
-                )
+        details = _refusal_details(server.target, lease_id)
     finally:
         server.stop()
 
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "the authority rejected this enforcer's watch stream" in (refused.value.details() or "")
+    assert "the authority rejected this enforcer's watch stream" in details
+
+
+def test_rejection_after_silence_named(watched_authority: AuthorityThread) -> None:
+    # The enforcer goes stale while the authority is out of reach. Then the
+    # authority responds and rejects the watch, and refusals must say so.
+    rejected = "the authority rejected this enforcer's watch stream"
+    with TcpProxy(watched_authority.target) as proxy:
+        proxy.set_mode(ProxyMode.REFUSE)
+        server = SyncServer(enforcer_config(proxy.target, api_key=HOLDER_KEY, staleness_bound_seconds=0.5))
+        try:
+            with AuthorityClient(watched_authority.target, api_key=HOLDER_KEY) as holder_client:
+                lease_id = holder_client.grant().lease_id
+            deadline = time.monotonic() + 10
+            while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
+                time.sleep(0.05)
+            silent_details = _refusal_details(server.target, lease_id)
+
+            proxy.set_mode(ProxyMode.PASS)
+            details = _refusal_details(server.target, lease_id)
+            while rejected not in details and time.monotonic() < deadline:
+                time.sleep(0.05)
+                details = _refusal_details(server.target, lease_id)
+        finally:
+            server.stop()
+
+    assert "no word from the authority" in silent_details
+    assert rejected in details
