@@ -101,7 +101,8 @@ _LEASE_NOT_FOUND = "requested lease not found"
 
 _CONTEXT_DEADLINE = "context deadline exceeded"
 
-_TRANSIENT_DETAILS = ("leader changed", "no leader", "timed out", "Stream removed", "Socket closed")
+_SOCKET_CLOSED = "Socket closed"
+_TRANSIENT_DETAILS = ("leader changed", "no leader", "timed out", "Stream removed", _SOCKET_CLOSED)
 """Parts of UNAVAILABLE details that last only until an election ends or a member is replaced, so a retry can cure them.
 
 The first three match ``etcdserver: leader changed``, ``etcdserver: no
@@ -471,6 +472,10 @@ expected name), "Unwrap failed" (etcd rejecting a missing client certificate).
 """
 
 
+_LOCAL_TLS_FAILURE = "Failed to create security handshaker"
+"""gRPC's details when the client's own TLS files are unusable (a key that does not match its certificate, bad PEM)."""
+
+
 def _is_tls_failure(exc: grpc.aio.AioRpcError) -> bool:
     details = exc.details() or ""
     return any(part in details for part in _TLS_FAILURE_DETAILS)
@@ -765,11 +770,17 @@ class EtcdLeaseStore:
 
     def _unavailable(self, action: str, exc: grpc.aio.AioRpcError) -> StoreError:
         message = f"etcd at {','.join(self.endpoints)} did not {action} ({_describe_rpc_error(exc)})"
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and uses_tls(self.endpoints) and _is_tls_failure(exc):
+        tls_failure = exc.code() == grpc.StatusCode.UNAVAILABLE and uses_tls(self.endpoints) and _is_tls_failure(exc)
+        if tls_failure and _LOCAL_TLS_FAILURE in (exc.details() or ""):
+            message += (
+                "; the local TLS files could not be used: check that --etcd-key is the private key of"
+                " --etcd-cert, and that --etcd-ca, --etcd-cert and --etcd-key hold the PEM blocks their names say"
+            )
+        elif tls_failure:
             message += (
                 "; the TLS handshake failed: check that the CA (--etcd-ca) signed the members' certificates,"
                 f" that those certificates contain the name {self._server_name!r} (--etcd-server-name), and that"
-                " the client certificate (--etcd-cert, --etcd-key) is one that etcd trusts"
+                " the client certificate (--etcd-cert, --etcd-key) is one that etcd trusts and has not expired"
             )
         elif exc.code() == grpc.StatusCode.UNAVAILABLE:
             message += "; check that the etcd members at these endpoints run and accept connections"
@@ -819,9 +830,13 @@ class EtcdLeaseStore:
     def _gave_up(self, action: str, budget_seconds: float, seen: collections.Counter[str]) -> StoreError:
         attempts = sum(seen.values())
         errors = ", ".join(f"{count} with {reason}" for reason, count in seen.most_common())
+        hint = ""
+        if not uses_tls(self.endpoints) and all(_SOCKET_CLOSED in reason for reason in seen):
+            # A member that serves https closes a plaintext connection at once.
+            hint = " If the members serve https, write the endpoints as https://HOST:PORT."
         return StoreError(
             f"etcd at {','.join(self.endpoints)} did not {action} within {budget_seconds:g} s;"
-            f" {attempts} {'attempt' if attempts == 1 else 'attempts'} failed: {errors}."
+            f" {attempts} {'attempt' if attempts == 1 else 'attempts'} failed: {errors}.{hint}"
             " Run `etcdctl endpoint status` against these endpoints to see each member's state"
         )
 

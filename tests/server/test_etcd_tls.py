@@ -68,9 +68,11 @@ def tls_etcd(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etc
         yield cluster
 
 
-def _load(endpoints: list[str], **settings: object) -> None:
+def _load(endpoints: list[str], load_timeout_seconds: float = 5.0, **settings: object) -> None:
     """Open a store, read the shared table once and close the store. Errors of the read propagate."""
-    store = EtcdLeaseStore(endpoints, replica_id="replica-a", prefix=ETCD_PREFIX, load_timeout_seconds=5.0, **settings)  # type: ignore[arg-type]
+    store = EtcdLeaseStore(
+        endpoints, replica_id="replica-a", prefix=ETCD_PREFIX, load_timeout_seconds=load_timeout_seconds, **settings  # type: ignore[arg-type]
+    )
     try:
         store.load_replica()
     finally:
@@ -104,6 +106,27 @@ def test_store_reports_failed_handshake(tls_etcd: EtcdCluster, pki: Pki, case: s
     message = str(raised.value)
     assert f"etcd at {tls_etcd.endpoints[0]} did not" in message
     assert "the TLS handshake failed: check that the CA (--etcd-ca)" in message
+
+
+def test_store_names_unusable_local_files(tls_etcd: EtcdCluster, pki: Pki) -> None:
+    # The key of another identity than the certificate it is given with.
+    credentials = grpc.ssl_channel_credentials(
+        pki.ca.read_bytes(), pki.foreign_client.key.read_bytes(), pki.client.cert.read_bytes()
+    )
+
+    with pytest.raises(StoreError) as raised:
+        _load(tls_etcd.endpoints, credentials=credentials)
+
+    assert "the local TLS files could not be used: check that --etcd-key is the private key of" in str(raised.value)
+
+
+def test_http_endpoint_of_https_member_hints(tls_etcd: EtcdCluster) -> None:
+    plain = tls_etcd.endpoints[0].replace("https://", "http://")
+
+    with pytest.raises(StoreError) as raised:
+        _load([plain], load_timeout_seconds=1.0)
+
+    assert "If the members serve https, write the endpoints as https://HOST:PORT." in str(raised.value)
 
 
 def test_store_fails_over_by_one_name(pki: Pki, tmp_path: pathlib.Path) -> None:
