@@ -288,6 +288,8 @@ class LeaseKeeper:
             link.start_watch(lambda digest, reason: self._dispatch_watched_end(entry, digest, reason))
 
         due: list[LeaseHolder] = []
+        # Leases whose renewal is not due yet but may go early with a batch that is sent anyway.
+        early: list[LeaseHolder] = []
         for holder in holders:
             if holder.check_deadline(now):
                 continue
@@ -295,14 +297,17 @@ class LeaseKeeper:
             due_at = holder.renewal_due_at()
             if due_at is None:
                 continue
-            # A regular renewal may go out up to half its interval early, so
-            # leases due within that window share this batch. Without it,
-            # leases granted at different moments are renewed one per batch.
-            early_seconds = 0.0 if holder.renewal_failures else holder.idle_timeout_seconds / 6
-            if due_at - early_seconds <= now:
+            if due_at <= now:
                 due.append(holder)
-            else:
-                next_wake = min(next_wake, due_at)
+                continue
+            next_wake = min(next_wake, due_at)
+            # A regular renewal may go out up to half its interval early, so
+            # leases due within that window share the batch of one that is due.
+            # Without it, leases granted at different moments are renewed one per batch.
+            if not holder.renewal_failures and due_at - holder.idle_timeout_seconds / 6 <= now:
+                early.append(holder)
+        if due:
+            due += early
         for start in range(0, len(due), MAX_BATCH_ENTRIES):
             self._send(entry, link, due[start : start + MAX_BATCH_ENTRIES], now)
         # Read the in-flight batches again: the ones just sent must time out
