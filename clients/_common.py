@@ -247,7 +247,7 @@ def warn_if_key_sent_in_clear(target: str, api_key: str | None, secure: bool) ->
 
 
 MAX_TIMEOUT_SECONDS = 1e9
-"""Longest call deadline, about 31 years.
+"""Maximum call deadline, about 31 years.
 
 gRPC failed calls at once with DEADLINE_EXCEEDED for a deadline of 1e10 s
 (grpcio 1.85), which would send an operator looking at the network.

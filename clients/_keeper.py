@@ -301,9 +301,9 @@ class LeaseKeeper:
                 due.append(holder)
                 continue
             next_wake = min(next_wake, due_at)
-            # A regular renewal may go out up to half its interval early, so
-            # leases due within that window share the batch of one that is due.
-            # Without it, leases granted at different moments are renewed one per batch.
+            # A regular renewal may go out up to half its interval early. So leases
+            # due within that window join the batch of a due lease, instead of one
+            # batch per lease when leases were granted at different moments.
             if not holder.renewal_failures and due_at - holder.idle_timeout_seconds / 6 <= now:
                 early.append(holder)
         if due:

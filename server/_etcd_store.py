@@ -170,7 +170,7 @@ def uses_tls(endpoints: Sequence[str]) -> bool:
 
 
 def check_tls(endpoints: Sequence[str], *, credentials: bool, server_name: str) -> str:
-    """Check the TLS settings towards etcd against the endpoints; return the name to verify, or "".
+    """Check the TLS settings towards etcd against the endpoints, and return the name to verify, or "".
 
     Args:
         endpoints: Endpoints already checked by :func:`check_endpoints`.
@@ -212,10 +212,9 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 def _is_host_name(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
-        return True
     except ValueError:
-        pass
-    return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.split("."))
+        return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in text.split("."))
+    return True
 
 
 def _endpoint_family(endpoint: str) -> int:

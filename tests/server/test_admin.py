@@ -274,7 +274,17 @@ def test_enforcer_not_watcher_logs_denial(
     assert 'PERMISSION_DENIED: principal "svc-a" may not watch session ends' in caplog.text
 
 
-def _refusal_details(target: str, lease_id: str) -> str:
+def _grant_when_stale(authority_target: str, server: SyncServer) -> str:
+    """Grant a lease to svc-a, wait up to 10 s for the server's enforcer to go stale, and return the lease ID."""
+    with AuthorityClient(authority_target, api_key=HOLDER_KEY) as holder_client:
+        lease_id = holder_client.grant().lease_id
+    deadline = time.monotonic() + 10
+    while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lease_id
+
+
+def _rejection_details(target: str, lease_id: str) -> str:
     with grpc.insecure_channel(target) as channel:
         with pytest.raises(grpc.RpcError) as refused:
             channel.unary_unary(f"/{SERVICE}/unary_function")(b"ping", metadata=((LEASE_METADATA_KEY, lease_id),), timeout=5)
@@ -286,12 +296,8 @@ def test_enforcer_refuses_calls_once_watch_rejected(watched_authority: Authority
     # A staleness bound far beyond the test, so only the rejection can stop the enforcer's trust.
     server = SyncServer(enforcer_config(watched_authority.target, api_key=HOLDER_KEY, staleness_bound_seconds=60.0))
     try:
-        with AuthorityClient(watched_authority.target, api_key=HOLDER_KEY) as holder_client:
-            lease_id = holder_client.grant().lease_id
-        deadline = time.monotonic() + 10
-        while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
-            time.sleep(0.05)
-        details = _refusal_details(server.target, lease_id)
+        lease_id = _grant_when_stale(watched_authority.target, server)
+        details = _rejection_details(server.target, lease_id)
     finally:
         server.stop()
 
@@ -300,24 +306,21 @@ def test_enforcer_refuses_calls_once_watch_rejected(watched_authority: Authority
 
 def test_rejection_after_silence_named(watched_authority: AuthorityThread) -> None:
     # The enforcer goes stale while the authority is out of reach. Then the
-    # authority responds and rejects the watch, and refusals must say so.
+    # authority responds and rejects the watch, and rejections must name that.
     rejected = "the authority rejected this enforcer's watch stream"
     with TcpProxy(watched_authority.target) as proxy:
         proxy.set_mode(ProxyMode.REFUSE)
         server = SyncServer(enforcer_config(proxy.target, api_key=HOLDER_KEY, staleness_bound_seconds=0.5))
         try:
-            with AuthorityClient(watched_authority.target, api_key=HOLDER_KEY) as holder_client:
-                lease_id = holder_client.grant().lease_id
-            deadline = time.monotonic() + 10
-            while not server.interceptor.enforcer.stale and time.monotonic() < deadline:
-                time.sleep(0.05)
-            silent_details = _refusal_details(server.target, lease_id)
+            lease_id = _grant_when_stale(watched_authority.target, server)
+            silent_details = _rejection_details(server.target, lease_id)
 
             proxy.set_mode(ProxyMode.PASS)
-            details = _refusal_details(server.target, lease_id)
+            deadline = time.monotonic() + 10
+            details = _rejection_details(server.target, lease_id)
             while rejected not in details and time.monotonic() < deadline:
                 time.sleep(0.05)
-                details = _refusal_details(server.target, lease_id)
+                details = _rejection_details(server.target, lease_id)
         finally:
             server.stop()
 

@@ -115,10 +115,19 @@ def test_store_without_grant_span_column_gains_it(tmp_path: pathlib.Path) -> Non
     connection.executescript(
         """
         CREATE TABLE leases (
-            digest BLOB PRIMARY KEY, version INTEGER NOT NULL, principal TEXT NOT NULL, tier TEXT NOT NULL,
-            idle_timeout REAL NOT NULL, max_duration REAL NOT NULL, granted_at REAL NOT NULL,
-            granted_wall REAL NOT NULL, last_activity REAL NOT NULL, ended_at REAL, ended_wall REAL,
-            end_reason INTEGER, revoked_by TEXT NOT NULL DEFAULT ''
+            digest BLOB PRIMARY KEY,
+            version INTEGER NOT NULL,
+            principal TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            idle_timeout REAL NOT NULL,
+            max_duration REAL NOT NULL,
+            granted_at REAL NOT NULL,
+            granted_wall REAL NOT NULL,
+            last_activity REAL NOT NULL,
+            ended_at REAL,
+            ended_wall REAL,
+            end_reason INTEGER,
+            revoked_by TEXT NOT NULL DEFAULT ''
         ) WITHOUT ROWID;
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
         INSERT INTO meta VALUES ('version', '1');
